@@ -1,0 +1,287 @@
+"""open_clip model creation: architecture and weight resolution, device and precision choice.
+
+Knows nothing about anomalies. Weights come from an open_clip pretrained tag (downloaded into the
+winclip cache, for machines with internet) or from a local checkpoint file (air-gapped machines);
+either way they are loaded without unpickling arbitrary objects (``weights_only=True`` or safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from .errors import SetupError, WeightsUnavailableError
+from .hashing import cached_sha256_file
+from .settings import cache_dir
+
+DEFAULT_ARCHITECTURE = "ViT-B-16-plus-240"
+DEFAULT_WEIGHTS = "laion400m_e31"
+WEIGHTS_ENV = "WINCLIP_WEIGHTS"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+@dataclass
+class Backbone:
+    """A loaded open_clip model and everything the rest of the tool needs to know about it."""
+
+    model: nn.Module
+    architecture: str
+    weights: str  # the tag or the checkpoint path, as resolved
+    weights_sha256: str  # of the checkpoint file that was loaded ("" when no file: random init)
+    device: torch.device
+    precision: str  # "fp32", "bf16" or "fp16": the dtype the visual tower computes in
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tokenizer: object = field(repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What decides the numbers: recorded in outputs and used as cache keys."""
+        return {
+            "architecture": self.architecture,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "precision": self.precision,
+        }
+
+
+# ------------------------------------------------------------------------------------------- device, precision
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU; an explicit request that cannot be met is a setup error."""
+    requested = requested.lower()
+    if requested not in DEVICES and not requested.startswith("cuda:"):
+        raise SetupError(f"unknown device {requested!r} (choose from {', '.join(DEVICES)} or cuda:N)")
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps is not None and mps.is_available())
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_ok:
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SetupError("--device cuda was requested but no CUDA GPU is available (try --device auto)")
+    if requested == "mps" and not mps_ok:
+        raise SetupError("--device mps was requested but Apple MPS is not available (try --device auto)")
+    return torch.device(requested)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix units (AMX or AVX512-BF16), where bf16 matmul beats fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def select_precision(requested: str, device: torch.device) -> str:
+    requested = requested.lower()
+    if requested not in PRECISIONS:
+        raise SetupError(f"unknown precision {requested!r} (choose from {', '.join(PRECISIONS)})")
+    if requested != "auto":
+        if requested == "fp16" and device.type == "cpu":
+            raise SetupError("fp16 is not supported on the CPU; use --precision bf16 or fp32")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+# -------------------------------------------------------------------------------------- architecture, weights
+
+
+def resolve_architecture(model: str) -> str:
+    """An open_clip architecture name, or a path to a model-config JSON (registered under its file stem)."""
+    path = Path(model)
+    if model.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise SetupError(f"model config file not found: {model}")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SetupError(f"cannot read model config {model}: {err}") from None
+        if not isinstance(config, dict) or "vision_cfg" not in config or "text_cfg" not in config:
+            raise SetupError(f"{model} is not an open_clip model config (needs 'vision_cfg' and 'text_cfg')")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model not in open_clip.list_models():
+        close = [name for name in open_clip.list_models() if model.lower() in name.lower()][:5]
+        hint = f" (did you mean: {', '.join(close)}?)" if close else " (see open_clip.list_models())"
+        raise SetupError(f"unknown model architecture {model!r}{hint}")
+    return model
+
+
+def default_weights() -> str:
+    return os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS
+
+
+def _looks_like_path(weights: str) -> bool:
+    return os.sep in weights or "/" in weights or weights.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+def resolve_weights(architecture: str, weights: str) -> Path:
+    """The local checkpoint file for ``weights``: the file itself, or a tag's download in the cache."""
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return path
+    if path.exists():
+        raise WeightsUnavailableError(f"--weights {weights} is not a file")
+    if _looks_like_path(weights):
+        raise WeightsUnavailableError(
+            f"weights file not found: {weights} (pass an existing open_clip checkpoint with --weights FILE)"
+        )
+    tags = open_clip.list_pretrained_tags_by_model(architecture)
+    if weights not in tags:
+        available = ", ".join(tags) if tags else "none"
+        raise WeightsUnavailableError(
+            f"{weights!r} is neither a checkpoint file nor a pretrained tag of {architecture} (tags: {available})"
+        )
+    cfg = open_clip.get_pretrained_cfg(architecture, weights)
+    where = _download_hint(cfg)
+    target_dir = cache_dir() / "weights"
+    cached = _cached_download(cfg, target_dir)
+    if cached is not None:
+        return cached
+    offline_hint = (
+        f"Offline? Fetch {where} on a machine with internet, copy it here and pass --weights FILE "
+        f"(or set {WEIGHTS_ENV}=FILE)"
+    )
+    host = _download_host(cfg)
+    if host is not None and not _reachable(host):
+        # Fail in seconds: the hub client would retry for about a minute before giving up.
+        raise WeightsUnavailableError(
+            f"cannot download {architecture} weights {weights!r}: {host} is not reachable. {offline_hint}"
+        )
+    try:
+        target = open_clip.download_pretrained(cfg, cache_dir=str(target_dir))
+    except Exception as err:  # proxy, disk full, server error...: all end the same way for the user
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise WeightsUnavailableError(
+            f"cannot download {architecture} weights {weights!r} ({reason}). {offline_hint}"
+        ) from None
+    if not target or not Path(target).is_file():
+        raise WeightsUnavailableError(f"cannot obtain {architecture} weights {weights!r}. {offline_hint}")
+    return Path(target)
+
+
+HF_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _cached_download(cfg: dict, target_dir: Path) -> Path | None:
+    """A tag's checkpoint already downloaded into the cache, without touching the network."""
+    if cfg.get("hf_hub"):
+        model_id, filename = os.path.split(str(cfg["hf_hub"]))
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            for name in (filename,) if filename else HF_FILENAMES:
+                found = try_to_load_from_cache(model_id, name, cache_dir=str(target_dir))
+                if isinstance(found, str) and Path(found).is_file():
+                    return Path(found)
+    if cfg.get("url"):
+        candidate = target_dir / os.path.basename(str(cfg["url"]))
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download_host(cfg: dict) -> str | None:
+    from urllib.parse import urlparse
+
+    if cfg.get("hf_hub"):
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        return urlparse(endpoint).hostname
+    if cfg.get("url"):
+        return urlparse(str(cfg["url"])).hostname
+    return None
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download_hint(cfg: dict) -> str:
+    """Where a user with a browser can fetch a tag's checkpoint by hand."""
+    places = []
+    if cfg.get("hf_hub"):
+        hub = str(cfg["hf_hub"])
+        model_id, filename = os.path.split(hub)
+        places.append(f"https://huggingface.co/{model_id}/resolve/main/{filename or 'open_clip_pytorch_model.bin'}")
+    if cfg.get("url"):
+        places.append(str(cfg["url"]))
+    return " or ".join(places) if places else "the checkpoint"
+
+
+def load_backbone(
+    model: str = DEFAULT_ARCHITECTURE,
+    weights: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> Backbone:
+    """Create the open_clip model with its weights on the chosen device, in eval mode."""
+    architecture = resolve_architecture(model)
+    torch_device = select_device(device)
+    chosen_precision = select_precision(precision, torch_device)
+    checkpoint = resolve_weights(architecture, weights or default_weights())
+    try:
+        clip = open_clip.create_model(architecture, pretrained=None, device="cpu")
+    except Exception as err:
+        raise SetupError(f"cannot build architecture {architecture}: {err}") from None
+    try:
+        open_clip.load_checkpoint(clip, str(checkpoint), strict=True, weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsUnavailableError(
+            f"cannot load {checkpoint} into {architecture}: {first[:200]} "
+            f"(is it an open_clip checkpoint of this architecture? see --model)"
+        ) from None
+    clip.eval()
+    clip.to(torch_device)
+    if chosen_precision != "fp32":
+        # The visual tower computes in reduced precision; scores are taken in fp32 by the core.
+        clip.visual.to({"bf16": torch.bfloat16, "fp16": torch.float16}[chosen_precision])
+    preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
+    mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+    size = clip.visual.image_size
+    image_size = (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return Backbone(
+        model=clip,
+        architecture=architecture,
+        weights=str(checkpoint) if Path(weights or default_weights()).is_file() else (weights or default_weights()),
+        weights_sha256=cached_sha256_file(checkpoint),
+        device=torch_device,
+        precision=chosen_precision,
+        image_size=image_size,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        tokenizer=open_clip.get_tokenizer(architecture),
+    )

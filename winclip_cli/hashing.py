@@ -1,0 +1,36 @@
+"""File hashes: the identity of weights, references and memories in every output."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .settings import cache_dir
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_sha256_file(path: Path) -> str:
+    """sha256 of a large file, remembered in the cache by (path, size, mtime): checkpoints are hundreds of MB."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_dir() / "sha256" / key
+    try:
+        cached = memo.read_text().strip()
+        if len(cached) == 64:
+            return cached
+    except OSError:
+        pass
+    value = sha256_file(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(value)
+    except OSError:
+        pass  # a read-only cache only costs the hash again next time
+    return value

@@ -1,0 +1,239 @@
+"""The few-shot reference memory: an ``.npz`` of numeric arrays plus one JSON metadata string.
+
+Never unpickles: files are read with ``allow_pickle=False`` and every array is checked for dtype
+and shape before use, so a foreign, truncated or crafted file is refused with one clear line.
+
+Layout (format 1):
+    metadata            0-d unicode array holding a JSON object (see ``MemoryMetadata``)
+    patches             float32 (k, G, C)     full-image patch tokens after ln_post, not projected
+    windows_<scale>     float32 (k, W_s, D)   window embeddings of each scale
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import MemoryFileError
+from .hashing import sha256_file
+from .winclip import ReferenceMemory
+
+FORMAT_VERSION = 1
+REQUIRED_METADATA = (
+    "format_version",
+    "architecture",
+    "weights_sha256",
+    "input_size",
+    "scales",
+    "grid_size",
+    "patch_dim",
+    "embed_dim",
+    "references",
+)
+
+
+@dataclass
+class MemoryFile:
+    """A loaded memory: metadata, arrays, and the file's identity."""
+
+    path: Path
+    sha256: str
+    metadata: dict[str, Any]
+    patches: np.ndarray  # (k, G, C)
+    windows: dict[int, np.ndarray]  # scale -> (k, W_s, D)
+
+    @property
+    def k(self) -> int:
+        return int(self.patches.shape[0])
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.metadata["scales"])
+
+    @property
+    def reference_hashes(self) -> set[str]:
+        return {ref["sha256"] for ref in self.metadata["references"]}
+
+    def to_reference_memory(self, scales: tuple[int, ...], device: torch.device) -> ReferenceMemory:
+        patches = torch.from_numpy(self.patches).to(device)
+        return ReferenceMemory(
+            patches=patches.reshape(-1, patches.shape[-1]),
+            windows=[
+                torch.from_numpy(self.windows[s]).to(device).reshape(-1, self.windows[s].shape[-1]) for s in scales
+            ],
+        )
+
+
+def describe_model(
+    identity: dict[str, str], input_size: tuple[int, int], scales: tuple[int, ...], grid_size: tuple[int, int]
+) -> dict[str, Any]:
+    return {
+        "architecture": identity["architecture"],
+        "weights": identity["weights"],
+        "weights_sha256": identity["weights_sha256"],
+        "precision": identity["precision"],
+        "input_size": list(input_size),
+        "scales": list(scales),
+        "grid_size": list(grid_size),
+    }
+
+
+def build_metadata(
+    model: dict[str, Any],
+    class_name: str,
+    vocabulary_sha256: str,
+    references: list[dict[str, Any]],
+    patch_dim: int,
+    embed_dim: int,
+) -> dict[str, Any]:
+    from datetime import datetime, timezone
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": "winclip",
+        "tool_version": __version__,
+        **model,
+        "patch_dim": patch_dim,
+        "embed_dim": embed_dim,
+        "class_name": class_name,
+        "vocabulary_sha256": vocabulary_sha256,
+        "references": references,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_memory(path: Path, metadata: dict[str, Any], patches: np.ndarray, windows: dict[int, np.ndarray]) -> None:
+    """Write atomically: a temporary file in the same folder, fsync'ed, then renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"metadata": np.array(json.dumps(metadata, ensure_ascii=False)), "patches": patches.astype(np.float32)}
+    for scale, array in windows.items():
+        arrays[f"windows_{scale}"] = array.astype(np.float32)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_memory(path: Path) -> MemoryFile:
+    """Read and validate a memory file; every problem is a MemoryFileError with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemoryFileError(f"reference memory not found: {path} (create one with `winclip build-refs`)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = set(data.files)
+            if "metadata" not in names or "patches" not in names:
+                raise MemoryFileError(f"{path} is not a winclip reference memory (no metadata/patches arrays)")
+            arrays = {name: data[name] for name in names}
+    except MemoryFileError:
+        raise
+    except ValueError as err:
+        if "allow_pickle" in str(err) or "pickle" in str(err).lower():
+            raise MemoryFileError(f"{path} contains pickled objects; refusing to load it") from None
+        raise MemoryFileError(f"{path} is corrupt or not a reference memory: {err}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise MemoryFileError(f"{path} is corrupt or truncated ({type(err).__name__}: {err})") from None
+
+    metadata = _parse_metadata(path, arrays.pop("metadata"))
+    patches = _float_array(path, arrays.pop("patches"), "patches")
+    scales = tuple(int(s) for s in metadata["scales"])
+    windows = {}
+    for scale in scales:
+        name = f"windows_{scale}"
+        if name not in arrays:
+            raise MemoryFileError(f"{path} lacks the window embeddings of scale {scale}")
+        windows[scale] = _float_array(path, arrays[name], name)
+    k = patches.shape[0]
+    grid = metadata["grid_size"]
+    if patches.shape[1] != grid[0] * grid[1] or patches.shape[2] != metadata["patch_dim"]:
+        raise MemoryFileError(f"{path}: patches array has shape {patches.shape}, inconsistent with its metadata")
+    for scale, array in windows.items():
+        expected_windows = (grid[0] - scale + 1) * (grid[1] - scale + 1)
+        if array.shape != (k, expected_windows, metadata["embed_dim"]):
+            raise MemoryFileError(f"{path}: windows_{scale} has shape {array.shape}, inconsistent with its metadata")
+    if len(metadata["references"]) != k:
+        raise MemoryFileError(f"{path}: metadata lists {len(metadata['references'])} references but holds {k}")
+    return MemoryFile(path=path, sha256=sha256_file(path), metadata=metadata, patches=patches, windows=windows)
+
+
+def _parse_metadata(path: Path, raw: np.ndarray) -> dict[str, Any]:
+    if raw.dtype.kind != "U" or raw.shape != ():
+        raise MemoryFileError(f"{path}: metadata is not a JSON string")
+    try:
+        metadata = json.loads(str(raw))
+    except json.JSONDecodeError:
+        raise MemoryFileError(f"{path}: metadata is not valid JSON") from None
+    if not isinstance(metadata, dict):
+        raise MemoryFileError(f"{path}: metadata is not a JSON object")
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise MemoryFileError(f"{path}: metadata lacks {', '.join(missing)}")
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise MemoryFileError(
+            f"{path}: memory format {metadata['format_version']} is not supported (this winclip reads {FORMAT_VERSION})"
+        )
+    try:
+        metadata["scales"] = [int(s) for s in metadata["scales"]]
+        metadata["grid_size"] = [int(s) for s in metadata["grid_size"]]
+        metadata["input_size"] = [int(s) for s in metadata["input_size"]]
+        metadata["patch_dim"] = int(metadata["patch_dim"])
+        metadata["embed_dim"] = int(metadata["embed_dim"])
+        if not isinstance(metadata["references"], list):
+            raise TypeError("references")
+    except (TypeError, ValueError):
+        raise MemoryFileError(f"{path}: metadata has fields of the wrong type") from None
+    return metadata
+
+
+def _float_array(path: Path, array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype != np.float32 or array.ndim != 3:
+        raise MemoryFileError(
+            f"{path}: array {name!r} must be float32 with 3 dimensions, got {array.dtype} {array.shape}"
+        )
+    if not np.isfinite(array).all():
+        raise MemoryFileError(f"{path}: array {name!r} contains NaN or infinite values")
+    return array
+
+
+def check_compatible(memory: MemoryFile, model: dict[str, Any]) -> None:
+    """Refuse a memory built with another architecture, weights, input size or scales, naming the mismatch."""
+    meta = memory.metadata
+    checks = [
+        ("architecture", meta["architecture"], model["architecture"]),
+        ("weights", meta["weights_sha256"], model["weights_sha256"]),
+        ("input size", list(meta["input_size"]), list(model["input_size"])),
+        ("scales", sorted(meta["scales"]), sorted(model["scales"])),
+    ]
+    for what, theirs, ours in checks:
+        if theirs != ours:
+            if what == "weights":
+                theirs = f"{meta.get('weights', '?')} (sha256 {str(theirs)[:12]})"
+                ours = f"{model.get('weights', '?')} (sha256 {str(ours)[:12]})"
+            raise MemoryFileError(
+                f"{memory.path} was built with {what} {theirs}, but this run uses {ours}; "
+                f"rebuild it with `winclip build-refs` or match the options"
+            )
+
+
+def attach_memory(engine, memory: MemoryFile) -> None:
+    """Turn the engine's scorer into a few-shot scorer with ``memory`` (after checking it fits)."""
+    backbone = engine.backbone
+    scorer = engine.scorer
+    model = describe_model(backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size)
+    check_compatible(memory, model)
+    scorer.memory = memory.to_reference_memory(scorer.scales, backbone.device)

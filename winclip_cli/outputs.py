@@ -1,0 +1,421 @@
+"""Everything the scan writes to disk: the streaming scores.csv, heatmap PNGs, float TIFF maps, run.json.
+
+This module only does file I/O and colouring of already computed score maps; it computes no scores and
+knows nothing about the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+__all__ = [
+    "CSV_COLUMNS",
+    "HEATMAP_DIR",
+    "CsvResultWriter",
+    "ResultRow",
+    "atomic_path",
+    "colorize",
+    "heatmap_relpath",
+    "overlay",
+    "read_results_csv",
+    "write_float_tiff_atomic",
+    "write_png_atomic",
+    "write_text_atomic",
+]
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "path",
+    "score",
+    "label",
+    "threshold",
+    "max_pixel_score",
+    "heatmap",
+    "width",
+    "height",
+    "status",
+    "error",
+    "note",
+    "mode",
+    "k_shot",
+    "refs",
+    "refs_sha256",
+    "vocabulary_sha256",
+)
+
+HEATMAP_DIR = "heatmaps"
+
+_STATUSES = frozenset({"ok", "error"})
+_LABELS = frozenset({"anomalous", "normal", ""})
+
+# Most file systems cap one name at 255 bytes; the ".png" we append must not push a long name over it.
+_NAME_MAX_BYTES = 255
+
+
+# --------------------------------------------------------------------------------------------------------
+# Result rows and the streaming CSV
+# --------------------------------------------------------------------------------------------------------
+
+
+def _fmt_float(value: float | None) -> str:
+    """Fixed 6 decimals so the CSV is stable across runs and diffable; '' for a missing value."""
+    return "" if value is None else f"{float(value):.6f}"
+
+
+def _fmt_int(value: int | None) -> str:
+    return "" if value is None else str(int(value))
+
+
+def _json_float(value: float | None) -> float | None:
+    """Rounded float, or None: NaN/inf are not valid JSON, so they count as missing there."""
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One scanned file: its score and label, or the error that stopped it."""
+
+    path: str
+    status: str  # "ok" or "error"
+    score: float | None = None
+    label: str = ""
+    threshold: float | None = None
+    max_pixel_score: float | None = None
+    heatmap: str = ""
+    width: int | None = None
+    height: int | None = None
+    error: str = ""
+    note: str = ""
+    mode: str = ""
+    k_shot: int | None = None
+    refs: str = ""
+    refs_sha256: str = ""
+    vocabulary_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        # A typo here would silently corrupt every downstream filter on status/label, so fail loudly.
+        if self.status not in _STATUSES:
+            raise ValueError(f"status must be 'ok' or 'error', got {self.status!r}")
+        if self.label not in _LABELS:
+            raise ValueError(f"label must be 'anomalous', 'normal' or '', got {self.label!r}")
+
+    def as_csv_dict(self) -> dict[str, str]:
+        """All CSV_COLUMNS as strings: floats '%.6f', ints plain, missing values ''."""
+        return {
+            "path": self.path,
+            "score": _fmt_float(self.score),
+            "label": self.label,
+            "threshold": _fmt_float(self.threshold),
+            "max_pixel_score": _fmt_float(self.max_pixel_score),
+            "heatmap": self.heatmap,
+            "width": _fmt_int(self.width),
+            "height": _fmt_int(self.height),
+            "status": self.status,
+            "error": self.error,
+            "note": self.note,
+            "mode": self.mode,
+            "k_shot": _fmt_int(self.k_shot),
+            "refs": self.refs,
+            "refs_sha256": self.refs_sha256,
+            "vocabulary_sha256": self.vocabulary_sha256,
+        }
+
+    def as_json_dict(self) -> dict[str, object]:
+        """All CSV_COLUMNS with native JSON types: floats rounded to 6 decimals, None where missing."""
+        return {
+            "path": self.path,
+            "score": _json_float(self.score),
+            "label": self.label,
+            "threshold": _json_float(self.threshold),
+            "max_pixel_score": _json_float(self.max_pixel_score),
+            "heatmap": self.heatmap,
+            "width": None if self.width is None else int(self.width),
+            "height": None if self.height is None else int(self.height),
+            "status": self.status,
+            "error": self.error,
+            "note": self.note,
+            "mode": self.mode,
+            "k_shot": None if self.k_shot is None else int(self.k_shot),
+            "refs": self.refs,
+            "refs_sha256": self.refs_sha256,
+            "vocabulary_sha256": self.vocabulary_sha256,
+        }
+
+
+class CsvResultWriter:
+    """Writes scores.csv row by row; every row is flushed and fsync'ed at once, so a crash loses nothing
+    already written. Use as a context manager; the file is created (with its header) on construction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # newline="" is what the csv module needs to keep embedded newlines inside quoted fields intact.
+        # backslashreplace: undecodable file names (surrogate-escaped on POSIX) must not crash the scan
+        # and must not make the whole CSV invalid UTF-8 for pandas/Excel.
+        self._fh = open(self.path, "w", newline="", encoding="utf-8", errors="backslashreplace")
+        self._writer = csv.writer(self._fh, lineterminator="\n")
+        # Rows may come from worker threads; interleaved half-rows would corrupt the file.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._write_line(list(CSV_COLUMNS))
+
+    @classmethod
+    def open(cls, path: Path) -> CsvResultWriter:
+        """Alias for the constructor: create ``path`` with the header and return the writer."""
+        return cls(path)
+
+    def _write_line(self, values: list[str]) -> None:
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"write to closed CsvResultWriter ({self.path})")
+            self._writer.writerow(values)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def write(self, row: ResultRow) -> None:
+        """Append one row and make it durable before returning."""
+        values = row.as_csv_dict()
+        self._write_line([values[col] for col in CSV_COLUMNS])
+
+    def close(self) -> None:
+        """Close the file; safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._fh.close()
+
+    def __enter__(self) -> CsvResultWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def read_results_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a scores.csv as dicts keyed by CSV_COLUMNS (for tests and tools)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Heatmap file names
+# --------------------------------------------------------------------------------------------------------
+
+
+def _split_parts(relpath: str) -> list[str]:
+    # '/' is the documented separator; on Windows '\\' is one too, and leaving it in a part would let
+    # '..\\..\\x' escape once the string is joined to a Path there. On POSIX '\\' is an ordinary character.
+    if os.name == "nt":
+        relpath = relpath.replace("\\", "/")
+    return relpath.split("/")
+
+
+def _fit_name(name: str) -> str:
+    """Shorten a too-long name (in UTF-8 bytes) and add a hash, so distinct long names stay distinct."""
+    if len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    tail = f"~{digest}.png"
+    budget = _NAME_MAX_BYTES - len(tail)
+    head = name
+    while len(head.encode("utf-8", "surrogateescape")) > budget:
+        head = head[:-1]
+    return head + tail
+
+
+def heatmap_relpath(image_relpath: str) -> str:
+    """'good/001.jpg' -> 'heatmaps/good/001.jpg.png' (POSIX separators, relative to the output folder).
+
+    Subfolders are mirrored and the full file name is kept, so 'a.jpg' and 'a.png' never collide. The
+    result always stays inside the output folder: empty, '.' and root parts are dropped and '..' becomes
+    '__'. Only NUL (invalid everywhere) is replaced; unicode, spaces and newlines are kept.
+    """
+    parts: list[str] = []
+    for part in _split_parts(image_relpath):
+        if part in ("", "."):
+            continue  # absolute paths and doubled slashes: the root/empty parts simply vanish
+        if part == "..":
+            part = "__"  # neutralised rather than dropped so '../a.jpg' and 'a.jpg' do not collide
+        parts.append(part.replace("\x00", "_"))
+    if not parts:
+        raise ValueError(f"cannot derive a heatmap name from {image_relpath!r}")
+    parts[-1] = _fit_name(parts[-1] + ".png")
+    return "/".join([HEATMAP_DIR, *parts])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Colouring
+# --------------------------------------------------------------------------------------------------------
+
+# Inferno sampled at 10 evenly spaced points (matplotlib/viridisLite values). Its lightness rises
+# monotonically, so "brighter = more anomalous" reads correctly even in greyscale or for colour-blind users.
+_INFERNO_POINTS = np.array(
+    [
+        [0x00, 0x00, 0x04],
+        [0x1B, 0x0C, 0x41],
+        [0x4A, 0x0C, 0x6B],
+        [0x78, 0x1C, 0x6D],
+        [0xA5, 0x2C, 0x60],
+        [0xCF, 0x44, 0x46],
+        [0xED, 0x69, 0x25],
+        [0xFB, 0x9B, 0x06],
+        [0xF7, 0xD1, 0x3D],
+        [0xFC, 0xFF, 0xA4],
+    ],
+    dtype=np.float64,
+)
+
+
+def _build_lut() -> np.ndarray:
+    stops = np.linspace(0.0, 1.0, len(_INFERNO_POINTS))
+    xs = np.linspace(0.0, 1.0, 256)
+    channels = [np.interp(xs, stops, _INFERNO_POINTS[:, c]) for c in range(3)]
+    return np.rint(np.stack(channels, axis=1)).astype(np.uint8)
+
+
+LUT: np.ndarray = _build_lut()  # (256, 3) uint8
+LUT.flags.writeable = False  # shared module state: nobody should be able to repaint it by accident
+
+
+def colorize(score_map: np.ndarray) -> np.ndarray:
+    """(H, W) scores on the fixed 0..1 scale -> (H, W, 3) uint8 colours.
+
+    Values are clipped to 0..1 and NaN counts as 0. The scale is never normalised per image: a normal
+    image must look calm, not have its noise stretched to full red.
+    """
+    scores = np.asarray(score_map, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"score_map must be 2-D (H, W), got shape {scores.shape}")
+    scores = np.nan_to_num(scores, nan=0.0, posinf=1.0, neginf=0.0)
+    idx = np.rint(np.clip(scores, 0.0, 1.0) * 255.0).astype(np.intp)
+    return LUT[idx]
+
+
+def overlay(image_rgb: np.ndarray, score_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend colorize(score_map) over the (H, W, 3) uint8 image with weight ``alpha`` -> uint8."""
+    image = np.asarray(image_rgb)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if np.shape(score_map) != image.shape[:2]:
+        raise ValueError(f"score_map shape {np.shape(score_map)} does not match image {image.shape[:2]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be within 0..1, got {alpha}")
+    colours = colorize(score_map)
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------------
+
+
+def _read_umask() -> int:
+    # mkstemp creates 0600 files; without a chmod every heatmap would be private to the user, unlike a
+    # normally written file. os.umask can only be read by setting it, so do it once at import time,
+    # before any writer threads exist.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable; not possible (nor needed) on Windows, best effort elsewhere."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is deleted.
+
+    Readers therefore see either the old file or the complete new one, never a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp picks a unique name (threads never collide); same directory so os.replace is a rename.
+    # The name is cut short so that prefix + random part + suffix still fit in 255 bytes.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:50]}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, _FILE_MODE)
+        if fsync:
+            # Without this a power cut after the rename can leave an empty file under the final name.
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException: Ctrl-C mid-write must not leave a stray .tmp behind either.
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def write_png_atomic(path: Path, rgb: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 array as a PNG, atomically."""
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"PNG data must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
+    image = Image.fromarray(np.ascontiguousarray(arr))
+    with atomic_path(path) as tmp:
+        # Explicit format: the temp name ends in .tmp, so Pillow cannot guess it.
+        image.save(tmp, format="PNG")
+
+
+def write_float_tiff_atomic(path: Path, score_map: np.ndarray) -> None:
+    """Write an (H, W) score map as a float32 TIFF (zlib, lossless), atomically."""
+    arr = np.asarray(score_map)
+    if arr.ndim != 2:
+        raise ValueError(f"score map must be 2-D (H, W), got shape {arr.shape}")
+    data = np.ascontiguousarray(arr, dtype=np.float32)
+    with atomic_path(path) as tmp:
+        # zlib works with the standard library alone (no imagecodecs) and is readable by any TIFF reader.
+        tifffile.imwrite(tmp, data, compression="zlib")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 text with '\\n' line endings (same bytes on every OS), atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
