@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import SAMPLE_DATA
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import SAMPLE_DATA
 from winclip_cli.cli import app
 from winclip_cli.outputs import CSV_COLUMNS, read_results_csv
 

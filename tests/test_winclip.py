@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from naive_winclip import naive_masks, naive_tokens, naive_winclip, naive_window_embedding
 
+from naive_winclip import naive_masks, naive_tokens, naive_winclip, naive_window_embedding
 from winclip_cli.winclip import (
     ReferenceMemory,
     WinClipScorer,
