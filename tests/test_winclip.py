@@ -63,6 +63,13 @@ def test_harmonic_aggregation_with_a_zero_score():
     assert not torch.isnan(out).any()
 
 
+def test_harmonic_aggregation_nan_stays_local():
+    cover = coverage_matrix(window_patch_indices((3, 3), 2), 9)
+    out = harmonic_aggregation(torch.tensor([[float("nan"), 0.5, 0.5, 0.5]]), cover)[0]
+    assert out[[0, 1, 3, 4]].tolist() == [0.0, 0.0, 0.0, 0.0]  # covered by the NaN window
+    assert out[[2, 5, 6, 7, 8]].tolist() == pytest.approx([0.5] * 5)
+
+
 def test_harmonic_mean_by_hand():
     stack = torch.tensor([[0.5], [0.25], [1.0]])
     assert harmonic_mean(stack)[0].item() == pytest.approx(3 / (2 + 4 + 1))

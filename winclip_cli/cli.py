@@ -304,7 +304,8 @@ def _scan(
     if memory_info is not None:
         from .memory import attach_memory
 
-        attach_memory(engine, memory_info)
+        for warning in attach_memory(engine, memory_info):
+            stderr.print(f"[yellow]warning:[/] {_escape(warning)}")
         context.mode, context.k_shot = "few-shot", memory_info.k
         context.refs, context.refs_sha256 = str(refs), memory_info.sha256
     if not quiet:
@@ -527,7 +528,8 @@ def _build_refs(
     scorer = WinClipScorer(backbone.model.visual, dummy_text, scales=options.scales)
     model_info = describe_model(backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size)
     if existing is not None:
-        check_compatible(existing, model_info)
+        for warning in check_compatible(existing, model_info):
+            stderr.print(f"[yellow]warning:[/] {_escape(warning)}")
     if not quiet:
         stderr.print(
             f"winclip {__version__}: embedding {len(fresh)} references with {backbone.architecture} "

@@ -210,8 +210,11 @@ def _float_array(path: Path, array: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def check_compatible(memory: MemoryFile, model: dict[str, Any]) -> None:
-    """Refuse a memory built with another architecture, weights, input size or scales, naming the mismatch."""
+def check_compatible(memory: MemoryFile, model: dict[str, Any]) -> list[str]:
+    """Refuse a memory built with another architecture, weights, input size or scales, naming the mismatch.
+
+    Returns warnings for differences that only shift the numbers slightly (another precision).
+    """
     meta = memory.metadata
     checks = [
         ("architecture", meta["architecture"], model["architecture"]),
@@ -228,12 +231,20 @@ def check_compatible(memory: MemoryFile, model: dict[str, Any]) -> None:
                 f"{memory.path} was built with {what} {theirs}, but this run uses {ours}; "
                 f"rebuild it with `winclip build-refs` or match the options"
             )
+    warnings = []
+    if meta.get("precision") and model.get("precision") and meta["precision"] != model["precision"]:
+        warnings.append(
+            f"{memory.path} was embedded in {meta['precision']} and this run computes in {model['precision']}: "
+            "scores can differ slightly from a memory built in the same precision"
+        )
+    return warnings
 
 
-def attach_memory(engine, memory: MemoryFile) -> None:
-    """Turn the engine's scorer into a few-shot scorer with ``memory`` (after checking it fits)."""
+def attach_memory(engine, memory: MemoryFile) -> list[str]:
+    """Turn the engine's scorer into a few-shot scorer with ``memory`` (after checking it fits); returns warnings."""
     backbone = engine.backbone
     scorer = engine.scorer
     model = describe_model(backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size)
-    check_compatible(memory, model)
+    warnings = check_compatible(memory, model)
     scorer.memory = memory.to_reference_memory(scorer.scales, backbone.device)
+    return warnings

@@ -48,18 +48,18 @@ def harmonic_aggregation(window_scores: torch.Tensor, coverage: torch.Tensor) ->
     """Per patch, the harmonic mean of the scores of the windows covering it.
 
     ``window_scores`` is ``(N, W)``, ``coverage`` the ``(W, G)`` boolean matrix; returns ``(N, G)``.
-    A zero score among a patch's windows makes its harmonic mean 0 (1/0 is infinite); a patch no
-    window covers gets 0. The sum of reciprocals is one matrix product instead of a loop over patches.
+    A zero score among a patch's windows makes its harmonic mean 0 (1/0 is infinite); a NaN score
+    (an overflowed embedding) zeroes only the patches its window covers, as the per-patch definition
+    does; a patch no window covers gets 0. The sum of reciprocals is one matrix product instead of a
+    loop over patches, so zeros and NaNs are taken out of the product and applied afterwards.
     """
     scores = window_scores.float()
     cover = coverage.to(device=scores.device, dtype=scores.dtype)
-    is_zero = scores == 0
-    reciprocal = torch.where(is_zero, torch.zeros_like(scores), 1.0 / scores)
-    reciprocal_sum = reciprocal @ cover
-    count = cover.sum(dim=0)
-    harmonic = count / reciprocal_sum
-    touches_zero = (is_zero.to(scores.dtype) @ cover) > 0
-    harmonic = torch.where(touches_zero, torch.zeros_like(harmonic), harmonic)
+    degenerate = (scores == 0) | torch.isnan(scores)
+    reciprocal = torch.where(degenerate, torch.zeros_like(scores), 1.0 / scores)
+    harmonic = cover.sum(dim=0) / (reciprocal @ cover)
+    touches_degenerate = (degenerate.to(scores.dtype) @ cover) > 0
+    harmonic = torch.where(touches_degenerate, torch.zeros_like(harmonic), harmonic)
     return torch.nan_to_num(harmonic, nan=0.0, posinf=0.0)
 
 
