@@ -196,7 +196,8 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, num_thresholds: int | None = 
     pro = pro_prefix[above]
     # Rounding can leave the sum of weights a hair off 1; the end point is exact by definition.
     pro[-1] = 1.0
-    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
+    # The highest threshold is the maximum score, so the curve starts at (0, 0) with nothing above it.
+    return fpr, pro
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
