@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -145,19 +143,6 @@ def _progress(quiet: bool):
     )
 
 
-def _find_inputs(directory: Path, exclude: list[Path]) -> list[Path]:
-    from .images import discover_images
-
-    if not directory.exists():
-        raise SetupError(f"input not found: {directory}")
-    found = discover_images(directory, exclude=exclude)
-    for folder, reason in found.skipped_dirs:
-        stderr.print(f"[yellow]warning:[/] cannot list {_escape(str(folder))}: {_escape(reason)}")
-    if not found.files:
-        raise SetupError(f"no images found under {directory} (png, jpg, jpeg, bmp, tif, tiff, webp)")
-    return found.files
-
-
 class StopFlag:
     """SIGINT/SIGTERM ask the scan to stop after the current batch; a second SIGINT aborts."""
 
@@ -189,6 +174,73 @@ class StopFlag:
                 signal.signal(sig, old)
 
 
+class ConsoleReporter:
+    """The jobs' Reporter on stderr: messages, one progress bar, per-row JSON on stdout."""
+
+    def __init__(self, quiet: bool, json_lines: bool = False) -> None:
+        self.quiet = quiet
+        self.json_lines = json_lines
+        self.progress = _progress(quiet)
+        self.task = None
+
+    def __enter__(self) -> ConsoleReporter:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(_escape(message))
+
+    def warn(self, message: str) -> None:
+        self.progress.console.print(f"[yellow]warning:[/] {_escape(message)}")
+
+    def start(self, description: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task)
+
+    def row(self, row) -> None:
+        if row.status == "error":
+            self.progress.console.print(f"[yellow]warning:[/] {_escape(row.path)}: {_escape(row.error)}")
+        if self.json_lines:
+            sys.stdout.write(json.dumps(row.as_json_dict(), ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+
+
+def _tile_option(tile: str | None) -> int | str | None:
+    if tile is None:
+        return None
+    if tile == "auto":
+        return "auto"
+    try:
+        size = int(tile)
+    except ValueError:
+        raise SetupError(f"--tile takes a size in pixels or 'auto', not {tile!r}") from None
+    if size < 16:
+        raise SetupError(f"--tile {size} is too small (at least 16 pixels)")
+    return size
+
+
+def _tile_overlap(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise SetupError(f"--tile-overlap must be in [0, 1), got {value}")
+    return value
+
+
+TileOpt = Annotated[
+    str | None,
+    typer.Option("--tile", help="Cut large images into tiles of SIZE pixels (or 'auto') and score each tile."),
+]
+TileOverlapOpt = Annotated[float, typer.Option("--tile-overlap", help="Overlap between neighbouring tiles.")]
+
+
 # ------------------------------------------------------------------------------------------------------ scan
 
 
@@ -200,15 +252,37 @@ def scan(
         "winclip-out"
     ),
     threshold: Annotated[
-        float, typer.Option("--threshold", help="Image score above which an image is anomalous.")
-    ] = 0.5,
+        str,
+        typer.Option(
+            "--threshold",
+            help="Image score above which an image is anomalous, or 'auto': the calibrated threshold when one is "
+            "available (--calibration, or stored in --refs), else 0.5.",
+        ),
+    ] = "auto",
     refs: Annotated[
         Path | None, typer.Option("--refs", help="Few-shot reference memory (.npz) from `winclip build-refs`.")
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option("--calibration", help="Calibration file from `winclip calibrate`.")
     ] = None,
     fail_on_anomaly: Annotated[
         bool, typer.Option("--fail-on-anomaly", help="Exit with code 1 when any image scores over the threshold.")
     ] = False,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            "--incremental",
+            help="Keep earlier results in OUT and score only new or changed files (size, mtime); "
+            "a changed model, vocabulary, memory or calibration rescans everything.",
+        ),
+    ] = False,
+    shard: Annotated[
+        str | None, typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.")
+    ] = None,
+    tile: TileOpt = None,
+    tile_overlap: TileOverlapOpt = 0.25,
     save_maps: Annotated[bool, typer.Option("--save-maps", help="Also write raw float32 maps as TIFF.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Write OUT/report.html after the scan.")] = False,
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per image on stdout.")] = False,
     model: ModelOpt = "ViT-B-16-plus-240",
     weights: WeightsOpt = None,
@@ -234,161 +308,57 @@ def scan(
 
       winclip scan ./images --class bottle --refs refs.npz --out results --fail-on-anomaly
 
+      winclip scan /data/camera1 --class bottle --out /data/results --incremental --quiet
+
       winclip scan ./images --weights ~/models/vit_b_16_plus_240-laion400m_e31.pt --json > scores.jsonl
     """
+    from .scanjob import ScanOptions, parse_shard, run_scan_job
+
     with user_errors():
-        if not 0.0 <= threshold <= 1.0:
-            raise SetupError(f"--threshold must be between 0 and 1, got {threshold}")
-        code = _scan(
-            directory,
-            class_name,
-            out,
-            threshold,
-            refs,
-            save_maps,
-            json_lines,
-            model,
-            weights,
-            device,
-            precision,
-            scales,
-            prompts,
-            no_cache,
-            batch_size,
-            max_pixels,
-            workers,
-            quiet,
-            fail_on_anomaly,
-        )
-    raise typer.Exit(code)
-
-
-def _scan(
-    directory: Path,
-    class_name: str,
-    out: Path,
-    threshold: float,
-    refs: Path | None,
-    save_maps: bool,
-    json_lines: bool,
-    model: str,
-    weights: str | None,
-    device: str,
-    precision: str,
-    scales: str,
-    prompts: Path | None,
-    no_cache: bool,
-    batch_size: int,
-    max_pixels: int,
-    workers: int,
-    quiet: bool,
-    fail_on_anomaly: bool,
-) -> int:
-    options = _model_options(model, weights, device, precision, scales)
-    load_vocabulary(prompts)  # a bad vocabulary fails before anything slow happens
-    files = _find_inputs(directory, exclude=[out])
-    started = time.perf_counter()
-
-    from .engine import build_engine
-    from .outputs import write_text_atomic
-    from .pipeline import RowContext, run_scan
-
-    memory_info = None
-    if refs is not None:
-        from .memory import load_memory
-
-        memory_info = load_memory(refs)  # refuse a broken memory before loading the model
-    engine = build_engine(options, class_name, prompts, use_cache=not no_cache)
-    backbone = engine.backbone
-    context = RowContext(threshold=threshold, mode="zero-shot", vocabulary_sha256=engine.ensemble.sha256)
-    if memory_info is not None:
-        from .memory import attach_memory
-
-        for warning in attach_memory(engine, memory_info):
-            stderr.print(f"[yellow]warning:[/] {_escape(warning)}")
-        context.mode, context.k_shot = "few-shot", memory_info.k
-        context.refs, context.refs_sha256 = str(refs), memory_info.sha256
-    if not quiet:
-        mode = f"few-shot k={context.k_shot}" if memory_info else "zero-shot"
-        stderr.print(
-            f"winclip {__version__}: {len(files)} images, {backbone.architecture} ({_escape(backbone.weights)}) "
-            f"on {backbone.device} {backbone.precision}, {mode}, class '{_escape(engine.ensemble.class_name)}'"
-        )
-    run_info: dict[str, Any] = {
-        "tool": "winclip",
-        "version": __version__,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": str(directory),
-        "class_name": engine.ensemble.class_name,
-        **backbone.identity,
-        "device": str(backbone.device),
-        "scales": list(engine.scorer.scales),
-        "threshold": threshold,
-        "vocabulary": engine.ensemble.vocabulary.source,
-        "vocabulary_sha256": engine.ensemble.sha256,
-        "mode": context.mode,
-        "refs": context.refs,
-        "refs_sha256": context.refs_sha256,
-        "k_shot": context.k_shot,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "run.json", json.dumps(run_info, indent=2) + "\n")
-
-    stop = StopFlag()
-    with _progress(quiet) as progress, stop.installed():
-        task = progress.add_task("scanning", total=len(files))
-
-        def on_row(row) -> None:
-            progress.advance(task)
-            if row.status == "error":
-                progress.console.print(f"[yellow]warning:[/] {_escape(row.path)}: {_escape(row.error)}")
-            if json_lines:
-                sys.stdout.write(json.dumps(row.as_json_dict(), ensure_ascii=False) + "\n")
-                sys.stdout.flush()
-
-        summary = run_scan(
-            engine.scorer,
-            files,
-            directory,
-            out,
-            context,
-            size=backbone.image_size,
-            mean=backbone.mean,
-            std=backbone.std,
-            device=backbone.device,
-            dtype=backbone.dtype,
+        options = ScanOptions(
+            directory=directory,
+            out=out,
+            model=_model_options(model, weights, device, precision, scales),
+            class_name=class_name,
+            threshold=threshold,
+            refs=refs,
+            calibration=calibration,
+            prompts=prompts,
+            use_cache=not no_cache,
             batch_size=batch_size,
-            save_maps=save_maps,
             max_pixels=max_pixels,
             workers=workers or None,
-            on_row=on_row,
-            should_stop=stop,
+            save_maps=save_maps,
+            incremental=incremental,
+            shard=parse_shard(shard),
+            tile=_tile_option(tile),
+            tile_overlap=_tile_overlap(tile_overlap),
         )
-    seconds = time.perf_counter() - started
-    run_info.update(
-        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        seconds=round(seconds, 3),
-        images=summary.images,
-        scored=summary.scored,
-        anomalies=summary.anomalies,
-        errors=summary.errors,
-        interrupted=stop.requested,
-    )
-    write_text_atomic(out / "run.json", json.dumps(run_info, indent=2) + "\n")
+        stop = StopFlag()
+        with ConsoleReporter(quiet, json_lines) as reporter, stop.installed():
+            result = run_scan_job(options, reporter, should_stop=stop)
+        if report:
+            from .report import build_report
+
+            page = build_report(out)
+            if not quiet:
+                stderr.print(f"report: {_escape(str(page))}")
+    summary = result.summary
     if not quiet:
-        rate = summary.scored / seconds if seconds > 0 else 0.0
+        rate = summary.scored / result.seconds if result.seconds > 0 else 0.0
+        unchanged = f", {result.skipped_unchanged} unchanged" if result.skipped_unchanged else ""
         stderr.print(
             f"[bold]{summary.images}[/] images: [bold]{summary.anomalies}[/] anomalous, "
-            f"{summary.scored - summary.anomalies} normal, [bold]{summary.errors}[/] errors "
-            f"in {seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(out / 'scores.csv'))}"
+            f"{summary.scored - summary.anomalies} normal, [bold]{summary.errors}[/] errors{unchanged} "
+            f"in {result.seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(out / 'scores.csv'))}"
         )
-    if stop.requested:
-        return EXIT_INTERRUPTED
+    if result.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
     if fail_on_anomaly and summary.anomalies:
-        return EXIT_ANOMALY
+        raise typer.Exit(EXIT_ANOMALY)
     if summary.errors:
-        return EXIT_UNREADABLE
-    return EXIT_OK
+        raise typer.Exit(EXIT_UNREADABLE)
+    raise typer.Exit(EXIT_OK)
 
 
 # ------------------------------------------------------------------------------------------------ build-refs
@@ -409,6 +379,8 @@ def build_refs(
         bool, typer.Option("--append", help="Add to an existing memory (same model and scales); skips known files.")
     ] = False,
     class_name: ClassOpt = DEFAULT_CLASS,
+    tile: TileOpt = None,
+    tile_overlap: TileOverlapOpt = 0.25,
     model: ModelOpt = "ViT-B-16-plus-240",
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
@@ -424,6 +396,7 @@ def build_refs(
 
     Each reference is embedded exactly as `scan` embeds an image: its patch tokens and the window
     embeddings of every scale are stored, with the model, weights hash and file hashes, in one .npz.
+    Use the same --tile options as the scans that will use the memory.
 
     Examples:
 
@@ -433,167 +406,34 @@ def build_refs(
 
       winclip build-refs ./more-good --out refs.npz --append
     """
+    from .refsjob import RefsOptions, run_refs_job
+
     with user_errors():
-        code = _build_refs(
-            sources,
-            out,
-            k,
-            seed,
-            append,
-            class_name,
-            model,
-            weights,
-            device,
-            precision,
-            scales,
-            prompts,
-            batch_size,
-            max_pixels,
-            workers,
-            quiet,
-        )
-    raise typer.Exit(code)
-
-
-def _reference_inputs(sources: list[Path], out: Path) -> list[tuple[Path, str]]:
-    """(path, recorded name) of every reference image; names are relative to the folder given."""
-    inputs: list[tuple[Path, str]] = []
-    for source in sources:
-        if source.is_dir():
-            for path in _find_inputs(source, exclude=[out]):
-                inputs.append((path, (Path(source.name) / path.relative_to(source)).as_posix()))
-        elif source.is_file():
-            inputs.append((source, source.as_posix()))
-        else:
-            raise SetupError(f"reference source not found: {source}")
-    return inputs
-
-
-def _build_refs(
-    sources: list[Path],
-    out: Path,
-    k: int | None,
-    seed: int | None,
-    append: bool,
-    class_name: str,
-    model: str,
-    weights: str | None,
-    device: str,
-    precision: str,
-    scales: str,
-    prompts: Path | None,
-    batch_size: int,
-    max_pixels: int,
-    workers: int,
-    quiet: bool,
-) -> int:
-    import random
-
-    options = _model_options(model, weights, device, precision, scales)
-    vocabulary = load_vocabulary(prompts)
-    inputs = _reference_inputs(sources, out)
-    if k is not None and k < len(inputs):
-        if seed is not None:
-            inputs = sorted(random.Random(seed).sample(inputs, k), key=lambda item: item[1])
-        else:
-            inputs = inputs[:k]
-    started = time.perf_counter()
-
-    from .engine import build_backbone
-    from .hashing import sha256_file
-    from .memory import build_metadata, check_compatible, describe_model, load_memory, save_memory
-    from .pipeline import embed_references
-    from .winclip import WinClipScorer
-
-    existing = load_memory(out) if append and out.exists() else None
-    hashes: dict[Path, str] = {}
-    known = existing.reference_hashes if existing else set()
-    fresh: list[tuple[Path, str]] = []
-    skipped = 0
-    for path, name in inputs:
-        try:
-            digest = sha256_file(path)
-        except OSError as err:
-            raise SetupError(f"cannot read reference {path}: {err.strerror or err}") from None
-        if digest in known or digest in hashes.values():
-            skipped += 1
-            continue
-        hashes[path] = digest
-        fresh.append((path, name))
-
-    backbone = build_backbone(options)
-    import torch
-
-    dummy_text = torch.zeros(2, 1)  # references need no text: the scorer is only used to embed
-    scorer = WinClipScorer(backbone.model.visual, dummy_text, scales=options.scales)
-    model_info = describe_model(backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size)
-    if existing is not None:
-        for warning in check_compatible(existing, model_info):
-            stderr.print(f"[yellow]warning:[/] {_escape(warning)}")
-    if not quiet:
-        stderr.print(
-            f"winclip {__version__}: embedding {len(fresh)} references with {backbone.architecture} "
-            f"on {backbone.device} {backbone.precision}" + (f" ({skipped} already known, skipped)" if skipped else "")
-        )
-    with _progress(quiet) as progress:
-        task = progress.add_task("embedding references", total=len(fresh))
-
-        def on_item(item) -> None:
-            progress.advance(task)
-            if item.error:
-                progress.console.print(f"[yellow]warning:[/] {_escape(item.relpath)}: {_escape(item.error)}")
-
-        embedded = embed_references(
-            scorer,
-            fresh,
-            size=backbone.image_size,
-            mean=backbone.mean,
-            std=backbone.std,
-            device=backbone.device,
-            dtype=backbone.dtype,
+        options = RefsOptions(
+            sources=sources,
+            out=out,
+            model=_model_options(model, weights, device, precision, scales),
+            class_name=class_name,
+            k=k,
+            seed=seed,
+            append=append,
+            prompts=prompts,
             batch_size=batch_size,
             max_pixels=max_pixels,
             workers=workers or None,
-            on_item=on_item,
+            tile=_tile_option(tile),
+            tile_overlap=_tile_overlap(tile_overlap),
         )
-    import numpy as np
-
-    references = [
-        {"path": name, "size": path.stat().st_size, "sha256": hashes[path]}
-        for name, path in zip(embedded.names, embedded.paths, strict=True)
-    ]
-    if existing is None and not references:
-        raise SetupError("no reference image could be embedded; nothing written")
-    patches = np.stack(embedded.patches) if references else np.zeros((0, *existing.patches.shape[1:]), np.float32)
-    windows = {
-        s: (
-            np.stack([w[i] for w in embedded.windows])
-            if references
-            else np.zeros((0, *existing.windows[s].shape[1:]), np.float32)
-        )
-        for i, s in enumerate(scorer.scales)
-    }
-    if existing is not None:
-        references = existing.metadata["references"] + references
-        patches = np.concatenate([existing.patches, patches])
-        windows = {s: np.concatenate([existing.windows[s], windows[s]]) for s in scorer.scales}
-    metadata = build_metadata(
-        model_info,
-        class_name,
-        vocabulary.ensemble(class_name).sha256,
-        references,
-        patch_dim=int(patches.shape[-1]),
-        embed_dim=int(next(iter(windows.values())).shape[-1]),
-    )
-    save_memory(out, metadata, patches, windows)
-    seconds = time.perf_counter() - started
+        with ConsoleReporter(quiet) as reporter:
+            result = run_refs_job(options, reporter)
     if not quiet:
         size_mb = out.stat().st_size / 1e6
         stderr.print(
-            f"[bold]k={len(references)}[/] references in {_escape(str(out))} ({size_mb:.1f} MB), "
-            f"{len(embedded.names)} added, {skipped} skipped, {len(embedded.failures)} unreadable, {seconds:.1f} s"
+            f"[bold]k={result.memory.k}[/] references in {_escape(str(out))} ({size_mb:.1f} MB), "
+            f"{result.added} added, {result.skipped} skipped, {len(result.failures)} unreadable, "
+            f"{result.seconds:.1f} s"
         )
-    return EXIT_UNREADABLE if embedded.failures else EXIT_OK
+    raise typer.Exit(EXIT_UNREADABLE if result.failures else EXIT_OK)
 
 
 # --------------------------------------------------------------------------------------------------- prompts

@@ -11,6 +11,7 @@ Layout (format 1):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -53,7 +54,25 @@ class MemoryFile:
 
     @property
     def k(self) -> int:
+        """Number of reference images (in tiled mode each holds several entries)."""
+        return len(self.metadata["references"])
+
+    @property
+    def entries(self) -> int:
         return int(self.patches.shape[0])
+
+    @property
+    def content_id(self) -> str:
+        """Identity of what the memory holds (references and how they were embedded), independent of
+        metadata that can change without changing a score, such as a stored calibration."""
+        meta = self.metadata
+        payload = {
+            "references": [ref["sha256"] for ref in meta["references"]],
+            "model": [meta["architecture"], meta["weights_sha256"], meta.get("precision"), meta["input_size"]],
+            "scales": meta["scales"],
+            "tile": [meta.get("tile"), meta.get("tile_overlap")],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -74,9 +93,17 @@ class MemoryFile:
 
 
 def describe_model(
-    identity: dict[str, str], input_size: tuple[int, int], scales: tuple[int, ...], grid_size: tuple[int, int]
+    identity: dict[str, str],
+    input_size: tuple[int, int],
+    scales: tuple[int, ...],
+    grid_size: tuple[int, int],
+    tile: int | str | None = None,
+    tile_overlap: float = 0.25,
 ) -> dict[str, Any]:
+    """How images are embedded: what a memory and the scan that uses it must agree on."""
     return {
+        "tile": tile,
+        "tile_overlap": tile_overlap if tile is not None else None,
         "architecture": identity["architecture"],
         "weights": identity["weights"],
         "weights_sha256": identity["weights_sha256"],
@@ -166,8 +193,9 @@ def load_memory(path: Path) -> MemoryFile:
         expected_windows = (grid[0] - scale + 1) * (grid[1] - scale + 1)
         if array.shape != (k, expected_windows, metadata["embed_dim"]):
             raise MemoryFileError(f"{path}: windows_{scale} has shape {array.shape}, inconsistent with its metadata")
-    if len(metadata["references"]) != k:
-        raise MemoryFileError(f"{path}: metadata lists {len(metadata['references'])} references but holds {k}")
+    entries = sum(int(ref.get("entries", 1)) for ref in metadata["references"])
+    if entries != k:
+        raise MemoryFileError(f"{path}: metadata lists {entries} embedded images or tiles but holds {k}")
     return MemoryFile(path=path, sha256=sha256_file(path), metadata=metadata, patches=patches, windows=windows)
 
 
@@ -210,6 +238,20 @@ def _float_array(path: Path, array: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
+def _tiling_text(info: dict[str, Any]) -> str:
+    tile = info.get("tile")
+    if tile is None:
+        return "none (whole images)"
+    return f"--tile {tile} --tile-overlap {info.get('tile_overlap')}"
+
+
+def update_metadata(memory: MemoryFile, **changes: Any) -> MemoryFile:
+    """Rewrite the memory file with changed metadata (e.g. a calibration), atomically; returns it reloaded."""
+    metadata = {**memory.metadata, **changes}
+    save_memory(memory.path, metadata, memory.patches, memory.windows)
+    return load_memory(memory.path)
+
+
 def check_compatible(memory: MemoryFile, model: dict[str, Any]) -> list[str]:
     """Refuse a memory built with another architecture, weights, input size or scales, naming the mismatch.
 
@@ -221,6 +263,7 @@ def check_compatible(memory: MemoryFile, model: dict[str, Any]) -> list[str]:
         ("weights", meta["weights_sha256"], model["weights_sha256"]),
         ("input size", list(meta["input_size"]), list(model["input_size"])),
         ("scales", sorted(meta["scales"]), sorted(model["scales"])),
+        ("tiling", _tiling_text(meta), _tiling_text(model)),
     ]
     for what, theirs, ours in checks:
         if theirs != ours:
@@ -240,11 +283,11 @@ def check_compatible(memory: MemoryFile, model: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def attach_memory(engine, memory: MemoryFile) -> list[str]:
+def attach_memory(engine, memory: MemoryFile, tile: int | str | None = None, tile_overlap: float = 0.25) -> list[str]:
     """Turn the engine's scorer into a few-shot scorer with ``memory`` (after checking it fits); returns warnings."""
     backbone = engine.backbone
     scorer = engine.scorer
-    model = describe_model(backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size)
+    model = describe_model(backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size, tile, tile_overlap)
     warnings = check_compatible(memory, model)
     scorer.memory = memory.to_reference_memory(scorer.scales, backbone.device)
     return warnings

@@ -54,6 +54,12 @@ CSV_COLUMNS: tuple[str, ...] = (
     "refs",
     "refs_sha256",
     "vocabulary_sha256",
+    "threshold_source",
+    "anomalous_area",
+    "bbox",
+    "tiles",
+    "best_tile",
+    "sha256",
 )
 
 HEATMAP_DIR = "heatmaps"
@@ -107,6 +113,12 @@ class ResultRow:
     refs: str = ""
     refs_sha256: str = ""
     vocabulary_sha256: str = ""
+    threshold_source: str = ""  # where the threshold came from: "--threshold", "calibrated (...)", ...
+    anomalous_area: float | None = None  # fraction of pixels over the calibrated pixel threshold
+    bbox: str = ""  # "x0 y0 x1 y1" (exclusive end) of the largest region over the pixel threshold
+    tiles: int | None = None  # number of tiles in tiled mode
+    best_tile: str = ""  # "x0 y0 x1 y1" of the tile that produced the image score, in tiled mode
+    sha256: str = ""  # of the input file's bytes
 
     def __post_init__(self) -> None:
         # A typo here would silently corrupt every downstream filter on status/label, so fail loudly.
@@ -117,63 +129,71 @@ class ResultRow:
 
     def as_csv_dict(self) -> dict[str, str]:
         """All CSV_COLUMNS as strings: floats '%.6f', ints plain, missing values ''."""
-        return {
-            "path": self.path,
-            "score": _fmt_float(self.score),
-            "label": self.label,
-            "threshold": _fmt_float(self.threshold),
-            "max_pixel_score": _fmt_float(self.max_pixel_score),
-            "heatmap": self.heatmap,
-            "width": _fmt_int(self.width),
-            "height": _fmt_int(self.height),
-            "status": self.status,
-            "error": self.error,
-            "note": self.note,
-            "mode": self.mode,
-            "k_shot": _fmt_int(self.k_shot),
-            "refs": self.refs,
-            "refs_sha256": self.refs_sha256,
-            "vocabulary_sha256": self.vocabulary_sha256,
-        }
+        out: dict[str, str] = {}
+        for name in CSV_COLUMNS:
+            value = getattr(self, name)
+            if name in _FLOAT_FIELDS:
+                out[name] = _fmt_float(value)
+            elif name in _INT_FIELDS:
+                out[name] = _fmt_int(value)
+            else:
+                out[name] = value
+        return out
 
     def as_json_dict(self) -> dict[str, object]:
         """All CSV_COLUMNS with native JSON types: floats rounded to 6 decimals, None where missing."""
-        return {
-            "path": self.path,
-            "score": _json_float(self.score),
-            "label": self.label,
-            "threshold": _json_float(self.threshold),
-            "max_pixel_score": _json_float(self.max_pixel_score),
-            "heatmap": self.heatmap,
-            "width": None if self.width is None else int(self.width),
-            "height": None if self.height is None else int(self.height),
-            "status": self.status,
-            "error": self.error,
-            "note": self.note,
-            "mode": self.mode,
-            "k_shot": None if self.k_shot is None else int(self.k_shot),
-            "refs": self.refs,
-            "refs_sha256": self.refs_sha256,
-            "vocabulary_sha256": self.vocabulary_sha256,
-        }
+        out: dict[str, object] = {}
+        for name in CSV_COLUMNS:
+            value = getattr(self, name)
+            if name in _FLOAT_FIELDS:
+                out[name] = _json_float(value)
+            elif name in _INT_FIELDS:
+                out[name] = None if value is None else int(value)
+            else:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_csv_dict(cls, values: dict[str, str]) -> ResultRow:
+        """Inverse of as_csv_dict (columns missing from an older CSV take their defaults)."""
+        kwargs: dict[str, object] = {}
+        for name in CSV_COLUMNS:
+            if name not in values:
+                continue
+            text = values[name]
+            if name in _FLOAT_FIELDS:
+                kwargs[name] = float(text) if text != "" else None
+            elif name in _INT_FIELDS:
+                kwargs[name] = int(text) if text != "" else None
+            else:
+                kwargs[name] = text
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+_FLOAT_FIELDS = frozenset({"score", "threshold", "max_pixel_score", "anomalous_area"})
+_INT_FIELDS = frozenset({"width", "height", "k_shot", "tiles"})
 
 
 class CsvResultWriter:
     """Writes scores.csv row by row; every row is flushed and fsync'ed at once, so a crash loses nothing
     already written. Use as a context manager; the file is created (with its header) on construction."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, append: bool = False, fsync: bool = True) -> None:
         self.path = Path(path)
+        self._fsync = fsync
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # newline="" is what the csv module needs to keep embedded newlines inside quoted fields intact.
         # backslashreplace: undecodable file names (surrogate-escaped on POSIX) must not crash the scan
         # and must not make the whole CSV invalid UTF-8 for pandas/Excel.
-        self._fh = open(self.path, "w", newline="", encoding="utf-8", errors="backslashreplace")
+        exists = append and self.path.is_file() and self.path.stat().st_size > 0
+        mode = "a" if exists else "w"
+        self._fh = open(self.path, mode, newline="", encoding="utf-8", errors="backslashreplace")
         self._writer = csv.writer(self._fh, lineterminator="\n")
         # Rows may come from worker threads; interleaved half-rows would corrupt the file.
         self._lock = threading.Lock()
         self._closed = False
-        self._write_line(list(CSV_COLUMNS))
+        if not exists:
+            self._write_line(list(CSV_COLUMNS))
 
     @classmethod
     def open(cls, path: Path) -> CsvResultWriter:
@@ -186,7 +206,8 @@ class CsvResultWriter:
                 raise ValueError(f"write to closed CsvResultWriter ({self.path})")
             self._writer.writerow(values)
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            if self._fsync:
+                os.fsync(self._fh.fileno())
 
     def write(self, row: ResultRow) -> None:
         """Append one row and make it durable before returning."""
@@ -211,6 +232,14 @@ class CsvResultWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def write_results_csv_atomic(path: Path, rows: list[ResultRow]) -> None:
+    """The whole scores.csv at once (header and rows), replacing any previous file atomically."""
+    with atomic_path(path) as tmp:
+        with CsvResultWriter(tmp, fsync=False) as writer:
+            for row in rows:
+                writer.write(row)
 
 
 def read_results_csv(path: Path) -> list[dict[str, str]]:

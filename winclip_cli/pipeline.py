@@ -1,9 +1,10 @@
-"""The streaming loop shared by ``scan`` and ``build-refs``.
+"""The streaming loop shared by ``scan``, ``build-refs`` and ``calibrate``.
 
-    files --> decode + preprocess (worker threads, bounded look-ahead) --> batches --> model
+    files --> read + decode + preprocess (worker threads, bounded look-ahead)
+          --> model batches (tiles of large images fill batches like images do)
           --> outputs (one writer thread behind a bounded queue)
 
-Every image is decoded once; the model sees full batches while the next ones decode and the
+Every image is decoded once; the model sees full batches while the next files decode and the
 previous ones are written; memory stays flat however many files there are, because at most a
 fixed number of decoded images is in flight at any time.
 """
@@ -24,15 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ImageDecodeError
+from .hashing import sha256_file
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess
-from .outputs import (
-    CsvResultWriter,
-    ResultRow,
-    heatmap_relpath,
-    overlay,
-    write_float_tiff_atomic,
-    write_png_atomic,
-)
+from .outputs import ResultRow, heatmap_relpath, overlay, write_float_tiff_atomic, write_png_atomic
+from .state import FileStamp
+from .tiling import Tile, TileBlender, auto_tile_size, crop, tile_grid
 from .winclip import WinClipScorer
 
 
@@ -43,73 +40,191 @@ def relative_name(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-@dataclass
-class Decoded:
-    """One input file after decoding: the model input, or the reason it has none."""
-
-    path: Path
-    relpath: str
-    image: LoadedImage | None = None
-    tensor: torch.Tensor | None = None  # (3, h, w) model input
-    error: str = ""
-
-
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+# ------------------------------------------------------------------------------------------ preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a file becomes model inputs: the model's size and normalisation, the size guard, tiling."""
+
+    size: tuple[int, int]
+    mean: Sequence[float]
+    std: Sequence[float]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    tile: int | str | None = None  # tile size in pixels, "auto", or None for whole images
+    tile_overlap: float = 0.25
+
+    def tiles_for(self, height: int, width: int) -> list[Tile] | None:
+        if self.tile is None:
+            return None
+        size = auto_tile_size(height, width, min(self.size)) if self.tile == "auto" else int(self.tile)
+        if size is None:
+            return None
+        return tile_grid(height, width, size, self.tile_overlap)
+
+
+@dataclass
+class Decoded:
+    """One input file after decoding: its model inputs (one per tile), or the reason it has none."""
+
+    path: Path
+    relpath: str
+    stamp: FileStamp | None = None
+    image: LoadedImage | None = None
+    inputs: torch.Tensor | None = None  # (T, 3, h, w), T = 1 without tiling
+    tiles: list[Tile] | None = None
+    error: str = ""
+    outputs: list = field(default_factory=list)  # what the model made of each input, filled by processed_stream
+
+    @property
+    def num_inputs(self) -> int:
+        return 0 if self.inputs is None else int(self.inputs.shape[0])
+
+
+def decode_file(path: Path, relpath: str, prep: Preprocessing, with_stamp: bool = True) -> Decoded:
+    """Read, hash, decode and preprocess one file; any failure becomes ``Decoded.error``."""
+    try:
+        stat = path.stat()
+        stamp = FileStamp(stat.st_size, stat.st_mtime_ns, sha256_file(path) if with_stamp else "")
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        return Decoded(path, relpath, error=f"cannot read file: {reason.lower()}")
+    try:
+        image = load_image(path, max_pixels=prep.max_pixels)
+        tiles = prep.tiles_for(image.height, image.width)
+        if tiles is None:
+            inputs = preprocess(image, prep.size, prep.mean, prep.std)[None]
+        else:
+            inputs = torch.stack([preprocess(_cropped(image, tile), prep.size, prep.mean, prep.std) for tile in tiles])
+    except ImageDecodeError as err:
+        return Decoded(path, relpath, stamp=stamp, error=str(err))
+    except MemoryError:
+        return Decoded(path, relpath, stamp=stamp, error="out of memory while decoding (see --max-pixels)")
+    return Decoded(path, relpath, stamp=stamp, image=image, inputs=inputs, tiles=tiles)
+
+
+def _cropped(image: LoadedImage, tile: Tile) -> LoadedImage:
+    return LoadedImage(np.ascontiguousarray(crop(image.rgb, tile)), image.note)
+
+
 def decode_stream(
     inputs: Sequence[tuple[Path, str]],
-    size: tuple[int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    prep: Preprocessing,
     workers: int | None = None,
     lookahead: int = 16,
+    with_stamp: bool = True,
 ) -> Iterator[Decoded]:
     """(path, name) inputs decoded in order by worker threads, at most ``lookahead`` files ahead."""
-
-    def decode(entry: tuple[Path, str]) -> Decoded:
-        path, relpath = entry
-        try:
-            image = load_image(path, max_pixels=max_pixels)
-            tensor = preprocess(image, size, mean, std)
-        except ImageDecodeError as err:
-            return Decoded(path, relpath, error=str(err))
-        except MemoryError:
-            return Decoded(path, relpath, error="out of memory while decoding (see --max-pixels)")
-        return Decoded(path, relpath, image=image, tensor=tensor)
-
     pending: deque[Future[Decoded]] = deque()
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="winclip-decode") as pool:
-        for entry in inputs:
-            pending.append(pool.submit(decode, entry))
-            if len(pending) >= lookahead:
+        try:
+            for path, name in inputs:
+                pending.append(pool.submit(decode_file, path, name, prep, with_stamp))
+                if len(pending) >= lookahead:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:  # a consumer that stops early must not wait for the whole look-ahead to decode
+            for future in pending:
+                future.cancel()
 
 
-def batched(items: Iterable[Decoded], batch_size: int) -> Iterator[tuple[list[Decoded], list[Decoded]]]:
-    """(decoded images, failures) groups: a batch is yielded when it is full, failures as they come."""
-    batch: list[Decoded] = []
-    failures: list[Decoded] = []
-    for item in items:
-        if item.error:
-            failures.append(item)
-        else:
-            batch.append(item)
-        if len(batch) >= batch_size:
-            yield batch, failures
-            batch, failures = [], []
-        elif failures and not batch:
-            yield [], failures
-            failures = []
-    if batch or failures:
-        yield batch, failures
+def processed_stream(
+    stream: Iterable[Decoded],
+    process: Callable[[torch.Tensor], list],
+    batch_size: int,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[Decoded]:
+    """Decoded files with ``outputs`` filled (one entry per model input), in input order.
+
+    Model inputs of consecutive files (whole images or tiles) are packed into batches of
+    ``batch_size``; ``process`` maps a (B, 3, h, w) batch to B outputs. A file is yielded once
+    all its inputs are processed; failures pass straight through, in order. After
+    ``should_stop`` turns true no new batch is started and only complete files are yielded.
+    """
+    waiting: deque[Decoded] = deque()  # files in input order, not yet yielded
+    queued: list[tuple[Decoded, int]] = []  # (file, input index) not yet processed
+
+    def run_batch(entries: list[tuple[Decoded, int]]) -> None:
+        batch = torch.stack([item.inputs[i] for item, i in entries])  # type: ignore[index]
+        for (item, _), output in zip(entries, process(batch), strict=True):
+            item.outputs.append(output)
+
+    def ready() -> Iterator[Decoded]:
+        while waiting and (waiting[0].error or len(waiting[0].outputs) == waiting[0].num_inputs):
+            item = waiting.popleft()
+            item.inputs = None  # downstream needs the display image, not the model inputs
+            yield item
+
+    for item in stream:
+        waiting.append(item)
+        if not item.error:
+            queued.extend((item, i) for i in range(item.num_inputs))
+        while len(queued) >= batch_size:
+            run_batch(queued[:batch_size])
+            del queued[:batch_size]
+            yield from ready()
+            if should_stop():
+                return
+        yield from ready()
+    if queued and not should_stop():
+        run_batch(queued)
+    yield from ready()
 
 
-# ------------------------------------------------------------------------------------------------------ scan
+def scoring_fn(scorer: WinClipScorer, device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor], list]:
+    """Batch -> [(image score, grid map (gh, gw)), ...] on the CPU."""
+
+    def process(batch: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+        scores = scorer.score_embeddings(scorer.embed(batch.to(device=device, dtype=dtype)))
+        image, maps = scores.image.float().cpu(), scores.grid_maps.float().cpu()
+        return [(float(image[i]), maps[i]) for i in range(image.shape[0])]
+
+    return process
+
+
+def embedding_fn(scorer: WinClipScorer, device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor], list]:
+    """Batch -> [(patch tokens (G, C), [window embeddings (W_s, D) per scale]), ...] as float32 numpy."""
+
+    def process(batch: torch.Tensor) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        emb = scorer.embed(batch.to(device=device, dtype=dtype))
+        patches = emb.patches.float().cpu().numpy()
+        windows = [w.float().cpu().numpy() for w in emb.windows]
+        return [(patches[i], [w[i] for w in windows]) for i in range(patches.shape[0])]
+
+    return process
+
+
+# ------------------------------------------------------------------------------------------------- results
+
+
+def upsample_grid(grid_map: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """Bilinear upsampling (align_corners=False) of one (gh, gw) map straight to (height, width)."""
+    up = F.interpolate(grid_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
+    return up[0, 0].numpy()
+
+
+def full_resolution_map(item: Decoded) -> np.ndarray:
+    """The anomaly map at the image's own size: one upsampled grid, or the tiles blended together."""
+    image = item.image
+    assert image is not None
+    if item.tiles is None:
+        return upsample_grid(item.outputs[0][1], image.height, image.width)
+    blender = TileBlender(image.height, image.width)
+    for tile, (_, grid) in zip(item.tiles, item.outputs, strict=True):
+        blender.add(tile, upsample_grid(grid, tile.height, tile.width))
+    return blender.result()
+
+
+def image_score(item: Decoded) -> tuple[float, Tile | None]:
+    """The image score (max over tiles in tiled mode) and the tile that produced it."""
+    scores = [score for score, _ in item.outputs]
+    best = int(np.argmax(scores))
+    return scores[best], (item.tiles[best] if item.tiles else None)
 
 
 @dataclass
@@ -117,11 +232,26 @@ class RowContext:
     """Values that are the same for every row of a run."""
 
     threshold: float
+    threshold_source: str
     mode: str
     k_shot: int | None = None
     refs: str = ""
     refs_sha256: str = ""
     vocabulary_sha256: str = ""
+    pixel_threshold: float | None = None  # from a calibration: enables anomalous_area and bbox
+
+    def common(self) -> dict:
+        return {
+            "mode": self.mode,
+            "k_shot": self.k_shot,
+            "refs": self.refs,
+            "refs_sha256": self.refs_sha256,
+            "vocabulary_sha256": self.vocabulary_sha256,
+            "threshold_source": self.threshold_source,
+        }
+
+    def label(self, score: float) -> str:
+        return "anomalous" if score > self.threshold else "normal"
 
 
 @dataclass
@@ -130,48 +260,44 @@ class ScanSummary:
     scored: int = 0
     anomalies: int = 0
     errors: int = 0
-    rows: list[ResultRow] = field(default_factory=list)
 
 
-def full_resolution_map(grid_map: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """Bilinear upsampling (align_corners=False) of one (gh, gw) map straight to the image's size."""
-    up = F.interpolate(grid_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
-    return up[0, 0].numpy()
+def box_text(x0: int, y0: int, x1: int, y1: int) -> str:
+    return f"{x0} {y0} {x1} {y1}"
 
 
-class OutputWriter:
-    """Writes heatmaps, raw maps and CSV rows on a thread of its own, in submission order."""
+class ResultWriter:
+    """Turns scored files into heatmaps, raw maps, thumbnails and rows, on a thread of its own.
+
+    Each finished row is handed to ``on_row`` (which records it durably) in submission order.
+    An exception in ``on_row`` (the state or CSV cannot be written) stops the scan: it is re-raised
+    in the producer at its next submission or at ``close``.
+    """
 
     def __init__(
         self,
         out_dir: Path,
-        csv_writer: CsvResultWriter,
         context: RowContext,
-        save_maps: bool,
-        on_row: Callable[[ResultRow], None],
-        max_queue: int = 32,
+        on_row: Callable[[ResultRow, FileStamp | None], None],
+        save_maps: bool = False,
+        thumbnails: bool = True,
+        max_queue: int = 16,
     ) -> None:
         self.out_dir = out_dir
-        self.csv = csv_writer
         self.context = context
-        self.save_maps = save_maps
         self.on_row = on_row
+        self.save_maps = save_maps
+        self.thumbnails = thumbnails
         self.summary = ScanSummary()
-        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[Decoded | None] = queue.Queue(maxsize=max_queue)
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="winclip-writer", daemon=True)
         self._thread.start()
 
-    def submit_result(self, item: Decoded, score: float, grid_map: torch.Tensor) -> None:
-        self._put(("ok", item, score, grid_map))
-
-    def submit_error(self, item: Decoded) -> None:
-        self._put(("error", item, None, None))
-
-    def _put(self, job: tuple) -> None:
+    def submit(self, item: Decoded) -> None:
         if self._failure is not None:
             raise self._failure
-        self._queue.put(job)
+        self._queue.put(item)
 
     def close(self) -> ScanSummary:
         self._queue.put(None)
@@ -182,114 +308,104 @@ class OutputWriter:
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            item = self._queue.get()
+            if item is None:
                 return
             if self._failure is not None:
-                continue  # drain so producers never block on a dead writer
+                continue  # drain so the producer never blocks on a dead writer
             try:
-                row = self._write(*job)
-                self.csv.write(row)
-            except BaseException as err:  # the CSV itself failed (disk full...): stop the scan
+                row = self.make_row(item)
+                self.on_row(row, item.stamp)
+            except BaseException as err:  # the run state or CSV cannot be written (disk full...)
                 self._failure = err
                 continue
             self._count(row)
-            self.on_row(row)
 
     def _count(self, row: ResultRow) -> None:
         summary = self.summary
         summary.images += 1
-        summary.rows.append(row)
         if row.status == "ok":
             summary.scored += 1
             summary.anomalies += row.label == "anomalous"
         else:
             summary.errors += 1
 
-    def _common(self) -> dict:
+    def make_row(self, item: Decoded) -> ResultRow:
         ctx = self.context
-        return {
-            "mode": ctx.mode,
-            "k_shot": ctx.k_shot,
-            "refs": ctx.refs,
-            "refs_sha256": ctx.refs_sha256,
-            "vocabulary_sha256": ctx.vocabulary_sha256,
-        }
-
-    def _write(self, kind: str, item: Decoded, score: float | None, grid_map: torch.Tensor | None) -> ResultRow:
-        if kind == "error":
-            return ResultRow(path=item.relpath, status="error", error=item.error, **self._common())
-        assert item.image is not None and grid_map is not None and score is not None
+        sha = item.stamp.sha256 if item.stamp else ""
+        if item.error:
+            return ResultRow(path=item.relpath, status="error", error=item.error, sha256=sha, **ctx.common())
         image = item.image
-        score_map = full_resolution_map(grid_map, image.height, image.width)
+        assert image is not None
+        score, best_tile = image_score(item)
+        score_map = full_resolution_map(item)
         heatmap = heatmap_relpath(item.relpath)
+        area, bbox = None, ""
+        if ctx.pixel_threshold is not None:
+            from .calibration import anomalous_area
+
+            area, box = anomalous_area(score_map, ctx.pixel_threshold)
+            bbox = box_text(*box) if box else ""
         try:
-            write_png_atomic(self.out_dir / heatmap, overlay(image.to_display_uint8(), score_map))
+            display = image.to_display_uint8()
+            heat = overlay(display, score_map)
+            write_png_atomic(self.out_dir / heatmap, heat)
             if self.save_maps:
-                write_float_tiff_atomic(
-                    self.out_dir / "maps" / (heatmap[len("heatmaps/") : -len(".png")] + ".tiff"), score_map
-                )
+                raw = self.out_dir / "maps" / (heatmap[len("heatmaps/") : -len(".png")] + ".tiff")
+                write_float_tiff_atomic(raw, score_map)
+            if self.thumbnails:
+                from .report import write_thumbnails
+
+                write_thumbnails(self.out_dir, item.relpath, display, heat)
         except (OSError, ValueError) as err:
-            return ResultRow(path=item.relpath, status="error", error=f"cannot write heatmap: {err}", **self._common())
-        threshold = self.context.threshold
+            return ResultRow(
+                path=item.relpath, status="error", error=f"cannot write outputs: {err}", sha256=sha, **ctx.common()
+            )
         return ResultRow(
             path=item.relpath,
             status="ok",
             score=score,
-            label="anomalous" if score > threshold else "normal",
-            threshold=threshold,
+            label=ctx.label(score),
+            threshold=ctx.threshold,
             max_pixel_score=float(score_map.max()),
             heatmap=heatmap,
             width=image.width,
             height=image.height,
             note=image.note,
-            **self._common(),
+            anomalous_area=area,
+            bbox=bbox,
+            tiles=len(item.tiles) if item.tiles else None,
+            best_tile=box_text(best_tile.x0, best_tile.y0, best_tile.x1, best_tile.y1) if best_tile else "",
+            sha256=sha,
+            **ctx.common(),
         )
 
 
 def run_scan(
     scorer: WinClipScorer,
-    files: Sequence[Path],
-    root: Path,
+    inputs: Sequence[tuple[Path, str]],
     out_dir: Path,
     context: RowContext,
+    prep: Preprocessing,
     *,
-    size: tuple[int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     save_maps: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    thumbnails: bool = True,
     workers: int | None = None,
-    on_row: Callable[[ResultRow], None] = lambda row: None,
+    on_row: Callable[[ResultRow, FileStamp | None], None] = lambda row, stamp: None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> ScanSummary:
-    """Score ``files`` and write ``out_dir/scores.csv`` and the heatmaps; returns the counts and rows."""
+    """Score ``inputs`` ((path, name) pairs) and write their outputs; rows go to ``on_row`` as they finish."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = [(path, relative_name(path, root)) for path in files]
-    stream = decode_stream(
-        inputs, size, mean, std, max_pixels=max_pixels, workers=workers, lookahead=max(2 * batch_size, 4)
-    )
-    with CsvResultWriter(out_dir / "scores.csv") as csv_writer:
-        writer = OutputWriter(out_dir, csv_writer, context, save_maps, on_row)
-        try:
-            for batch, failures in batched(stream, batch_size):
-                for item in failures:
-                    writer.submit_error(item)
-                if batch:
-                    images = torch.stack([item.tensor for item in batch]).to(device=device, dtype=dtype)
-                    scores = scorer.score_embeddings(scorer.embed(images))
-                    image_scores = scores.image.float().cpu()
-                    grid_maps = scores.grid_maps.float().cpu()
-                    for i, item in enumerate(batch):
-                        writer.submit_result(item, float(image_scores[i]), grid_maps[i])
-                        item.tensor = None  # the writer only needs the display image
-                if should_stop():
-                    break
-        finally:
-            summary = writer.close()
+    stream = decode_stream(inputs, prep, workers=workers, lookahead=max(2 * batch_size, 4))
+    writer = ResultWriter(out_dir, context, on_row, save_maps=save_maps, thumbnails=thumbnails)
+    try:
+        for item in processed_stream(stream, scoring_fn(scorer, device, dtype), batch_size, should_stop):
+            writer.submit(item)
+    finally:
+        summary = writer.close()
     return summary
 
 
@@ -298,49 +414,44 @@ def run_scan(
 
 @dataclass
 class EmbeddedReferences:
-    """Embeddings of the reference images that decoded, in input order, and the ones that did not."""
+    """Embeddings of the reference images that decoded, in input order, and the ones that did not.
+
+    In tiled mode one image contributes one entry per tile; ``entries_per_image`` says how many.
+    """
 
     names: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
-    patches: list[np.ndarray] = field(default_factory=list)  # each (G, C)
-    windows: list[list[np.ndarray]] = field(default_factory=list)  # per image, per scale (W_s, D)
+    entries_per_image: list[int] = field(default_factory=list)
+    patches: list[np.ndarray] = field(default_factory=list)  # each (G, C), one per entry
+    windows: list[list[np.ndarray]] = field(default_factory=list)  # per entry, per scale (W_s, D)
     failures: list[Decoded] = field(default_factory=list)
 
 
 def embed_references(
     scorer: WinClipScorer,
     inputs: Sequence[tuple[Path, str]],
+    prep: Preprocessing,
     *,
-    size: tuple[int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
     on_item: Callable[[Decoded], None] = lambda item: None,
 ) -> EmbeddedReferences:
-    """Embed reference images exactly as ``run_scan`` embeds the images it scores."""
+    """Embed reference images (or their tiles) exactly as ``run_scan`` embeds what it scores."""
     result = EmbeddedReferences()
-    stream = decode_stream(
-        inputs, size, mean, std, max_pixels=max_pixels, workers=workers, lookahead=max(2 * batch_size, 4)
-    )
-    for batch, failures in batched(stream, batch_size):
-        for item in failures:
+    stream = decode_stream(inputs, prep, workers=workers, lookahead=max(2 * batch_size, 4), with_stamp=False)
+    for item in processed_stream(stream, embedding_fn(scorer, device, dtype), batch_size):
+        if item.error:
             result.failures.append(item)
-            on_item(item)
-        if not batch:
-            continue
-        images = torch.stack([item.tensor for item in batch]).to(device=device, dtype=dtype)
-        emb = scorer.embed(images)
-        patches = emb.patches.float().cpu().numpy()
-        windows = [w.float().cpu().numpy() for w in emb.windows]
-        for i, item in enumerate(batch):
+        else:
             result.names.append(item.relpath)
             result.paths.append(item.path)
-            result.patches.append(patches[i])
-            result.windows.append([w[i] for w in windows])
-            item.tensor = item.image = None
-            on_item(item)
+            result.entries_per_image.append(len(item.outputs))
+            for patches, windows in item.outputs:
+                result.patches.append(patches)
+                result.windows.append(windows)
+        item.image = None
+        item.outputs = []
+        on_item(item)
     return result

@@ -1,0 +1,181 @@
+"""A whole ``winclip build-refs`` run: pick k references, embed them as a scan would, write the memory."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .engine import ModelOptions, build_backbone
+from .errors import SetupError
+from .hashing import sha256_file
+from .images import discover_images
+from .memory import MemoryFile, build_metadata, check_compatible, describe_model, load_memory, save_memory
+from .pipeline import Decoded, Preprocessing, embed_references
+from .prompts import load_vocabulary
+from .scanjob import Reporter
+from .winclip import WinClipScorer
+
+
+@dataclass
+class RefsOptions:
+    sources: list[Path]
+    out: Path
+    model: ModelOptions
+    class_name: str
+    k: int | None = None
+    seed: int | None = None
+    append: bool = False
+    prompts: Path | None = None
+    batch_size: int = 8
+    max_pixels: int = 80_000_000
+    workers: int | None = None
+    tile: int | str | None = None
+    tile_overlap: float = 0.25
+
+
+@dataclass
+class RefsResult:
+    memory: MemoryFile
+    added: int
+    skipped: int
+    failures: list[Decoded]
+    seconds: float
+
+
+def reference_inputs(sources: list[Path], exclude: list[Path], reporter: Reporter) -> list[tuple[Path, str]]:
+    """(path, recorded name) of every reference image; names are relative to the folder given."""
+    inputs: list[tuple[Path, str]] = []
+    for source in sources:
+        if source.is_dir():
+            found = discover_images(source, exclude=exclude)
+            for folder, reason in found.skipped_dirs:
+                reporter.warn(f"cannot list {folder}: {reason}")
+            inputs += [(p, (Path(source.name) / p.relative_to(source)).as_posix()) for p in found.files]
+        elif source.is_file():
+            inputs.append((source, source.as_posix()))
+        else:
+            raise SetupError(f"reference source not found: {source}")
+    if not inputs:
+        raise SetupError(f"no images found in {', '.join(map(str, sources))}")
+    return inputs
+
+
+def pick(inputs: list[tuple[Path, str]], k: int | None, seed: int | None) -> list[tuple[Path, str]]:
+    """The first k in sorted order, or a reproducible random sample of k with a seed."""
+    if k is None or k >= len(inputs):
+        return inputs
+    if seed is None:
+        return inputs[:k]
+    return sorted(random.Random(seed).sample(inputs, k), key=lambda item: item[1])
+
+
+def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
+    started = time.perf_counter()
+    vocabulary = load_vocabulary(options.prompts)
+    inputs = pick(reference_inputs(options.sources, [options.out], reporter), options.k, options.seed)
+    existing = load_memory(options.out) if options.append and options.out.exists() else None
+    known = existing.reference_hashes if existing else set()
+    hashes: dict[Path, str] = {}
+    fresh: list[tuple[Path, str]] = []
+    for path, name in inputs:
+        try:
+            digest = sha256_file(path)
+        except OSError as err:
+            raise SetupError(f"cannot read reference {path}: {err.strerror or err}") from None
+        if digest in known or digest in hashes.values():
+            continue
+        hashes[path] = digest
+        fresh.append((path, name))
+    skipped = len(inputs) - len(fresh)
+
+    backbone = build_backbone(options.model)
+    import torch
+
+    # References need no text: this scorer only embeds.
+    scorer = WinClipScorer(backbone.model.visual, torch.zeros(2, 1), scales=options.model.scales)
+    model_info = describe_model(
+        backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size, options.tile, options.tile_overlap
+    )
+    if existing is not None:
+        for warning in check_compatible(existing, model_info):
+            reporter.warn(warning)
+    reporter.info(
+        f"winclip {__version__}: embedding {len(fresh)} references with {backbone.architecture} "
+        f"on {backbone.device} {backbone.precision}"
+        + (f" ({skipped} already in the memory, skipped)" if skipped else "")
+    )
+    prep = Preprocessing(
+        size=backbone.image_size,
+        mean=backbone.mean,
+        std=backbone.std,
+        max_pixels=options.max_pixels,
+        tile=options.tile,
+        tile_overlap=options.tile_overlap,
+    )
+    reporter.start("embedding references", len(fresh))
+
+    def on_item(item: Decoded) -> None:
+        reporter.advance()
+        if item.error:
+            reporter.warn(f"{item.relpath}: {item.error}")
+
+    embedded = embed_references(
+        scorer,
+        fresh,
+        prep,
+        device=backbone.device,
+        dtype=backbone.dtype,
+        batch_size=options.batch_size,
+        workers=options.workers,
+        on_item=on_item,
+    )
+    references = [
+        {"path": name, "size": path.stat().st_size, "sha256": hashes[path], "entries": entries}
+        for name, path, entries in zip(embedded.names, embedded.paths, embedded.entries_per_image, strict=True)
+    ]
+    if existing is None and not references:
+        raise SetupError("no reference image could be embedded; nothing written")
+    patch_dim, embed_dim = _dims(embedded, existing)
+    patches = np.stack(embedded.patches) if embedded.patches else np.zeros((0, *_grid(scorer), patch_dim), np.float32)
+    windows = {
+        s: np.stack([w[i] for w in embedded.windows])
+        if embedded.windows
+        else np.zeros((0, _windows(scorer, s), embed_dim), np.float32)
+        for i, s in enumerate(scorer.scales)
+    }
+    if existing is not None:
+        references = existing.metadata["references"] + references
+        patches = np.concatenate([existing.patches, patches])
+        windows = {s: np.concatenate([existing.windows[s], windows[s]]) for s in scorer.scales}
+    metadata = build_metadata(
+        model_info,
+        options.class_name,
+        vocabulary.ensemble(options.class_name).sha256,
+        references,
+        patch_dim=int(patches.shape[-1]),
+        embed_dim=int(next(iter(windows.values())).shape[-1]),
+    )
+    # Appending changes the references: an earlier calibration no longer describes this memory.
+    save_memory(options.out, metadata, patches, windows)
+    memory = load_memory(options.out)
+    return RefsResult(memory, len(embedded.names), skipped, embedded.failures, time.perf_counter() - started)
+
+
+def _dims(embedded, existing: MemoryFile | None) -> tuple[int, int]:
+    if embedded.patches:
+        return int(embedded.patches[0].shape[-1]), int(embedded.windows[0][0].shape[-1])
+    assert existing is not None
+    return int(existing.metadata["patch_dim"]), int(existing.metadata["embed_dim"])
+
+
+def _grid(scorer: WinClipScorer) -> tuple[int]:
+    return (scorer.grid_size[0] * scorer.grid_size[1],)
+
+
+def _windows(scorer: WinClipScorer, scale: int) -> int:
+    return (scorer.grid_size[0] - scale + 1) * (scorer.grid_size[1] - scale + 1)

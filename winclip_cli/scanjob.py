@@ -1,0 +1,414 @@
+"""A whole ``winclip scan`` run: lock, run state, incremental selection, sharding, outputs.
+
+Sits between the CLI (which parses and prints) and the pipeline (which streams tensors). Talks to
+the user only through a ``Reporter``, so the same job runs under the CLI, in tests, or embedded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import __version__
+from .engine import Engine, ModelOptions, build_engine
+from .errors import SetupError
+from .outputs import CSV_COLUMNS, CsvResultWriter, ResultRow, write_results_csv_atomic, write_text_atomic
+from .pipeline import Preprocessing, RowContext, ScanSummary, relative_name, run_scan
+from .state import FileStamp, OutputLock, RunState, clean_stale_temporaries
+
+DEFAULT_THRESHOLD = 0.5
+
+
+class Reporter(Protocol):
+    """What a job tells its user; the CLI implements it with rich, tests with a list."""
+
+    def info(self, message: str) -> None: ...
+    def warn(self, message: str) -> None: ...
+    def start(self, description: str, total: int) -> None: ...
+    def advance(self) -> None: ...
+    def row(self, row: ResultRow) -> None: ...
+
+
+class SilentReporter:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.messages.append(message)
+
+    def warn(self, message: str) -> None:
+        self.messages.append("warning: " + message)
+
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+    def row(self, row: ResultRow) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------- shards
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'K/N' with 1 <= K <= N -> (K, N)."""
+    if text is None:
+        return None
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise SetupError(f"--shard takes K/N such as 2/4, not {text!r}") from None
+    if not 1 <= k <= n:
+        raise SetupError(f"--shard {text}: K must be between 1 and N")
+    return k, n
+
+
+def shard_of(relpath: str, count: int) -> int:
+    """1-based shard of a file: a hash of its relative path, so it never moves when files are added."""
+    digest = hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+
+
+@dataclass
+class ThresholdChoice:
+    value: float
+    source: str
+    pixel: float | None = None
+    calibration: dict[str, Any] | None = None
+
+
+def calibration_fingerprint(engine: Engine, memory_id: str, prep: Preprocessing) -> dict[str, Any]:
+    """What a calibration depends on: the same fingerprint must hold when it is used."""
+    return {
+        "architecture": engine.backbone.architecture,
+        "weights_sha256": engine.backbone.weights_sha256,
+        "precision": engine.backbone.precision,
+        "scales": list(engine.scorer.scales),
+        "vocabulary_sha256": engine.ensemble.sha256,
+        "memory": memory_id,
+        "tile": prep.tile,
+        "tile_overlap": prep.tile_overlap if prep.tile is not None else None,
+    }
+
+
+def choose_threshold(
+    requested: str,
+    calibration: dict[str, Any] | None,
+    calibration_origin: str,
+    explicit: bool,
+    fingerprint: dict[str, Any],
+    reporter: Reporter,
+) -> ThresholdChoice:
+    """--threshold VALUE, else a matching calibration, else the default 0.5 (and say which)."""
+    from .calibration import Calibration
+
+    pixel = None
+    usable = None
+    if calibration is not None:
+        stored = calibration.get("fingerprint", {})
+        differences = sorted(key for key in fingerprint if stored.get(key) != fingerprint[key])
+        if differences:
+            message = (
+                f"the calibration in {calibration_origin} was made with another {', '.join(differences)}; "
+                "recalibrate with `winclip calibrate`"
+            )
+            if explicit:
+                raise SetupError(message)
+            reporter.warn(message + f"; using the default threshold {DEFAULT_THRESHOLD}")
+        else:
+            usable = Calibration.from_dict(calibration["calibration"])
+            pixel = usable.pixel_threshold
+    if requested != "auto":
+        try:
+            value = float(requested)
+        except ValueError:
+            raise SetupError(f"--threshold takes a number between 0 and 1 or 'auto', not {requested!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise SetupError(f"--threshold must be between 0 and 1, got {requested}")
+        return ThresholdChoice(value, "--threshold", pixel, calibration)
+    if usable is not None:
+        source = f"calibrated: fpr {usable.fpr:g} on {usable.n_images} good images ({calibration_origin})"
+        return ThresholdChoice(usable.threshold, source, pixel, calibration)
+    return ThresholdChoice(DEFAULT_THRESHOLD, "default", None, None)
+
+
+def load_calibration_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SetupError(f"calibration file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SetupError(f"cannot read calibration file {path}: {err}") from None
+    if not isinstance(data, dict) or "calibration" not in data or "fingerprint" not in data:
+        raise SetupError(f"{path} is not a winclip calibration file")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------ job
+
+
+@dataclass
+class ScanOptions:
+    directory: Path
+    out: Path
+    model: ModelOptions
+    class_name: str
+    threshold: str = "auto"
+    refs: Path | None = None
+    calibration: Path | None = None
+    prompts: Path | None = None
+    use_cache: bool = True
+    batch_size: int = 8
+    max_pixels: int = 80_000_000
+    workers: int | None = None
+    save_maps: bool = False
+    thumbnails: bool = True
+    incremental: bool = False
+    shard: tuple[int, int] | None = None
+    tile: int | str | None = None
+    tile_overlap: float = 0.25
+
+
+@dataclass
+class ScanResult:
+    summary: ScanSummary
+    total_rows: int
+    skipped_unchanged: int
+    seconds: float
+    run_info: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def discover(directory: Path, out: Path, reporter: Reporter) -> list[Path]:
+    from .images import discover_images
+
+    if not directory.exists():
+        raise SetupError(f"input not found: {directory}")
+    found = discover_images(directory, exclude=[out])
+    for folder, reason in found.skipped_dirs:
+        reporter.warn(f"cannot list {folder}: {reason}")
+    return found.files
+
+
+def run_scan_job(
+    options: ScanOptions, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False
+) -> ScanResult:
+    from .memory import load_memory
+    from .prompts import load_vocabulary
+
+    started = time.perf_counter()
+    load_vocabulary(options.prompts)  # a bad vocabulary fails before anything slow happens
+    files = discover(options.directory, options.out, reporter)
+    if not files:
+        raise SetupError(f"no images found under {options.directory} (png, jpg, jpeg, bmp, tif, tiff, webp)")
+    inputs = [(path, relative_name(path, options.directory)) for path in files]
+    if options.shard is not None:
+        k, n = options.shard
+        inputs = [(path, name) for path, name in inputs if shard_of(name, n) == k]
+    memory = load_memory(options.refs) if options.refs is not None else None  # refuse a broken memory early
+    calibration, origin = None, ""
+    if options.calibration is not None:
+        calibration, origin = load_calibration_file(options.calibration), str(options.calibration)
+    elif memory is not None and memory.metadata.get("calibration"):
+        calibration, origin = memory.metadata["calibration"], str(options.refs)
+
+    options.out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(options.out) as lock:
+        if lock.previous_holder:
+            reporter.warn(f"took over a stale lock in {options.out} ({lock.previous_holder})")
+        clean_stale_temporaries(options.out)
+        engine = build_engine(options.model, options.class_name, options.prompts, use_cache=options.use_cache)
+        backbone = engine.backbone
+        context = RowContext(
+            threshold=DEFAULT_THRESHOLD, threshold_source="", mode="zero-shot", vocabulary_sha256=engine.ensemble.sha256
+        )
+        memory_id = ""
+        if memory is not None:
+            from .memory import attach_memory
+
+            for warning in attach_memory(engine, memory, tile=options.tile, tile_overlap=options.tile_overlap):
+                reporter.warn(warning)
+            context.mode, context.k_shot = "few-shot", memory.k
+            context.refs, context.refs_sha256 = str(options.refs), memory.sha256
+            memory_id = memory.content_id
+        prep = Preprocessing(
+            size=backbone.image_size,
+            mean=backbone.mean,
+            std=backbone.std,
+            max_pixels=options.max_pixels,
+            tile=options.tile,
+            tile_overlap=options.tile_overlap,
+        )
+        fingerprint = calibration_fingerprint(engine, memory_id, prep)
+        choice = choose_threshold(
+            options.threshold, calibration, origin, options.calibration is not None, fingerprint, reporter
+        )
+        context.threshold, context.threshold_source, context.pixel_threshold = choice.value, choice.source, choice.pixel
+
+        config = {
+            **fingerprint,
+            "class_name": engine.ensemble.class_name,
+            "pixel_threshold": choice.pixel,
+            "max_pixels": options.max_pixels,
+        }
+        state = RunState(options.out)
+        try:
+            todo, skipped = _select(state, config, context, inputs, options.incremental, reporter)
+            mode = f"few-shot k={context.k_shot}" if memory is not None else "zero-shot"
+            shard = f", shard {options.shard[0]}/{options.shard[1]}" if options.shard else ""
+            reporter.info(
+                f"winclip {__version__}: {len(todo)} images to score"
+                + (f" ({skipped} unchanged)" if skipped else "")
+                + f"{shard}, {backbone.architecture} ({backbone.weights}) on {backbone.device} {backbone.precision}, "
+                f"{mode}, class '{engine.ensemble.class_name}', threshold {choice.value:g} ({choice.source})"
+            )
+            run_info = _run_info(options, engine, context, choice, memory_id)
+            write_text_atomic(options.out / "run.json", json.dumps(run_info, indent=2) + "\n")
+            csv_path = options.out / "scores.csv"
+            # The CSV is rebuilt from the state first: a run killed mid-line leaves nothing half-written.
+            write_results_csv_atomic(csv_path, state.rows())
+            reporter.start("scanning", len(todo))
+            with CsvResultWriter(csv_path, append=True) as live_csv:
+
+                def on_row(row: ResultRow, stamp: FileStamp | None) -> None:
+                    state.record(row, stamp)  # durable first: the state is the source of truth
+                    live_csv.write(row)
+                    reporter.advance()
+                    reporter.row(row)
+
+                try:
+                    summary = run_scan(
+                        engine.scorer,
+                        todo,
+                        options.out,
+                        context,
+                        prep,
+                        device=backbone.device,
+                        dtype=backbone.dtype,
+                        batch_size=options.batch_size,
+                        save_maps=options.save_maps,
+                        thumbnails=options.thumbnails,
+                        workers=options.workers,
+                        on_row=on_row,
+                        should_stop=should_stop,
+                    )
+                finally:
+                    rows = state.rows()
+                    write_results_csv_atomic(csv_path, rows)
+            seconds = time.perf_counter() - started
+            run_info.update(
+                finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                seconds=round(seconds, 3),
+                images=summary.images,
+                scored=summary.scored,
+                anomalies=summary.anomalies,
+                errors=summary.errors,
+                unchanged=skipped,
+                total_rows=len(rows),
+                total_anomalies=sum(r.label == "anomalous" for r in rows),
+                total_errors=sum(r.status == "error" for r in rows),
+                interrupted=bool(should_stop()),
+            )
+            write_text_atomic(options.out / "run.json", json.dumps(run_info, indent=2) + "\n")
+        finally:
+            state.close()
+    return ScanResult(summary, len(rows), skipped, seconds, run_info, interrupted=bool(should_stop()))
+
+
+def _select(
+    state: RunState,
+    config: dict[str, Any],
+    context: RowContext,
+    inputs: list[tuple[Path, str]],
+    incremental: bool,
+    reporter: Reporter,
+) -> tuple[list[tuple[Path, str]], int]:
+    """The inputs to score now, and how many are unchanged since the stored results."""
+    stored = state.config()
+    if not incremental or stored is None:
+        state.reset(config)
+        return inputs, 0
+    changed = sorted(key for key in set(config) | set(stored) if config.get(key) != stored.get(key))
+    if changed:
+        reporter.warn(
+            f"the scan configuration changed since the stored results ({', '.join(changed)}): "
+            f"earlier rows are discarded and all {len(inputs)} images are scored again"
+        )
+        state.reset(config)
+        return inputs, 0
+    rows = state.rows()
+    relabelled = [_relabel(row, context) for row in rows]
+    if any(a != b for a, b in zip(rows, relabelled, strict=True)):
+        reporter.info(f"threshold is now {context.threshold:g} ({context.threshold_source}): stored rows relabelled")
+        state.replace_rows(relabelled)
+    stamps = state.stamps()
+    todo = []
+    for path, name in inputs:
+        known = stamps.get(name)
+        try:
+            stat = path.stat()
+            current = FileStamp(stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            todo.append((path, name))  # the decoder will report why it cannot be read
+            continue
+        if known is None or not known.same_file(current):
+            todo.append((path, name))
+    # files whose last result was an error are tried again: the cause may be gone
+    errors = {row.path for row in rows if row.status == "error"}
+    todo_names = {name for _, name in todo}
+    todo += [(path, name) for path, name in inputs if name in errors and name not in todo_names]
+    todo.sort(key=lambda entry: entry[1])
+    return todo, len(inputs) - len(todo)
+
+
+def _relabel(row: ResultRow, context: RowContext) -> ResultRow:
+    from dataclasses import replace
+
+    if row.status != "ok" or row.score is None:
+        return replace(row, threshold_source=context.threshold_source)
+    return replace(
+        row, threshold=context.threshold, label=context.label(row.score), threshold_source=context.threshold_source
+    )
+
+
+def _run_info(
+    options: ScanOptions, engine: Engine, context: RowContext, choice: ThresholdChoice, memory_id: str
+) -> dict[str, Any]:
+    backbone = engine.backbone
+    return {
+        "tool": "winclip",
+        "version": __version__,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": str(options.directory),
+        "class_name": engine.ensemble.class_name,
+        **backbone.identity,
+        "device": str(backbone.device),
+        "scales": list(engine.scorer.scales),
+        "threshold": choice.value,
+        "threshold_source": choice.source,
+        "pixel_threshold": choice.pixel,
+        "vocabulary": engine.ensemble.vocabulary.source,
+        "vocabulary_sha256": engine.ensemble.sha256,
+        "mode": context.mode,
+        "refs": context.refs,
+        "refs_sha256": context.refs_sha256,
+        "memory_id": memory_id,
+        "k_shot": context.k_shot,
+        "tile": options.tile,
+        "tile_overlap": options.tile_overlap if options.tile is not None else None,
+        "incremental": options.incremental,
+        "shard": f"{options.shard[0]}/{options.shard[1]}" if options.shard else None,
+        "columns": list(CSV_COLUMNS),
+    }

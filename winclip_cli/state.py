@@ -1,0 +1,189 @@
+"""The run state of an output folder: one SQLite file and one lock, under ``OUT/.winclip/``.
+
+SQLite (standard library) holds one row per scanned file with the file's size, mtime and hash,
+committed as results arrive; it is the source of truth from which ``scores.csv`` is rewritten
+atomically at the start and end of every run. So a scan killed at any moment (even SIGKILL)
+leaves a state that the next run completes, with no lost, duplicated or half-written rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import WinclipError
+from .outputs import ResultRow
+
+STATE_DIR = ".winclip"
+EXIT_BUSY = 4
+
+
+class OutputBusyError(WinclipError):
+    """Another scan is writing to the same output folder."""
+
+    exit_code = EXIT_BUSY
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies a file's content cheaply (size, mtime) and exactly (sha256)."""
+
+    size: int
+    mtime_ns: int
+    sha256: str = ""
+
+    def same_file(self, other: FileStamp) -> bool:
+        """rsync's quick check: same size and modification time means unchanged (no re-read)."""
+        return self.size == other.size and self.mtime_ns == other.mtime_ns
+
+
+class OutputLock:
+    """An exclusive lock on an output folder, held for the whole run.
+
+    ``fcntl.flock`` is released by the kernel when its holder dies, so a lock left by a killed
+    process is simply free: the next run takes it over and says whose it was.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / STATE_DIR / "lock"
+        self._fh: Any = None
+        self.previous_holder: str = ""
+
+    def acquire(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no kernel lock; one writer is then the user's responsibility
+            self._fh = fh
+            return self
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise OutputBusyError(
+                f"another winclip scan is writing to {self.path.parent.parent} ({holder}); "
+                "wait for it or use another --out"
+            ) from None
+        fh.seek(0)
+        self.previous_holder = fh.read().strip()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.seek(0)
+                self._fh.truncate()
+            finally:
+                self._fh.close()  # closing the descriptor releases the flock
+                self._fh = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class RunState:
+    """Per-file results of an output folder, durable as soon as they are recorded."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / STATE_DIR / "state.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection used from the scan's writer thread and the main thread, never at once.
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+            "sha256 TEXT, row TEXT NOT NULL)"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ configuration of the stored rows
+
+    def config(self) -> dict[str, Any] | None:
+        with self._lock:
+            found = self._db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+        return json.loads(found[0]) if found else None
+
+    def reset(self, config: dict[str, Any]) -> None:
+        """Forget every stored row and record the configuration the new rows will have."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM results")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, sort_keys=True),))
+            self._db.execute("COMMIT")
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, sort_keys=True),))
+
+    # ------------------------------------------------------------------------------------------- rows
+
+    def stamps(self) -> dict[str, FileStamp]:
+        with self._lock:
+            found = self._db.execute("SELECT path, size, mtime_ns, sha256 FROM results").fetchall()
+        return {path: FileStamp(size, mtime_ns, sha256 or "") for path, size, mtime_ns, sha256 in found}
+
+    def record(self, row: ResultRow, stamp: FileStamp | None) -> None:
+        """Insert or replace the row of ``row.path``; durable when this returns."""
+        size, mtime_ns, sha = (stamp.size, stamp.mtime_ns, stamp.sha256) if stamp else (None, None, None)
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)",
+                (row.path, size, mtime_ns, sha, json.dumps(row.as_csv_dict())),
+            )
+
+    def forget(self, paths: list[str]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM results WHERE path = ?", [(p,) for p in paths])
+            self._db.execute("COMMIT")
+
+    def rows(self) -> list[ResultRow]:
+        """All stored rows, sorted by path."""
+        with self._lock:
+            found = self._db.execute("SELECT row FROM results ORDER BY path").fetchall()
+        return [ResultRow.from_csv_dict(json.loads(text)) for (text,) in found]
+
+    def replace_rows(self, rows: list[ResultRow]) -> None:
+        """Rewrite stored rows in place (e.g. relabelled after a threshold change), keeping the stamps."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "UPDATE results SET row = ? WHERE path = ?", [(json.dumps(r.as_csv_dict()), r.path) for r in rows]
+            )
+            self._db.execute("COMMIT")
+
+
+def clean_stale_temporaries(out_dir: Path) -> int:
+    """Remove ``.*.tmp`` files that a killed run left behind (atomic writes that never got renamed)."""
+    removed = 0
+    for path in out_dir.rglob(".*.tmp"):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
