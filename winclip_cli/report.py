@@ -39,7 +39,7 @@ THUMB_DIR = "thumbs"
 THUMB_SIZE = 256  # longest side in pixels
 THUMB_QUALITY = 85
 
-_IMAGE_SUFFIX = ".jpg"
+_IMAGE_SUFFIX = ".img.jpg"  # distinct endings: no image name can produce another's heatmap thumbnail
 _HEAT_SUFFIX = ".heat.jpg"
 _NAME_MAX_BYTES = 255
 _HIST_BINS = 20
@@ -71,7 +71,7 @@ def _fit_stem(stem: str) -> str:
 
 def thumbnail_relpaths(image_relpath: str) -> tuple[str, str]:
     """(image thumbnail, heatmap thumbnail) paths relative to OUT, e.g. 'good/001.jpg' ->
-    ('thumbs/good/001.jpg.jpg', 'thumbs/good/001.jpg.heat.jpg').
+    ('thumbs/good/001.jpg.img.jpg', 'thumbs/good/001.jpg.heat.jpg').
 
     Derived from :func:`heatmap_relpath`, so the same safe naming applies ('..' neutralised, never outside
     OUT, long names shortened with a hash).
@@ -136,6 +136,8 @@ class _Row:
     heatmap: str
     error: str
     note: str
+    threshold_source: str = ""
+    anomalous_area: float | None = None
 
 
 def _float(text: str | None) -> float | None:
@@ -169,6 +171,8 @@ def _read_rows(csv_path: Path) -> list[_Row]:
                 heatmap=get("heatmap", ""),
                 error=get("error", ""),
                 note=get("note", ""),
+                threshold_source=get("threshold_source", ""),
+                anomalous_area=_float(get("anomalous_area")),
             )
             latest.pop(path, None)  # re-insert so the order follows the last occurrence
             latest[path] = row
@@ -318,13 +322,15 @@ def _short_hash(value: object) -> str:
 
 def _threshold(run: dict[str, object], rows: list[_Row]) -> tuple[float | None, str]:
     """The run's threshold and where it came from."""
+    sources = Counter(row.threshold_source for row in rows if row.threshold_source)
+    row_source = sources.most_common(1)[0][0] if sources else ""
     value = run.get("threshold")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         source = run.get("threshold_source")
-        return float(value), str(source) if source not in (None, "") else "--threshold"
+        return float(value), str(source) if source not in (None, "") else row_source or "--threshold"
     found = Counter(row.threshold for row in rows if row.threshold is not None)
     if found:
-        return found.most_common(1)[0][0], "scores.csv"
+        return found.most_common(1)[0][0], row_source or "scores.csv"
     return None, ""
 
 
@@ -376,6 +382,13 @@ def _summary_html(
     add("Vocabulary SHA-256", "vocabulary_sha256", fmt=_short_hash)
     if threshold is not None:
         items.append(("Threshold", f"{threshold:.6g} (from {source})"))
+    add("Pixel threshold", "pixel_threshold", fmt=lambda v: f"{v:.6g}" if isinstance(v, float) else str(v))
+    if run.get("tile") not in (None, "", 0):
+        overlap = run.get("tile_overlap")
+        items.append(("Tiles", f"{run['tile']} px" + (f", overlap {overlap}" if overlap not in (None, "") else "")))
+    add("Shard", "shard")
+    if run.get("incremental") is True:
+        items.append(("Incremental", "yes"))
     distinct = {c.row.threshold for c in cards if c.row.threshold is not None}
     if len(distinct) > 1:
         items.append(("Note", f"rows were scored with {len(distinct)} different thresholds"))
@@ -453,12 +466,18 @@ def _card_html(card: _Card) -> str:
         thumbs.append('<span class="nothumb">no preview</span>')
     label = row.label or "unlabelled"
     score_attr = "" if row.score is None else f"{row.score:.6f}"
+    area = (
+        ""
+        if row.anomalous_area is None
+        else f' <span class="area" title="anomalous area">area {100 * row.anomalous_area:.1f}%</span>'
+    )
     return (
         f'<div class="card" data-label="{_esc(label)}" data-score="{score_attr}" data-path="{_esc(row.path)}">'
         f'<div class="thumbs">{"".join(thumbs)}</div>'
         f'<div class="meta"><span class="score">{_fmt_score(row.score)}</span> '
         f'<span class="label {_esc(label)}">{_esc(label)}</span> '
         f'<span class="maxpx" title="max pixel score">max px {_fmt_score(row.max_pixel_score)}</span>'
+        f"{area}"
         f'<div class="path">{_esc(row.path)}</div></div></div>'
     )
 
@@ -504,7 +523,7 @@ content-visibility:auto;contain-intrinsic-size:340px 240px}
 .thumbs img{width:160px;height:160px;object-fit:contain;background:#eee}
 .nothumb{display:flex;align-items:center;justify-content:center;width:160px;height:160px;background:#eee;
 color:var(--muted)}
-.meta{margin-top:6px}.score{font-weight:700;font-size:16px}.maxpx{color:var(--muted)}
+.meta{margin-top:6px}.score{font-weight:700;font-size:16px}.maxpx,.area{color:var(--muted)}
 .label{padding:1px 6px;border-radius:3px;background:#eee}.label.anomalous{background:var(--bad);color:#fff}
 .label.normal{background:#dcefdc;color:var(--ok)}
 .path{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;overflow-wrap:anywhere;color:#333}
@@ -558,7 +577,7 @@ _JS = """
   window.addEventListener("hashchange", function () { readHash(); apply(); });
   readHash();
   apply();
-  document.documentElement.setAttribute("data-ready", "1"); var im = new Image(); im.src = "ht" + "tps:/" + "/example.invalid/x.png"; document.body.appendChild(im);
+  document.documentElement.setAttribute("data-ready", "1");
 })();
 """
 
