@@ -436,6 +436,237 @@ def build_refs(
     raise typer.Exit(EXIT_UNREADABLE if result.failures else EXIT_OK)
 
 
+# ------------------------------------------------------------------------------------------------- calibrate
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def calibrate(
+    good_dir: Annotated[Path, typer.Argument(help="Folder of normal (good) images, searched recursively.")],
+    fpr: Annotated[
+        float, typer.Option("--fpr", help="Largest acceptable false-alarm rate on good parts, e.g. 0.01 = 1 %.")
+    ] = 0.01,
+    pixel_fpr: Annotated[
+        float | None, typer.Option("--pixel-fpr", help="False-positive rate for the pixel threshold (default: --fpr).")
+    ] = None,
+    refs: Annotated[
+        Path | None,
+        typer.Option("--refs", help="Few-shot memory: scored with it, and the calibration is stored inside it."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Calibration file to write when there is no --refs [default: winclip-calibration.json]."
+        ),
+    ] = None,
+    class_name: ClassOpt = DEFAULT_CLASS,
+    tile: TileOpt = None,
+    tile_overlap: TileOverlapOpt = 0.25,
+    model: ModelOpt = "ViT-B-16-plus-240",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    scales: ScalesOpt = "2,3",
+    prompts: PromptsOpt = None,
+    no_cache: NoCacheOpt = False,
+    batch_size: BatchOpt = 8,
+    max_pixels: MaxPixelsOpt = 80_000_000,
+    workers: WorkersOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pick the score threshold whose false-alarm rate on good parts is at most --fpr.
+
+    Scores the good images as `scan` would (a good image that is also a reference of --refs is
+    scored with itself left out of the memory), picks the image threshold and a pixel threshold
+    (for the anomalous-area and bounding-box columns of `scan`), shows the score distribution and
+    stores the result: inside --refs, or in a calibration file for `scan --calibration`.
+    `scan --threshold auto` (the default) then uses it.
+
+    Examples:
+
+      winclip calibrate ./good --class bottle --refs refs.npz --fpr 0.01
+
+      winclip calibrate ./good --class bottle --out bottle-calibration.json
+
+      winclip scan ./new --class bottle --calibration bottle-calibration.json
+    """
+    from .calibratejob import CalibrateOptions, run_calibrate_job
+    from .calibration import histogram
+
+    with user_errors():
+        if refs is not None and out is not None:
+            raise SetupError("--out is for calibrations without --refs; with --refs the result is stored in the memory")
+        options = CalibrateOptions(
+            good_dir=good_dir,
+            model=_model_options(model, weights, device, precision, scales),
+            class_name=class_name,
+            fpr=fpr,
+            pixel_fpr=pixel_fpr,
+            refs=refs,
+            out=out,
+            prompts=prompts,
+            use_cache=not no_cache,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            workers=workers or None,
+            tile=_tile_option(tile),
+            tile_overlap=_tile_overlap(tile_overlap),
+        )
+        with ConsoleReporter(quiet) as reporter:
+            result = run_calibrate_job(options, reporter)
+    cal = result.calibration
+    console = Console(highlight=False, soft_wrap=True)
+    if not quiet:
+        bins = histogram(result.scores)
+        peak = max(count for _, _, count in bins) or 1
+        table = Table(title=f"image scores of {cal.n_images} good images", show_edge=False)
+        table.add_column("score", justify="right")
+        table.add_column("count", justify="right")
+        table.add_column("")
+        for lo, hi, count in bins:
+            mark = " <- threshold" if lo <= cal.threshold < hi or (hi == 1.0 and cal.threshold == 1.0) else ""
+            table.add_row(f"{lo:.2f}-{hi:.2f}", str(count), "#" * round(30 * count / peak) + mark)
+        console.print(table)
+    console.print(
+        f"threshold [bold]{cal.threshold:.6f}[/] (false alarms on these good images: {cal.achieved_fpr:.2%} "
+        f"<= {cal.fpr:.2%}), pixel threshold {cal.pixel_threshold:.6f}; stored in {_escape(str(result.stored_in))}"
+    )
+    if not cal.enough_images:
+        stderr.print(
+            f"[yellow]warning:[/] {cal.n_images} images cannot support a false-alarm rate of {cal.fpr:g}: "
+            f"at least {cal.min_images_for_fpr} are needed; the threshold is the highest score seen"
+        )
+    raise typer.Exit(EXIT_UNREADABLE if result.failures else EXIT_OK)
+
+
+# ------------------------------------------------------------------------------------------------------ eval
+
+
+@app.command("eval", epilog=EXIT_CODES_HELP)
+def evaluate(
+    root: Annotated[
+        Path, typer.Argument(help="Labelled data: MVTec-AD, VisA (1-class split) or good/ + bad/ folders.")
+    ],
+    k_shot: Annotated[
+        int, typer.Option("--k-shot", min=0, help="Few-shot references per category (0: zero-shot).")
+    ] = 0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Draw the references at random with this seed.")] = None,
+    class_name: Annotated[
+        str | None, typer.Option("--class", "-c", help="Class name for the prompts (default: each category's name).")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.csv and metrics.json.")] = Path(
+        "winclip-eval"
+    ),
+    model: ModelOpt = "ViT-B-16-plus-240",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    scales: ScalesOpt = "2,3",
+    prompts: PromptsOpt = None,
+    no_cache: NoCacheOpt = False,
+    batch_size: BatchOpt = 8,
+    max_pixels: MaxPixelsOpt = 80_000_000,
+    workers: WorkersOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure how well WinCLIP works on labelled data: image AUROC, AP, F1-max, pixel AUROC, F1-max, PRO.
+
+    Several categories under ROOT are evaluated one by one, each with its folder name as the class.
+    Few-shot references are drawn from each category's normal training images (reproducibly with
+    --seed) and listed in metrics.json.
+
+    Examples:
+
+      winclip eval /data/mvtec_anomaly_detection
+
+      winclip eval /data/mvtec_anomaly_detection/bottle --k-shot 4 --seed 0 --out eval-bottle
+    """
+    from .evaljob import METRICS, EvalOptions, mean_metrics, run_eval_job
+
+    with user_errors():
+        options = EvalOptions(
+            root=root,
+            model=_model_options(model, weights, device, precision, scales),
+            class_name=class_name,
+            k_shot=k_shot,
+            seed=seed,
+            out=out,
+            prompts=prompts,
+            use_cache=not no_cache,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            workers=workers or None,
+        )
+        with ConsoleReporter(quiet) as reporter:
+            results = run_eval_job(options, reporter)
+    table = Table(title=f"WinCLIP {'zero-shot' if not k_shot else f'{k_shot}-shot'} on {_escape(str(root))}")
+    table.add_column("category")
+    table.add_column("images", justify="right")
+    for name in METRICS:
+        table.add_column(name.replace("_", " "), justify="right")
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    for r in results:
+        table.add_row(_escape(r.name), f"{r.n_images} ({r.n_anomalous} bad)", *(fmt(r.metrics[m]) for m in METRICS))
+    mean = mean_metrics(results)
+    table.add_row("[bold]mean[/]", str(sum(r.n_images for r in results)), *(fmt(mean[m]) for m in METRICS))
+    Console(highlight=False, soft_wrap=True).print(table)
+    for r in results:
+        for metric, why in r.notes.items():
+            stderr.print(f"[yellow]note:[/] {_escape(r.name)} {metric}: {_escape(why)}")
+    if not quiet:
+        stderr.print(f"metrics written to {_escape(str(out / 'metrics.csv'))} and metrics.json")
+    raise typer.Exit(EXIT_UNREADABLE if any(r.errors for r in results) else EXIT_OK)
+
+
+# ----------------------------------------------------------------------------------------------- merge, report
+
+
+@app.command()
+def merge(
+    folders: Annotated[list[Path], typer.Argument(help="Output folders of sharded scans (--shard K/N).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged output.")] = Path("winclip-merged"),
+    report: Annotated[bool, typer.Option("--report", help="Also write OUT/report.html.")] = False,
+) -> None:
+    """Join the output folders of sharded scans into one output folder (scores.csv, heatmaps, run.json).
+
+    Example:
+
+      winclip merge results/shard-1 results/shard-2 results/shard-3 --out results/all --report
+    """
+    from .merge import merge_outputs
+
+    with user_errors():
+        result = merge_outputs(folders, out)
+        if report:
+            from .report import build_report
+
+            build_report(out)
+    if result.duplicates:
+        stderr.print(f"[yellow]warning:[/] {result.duplicates} rows appeared in several folders; the first was kept")
+    stderr.print(f"{len(result.rows)} rows from {len(folders)} folders -> {_escape(str(out / 'scores.csv'))}")
+
+
+@app.command("report")
+def report_command(
+    out_dir: Annotated[Path, typer.Argument(help="An output folder of `winclip scan` (or `winclip merge`).")],
+) -> None:
+    """(Re)build OUT_DIR/report.html: a self-contained page of the run, worst images first.
+
+    Example:
+
+      winclip report winclip-out && xdg-open winclip-out/report.html
+    """
+    from .report import build_report
+
+    with user_errors():
+        if not (out_dir / "scores.csv").is_file():
+            raise SetupError(f"{out_dir} has no scores.csv (is it the --out folder of a scan?)")
+        page = build_report(out_dir)
+    stderr.print(f"report: {_escape(str(page))}")
+
+
 # --------------------------------------------------------------------------------------------------- prompts
 
 

@@ -82,9 +82,18 @@ class MemoryFile:
     def reference_hashes(self) -> set[str]:
         return {ref["sha256"] for ref in self.metadata["references"]}
 
+    def reference_index(self) -> dict[str, int]:
+        """sha256 of a reference file -> its index, for leave-one-out scoring."""
+        return {ref["sha256"]: i for i, ref in enumerate(self.metadata["references"])}
+
     def to_reference_memory(self, scales: tuple[int, ...], device: torch.device) -> ReferenceMemory:
         patches = torch.from_numpy(self.patches).to(device)
+        # entry e belongs to reference owner[e]; each entry holds G patches and W_s windows per scale
+        counts = [int(ref.get("entries", 1)) for ref in self.metadata["references"]]
+        owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
         return ReferenceMemory(
+            patch_owner=owner.repeat_interleave(self.patches.shape[1]),
+            window_owner=[owner.repeat_interleave(self.windows[s].shape[1]) for s in scales],
             patches=patches.reshape(-1, patches.shape[-1]),
             windows=[
                 torch.from_numpy(self.windows[s]).to(device).reshape(-1, self.windows[s].shape[-1]) for s in scales

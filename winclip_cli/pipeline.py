@@ -135,23 +135,24 @@ def decode_stream(
 
 def processed_stream(
     stream: Iterable[Decoded],
-    process: Callable[[torch.Tensor], list],
+    process: Callable[[torch.Tensor, list[Decoded]], list],
     batch_size: int,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[Decoded]:
     """Decoded files with ``outputs`` filled (one entry per model input), in input order.
 
     Model inputs of consecutive files (whole images or tiles) are packed into batches of
-    ``batch_size``; ``process`` maps a (B, 3, h, w) batch to B outputs. A file is yielded once
-    all its inputs are processed; failures pass straight through, in order. After
-    ``should_stop`` turns true no new batch is started and only complete files are yielded.
+    ``batch_size``; ``process`` maps a (B, 3, h, w) batch (and the file of each input) to B
+    outputs. A file is yielded once all its inputs are processed; failures pass straight
+    through, in order. After ``should_stop`` turns true no new batch is started and only
+    complete files are yielded.
     """
     waiting: deque[Decoded] = deque()  # files in input order, not yet yielded
     queued: list[tuple[Decoded, int]] = []  # (file, input index) not yet processed
 
     def run_batch(entries: list[tuple[Decoded, int]]) -> None:
         batch = torch.stack([item.inputs[i] for item, i in entries])  # type: ignore[index]
-        for (item, _), output in zip(entries, process(batch), strict=True):
+        for (item, _), output in zip(entries, process(batch, [item for item, _ in entries]), strict=True):
             item.outputs.append(output)
 
     def ready() -> Iterator[Decoded]:
@@ -176,21 +177,32 @@ def processed_stream(
     yield from ready()
 
 
-def scoring_fn(scorer: WinClipScorer, device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor], list]:
-    """Batch -> [(image score, grid map (gh, gw)), ...] on the CPU."""
+def scoring_fn(
+    scorer: WinClipScorer,
+    device: torch.device,
+    dtype: torch.dtype,
+    exclude_for: Callable[[Decoded], int] | None = None,
+) -> Callable[[torch.Tensor, list[Decoded]], list]:
+    """Batch -> [(image score, grid map (gh, gw)), ...] on the CPU.
 
-    def process(batch: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
-        scores = scorer.score_embeddings(scorer.embed(batch.to(device=device, dtype=dtype)))
+    ``exclude_for`` gives, per file, the memory reference it must not be compared with (-1: none).
+    """
+
+    def process(batch: torch.Tensor, items: list[Decoded]) -> list[tuple[float, torch.Tensor]]:
+        exclude = torch.tensor([exclude_for(item) for item in items]) if exclude_for else None
+        scores = scorer.score_embeddings(scorer.embed(batch.to(device=device, dtype=dtype)), exclude)
         image, maps = scores.image.float().cpu(), scores.grid_maps.float().cpu()
         return [(float(image[i]), maps[i]) for i in range(image.shape[0])]
 
     return process
 
 
-def embedding_fn(scorer: WinClipScorer, device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor], list]:
+def embedding_fn(
+    scorer: WinClipScorer, device: torch.device, dtype: torch.dtype
+) -> Callable[[torch.Tensor, list[Decoded]], list]:
     """Batch -> [(patch tokens (G, C), [window embeddings (W_s, D) per scale]), ...] as float32 numpy."""
 
-    def process(batch: torch.Tensor) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    def process(batch: torch.Tensor, items: list[Decoded]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         emb = scorer.embed(batch.to(device=device, dtype=dtype))
         patches = emb.patches.float().cpu().numpy()
         windows = [w.float().cpu().numpy() for w in emb.windows]

@@ -350,7 +350,8 @@ def _select(
         return inputs, 0
     rows = state.rows()
     relabelled = [_relabel(row, context) for row in rows]
-    if any(a != b for a, b in zip(rows, relabelled, strict=True)):
+    # compare as written (6 decimals): the stored rows hold the rounded values
+    if any(a.as_csv_dict() != b.as_csv_dict() for a, b in zip(rows, relabelled, strict=True)):
         reporter.info(f"threshold is now {context.threshold:g} ({context.threshold_source}): stored rows relabelled")
         state.replace_rows(relabelled)
     stamps = state.stamps()

@@ -87,25 +87,47 @@ def class_scores(
     return logits.softmax(dim=-1)[..., 1]
 
 
-def nearest_similarity(queries: torch.Tensor, memory: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
-    """Largest cosine similarity of each query (..., D) to any memory row (M, D) -> (...).
+def nearest_similarity(
+    queries: torch.Tensor,
+    memory: torch.Tensor,
+    chunk_size: int = 8192,
+    memory_owner: torch.Tensor | None = None,
+    exclude_owner: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Largest cosine similarity of each query (N, ..., D) to any memory row (M, D) -> (N, ...).
 
-    The memory is normalised once and visited in chunks of ``chunk_size`` rows, so the similarity
+    The memory is normalised chunk by chunk, ``chunk_size`` rows at a time, so the similarity
     matrix never holds more than (queries x chunk) entries however many references there are.
+    For leave-one-out scoring, ``memory_owner`` (M,) names the reference each row comes from and
+    ``exclude_owner`` (N,) the reference each query image may not be compared with (-1: none).
     """
     if memory.shape[0] == 0:
         raise ValueError("the reference memory is empty")
     flat = F.normalize(queries.float().reshape(-1, queries.shape[-1]), dim=-1)
+    per_image = flat.shape[0] // queries.shape[0] if queries.ndim > 1 else 1
+    excluded = None
+    if exclude_owner is not None and memory_owner is not None:
+        excluded = exclude_owner.to(flat.device).repeat_interleave(per_image)
     best = torch.full((flat.shape[0],), -torch.inf, device=flat.device)
     for start in range(0, memory.shape[0], chunk_size):
         chunk = F.normalize(memory[start : start + chunk_size].to(flat.device, torch.float32), dim=-1)
-        best = torch.maximum(best, (flat @ chunk.T).amax(dim=-1))
+        sims = flat @ chunk.T
+        if excluded is not None:
+            owners = memory_owner[start : start + chunk_size].to(flat.device)  # type: ignore[index]
+            sims = sims.masked_fill(owners[None, :] == excluded[:, None], -torch.inf)
+        best = torch.maximum(best, sims.amax(dim=-1))
     return best.reshape(queries.shape[:-1])
 
 
-def association_scores(queries: torch.Tensor, memory: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
+def association_scores(
+    queries: torch.Tensor,
+    memory: torch.Tensor,
+    chunk_size: int = 8192,
+    memory_owner: torch.Tensor | None = None,
+    exclude_owner: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Few-shot association score: (1 - max cosine similarity to the memory) / 2, shape of queries minus D."""
-    return (1.0 - nearest_similarity(queries, memory, chunk_size)) / 2.0
+    return (1.0 - nearest_similarity(queries, memory, chunk_size, memory_owner, exclude_owner)) / 2.0
 
 
 # ------------------------------------------------------------------------------------------------ embeddings
@@ -201,6 +223,9 @@ class ReferenceMemory:
 
     patches: torch.Tensor  # (k * G, C)
     windows: list[torch.Tensor]  # per scale, (k * W_s, D)
+    # which reference each row comes from, for leave-one-out scoring (None: not tracked)
+    patch_owner: torch.Tensor | None = None  # (k * G,)
+    window_owner: list[torch.Tensor] | None = None  # per scale, (k * W_s,)
 
     @property
     def k(self) -> int:
@@ -267,13 +292,15 @@ class WinClipScorer:
         scores = self.score_embeddings(self.embed(images))
         return scores.image, scores.upsample(tuple(images.shape[-2:]))
 
-    def score_embeddings(self, emb: ImageEmbeddings) -> Scores:
+    def score_embeddings(self, emb: ImageEmbeddings, exclude: torch.Tensor | None = None) -> Scores:
+        """Scores of embedded images; ``exclude`` (N,) names a reference each image must not be compared
+        with (leave-one-out when an image is itself in the memory), -1 for none."""
         with torch.inference_mode():
             text = self.text_embeddings.to(emb.image.device)
             image_scores = class_scores(emb.image, text, self.temperature)
             grid_maps = self._zero_shot_maps(image_scores, emb.windows, text)
             if self.memory is not None:
-                few_shot = self._few_shot_maps(emb)
+                few_shot = self._few_shot_maps(emb, exclude)
                 grid_maps = (grid_maps + few_shot) / 2
                 image_scores = (image_scores + few_shot.flatten(1).amax(dim=1)) / 2
             return Scores(image=image_scores, grid_maps=grid_maps)
@@ -287,14 +314,15 @@ class WinClipScorer:
             per_scale.append(harmonic_aggregation(class_scores(window_embeddings, text, self.temperature), coverage))
         return harmonic_mean(torch.stack(per_scale)).reshape(n, *self.grid_size)
 
-    def _few_shot_maps(self, emb: ImageEmbeddings) -> torch.Tensor:
-        assert self.memory is not None
+    def _few_shot_maps(self, emb: ImageEmbeddings, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        memory = self.memory
+        assert memory is not None
         n = emb.image.shape[0]
-        per_scale = [association_scores(emb.patches, self.memory.patches, self.nn_chunk_size)]
-        for window_embeddings, memory, coverage in zip(
-            emb.windows, self.memory.windows, self.encoder.coverage, strict=True
+        window_owners = memory.window_owner or [None] * len(memory.windows)
+        per_scale = [association_scores(emb.patches, memory.patches, self.nn_chunk_size, memory.patch_owner, exclude)]
+        for window_embeddings, rows, owner, coverage in zip(
+            emb.windows, memory.windows, window_owners, self.encoder.coverage, strict=True
         ):
-            per_scale.append(
-                harmonic_aggregation(association_scores(window_embeddings, memory, self.nn_chunk_size), coverage)
-            )
+            scores = association_scores(window_embeddings, rows, self.nn_chunk_size, owner, exclude)
+            per_scale.append(harmonic_aggregation(scores, coverage))
         return torch.stack(per_scale).mean(dim=0).reshape(n, *self.grid_size)

@@ -1,0 +1,151 @@
+"""``winclip calibrate``: thresholds with a known false-alarm rate, from good parts alone.
+
+Scores the normal images exactly as ``scan`` would (same model, vocabulary, memory and tiling);
+an image that is itself a reference of the memory is scored with its own embeddings left out, so
+the calibration sees it as an unseen good part. The thresholds are stored with their provenance
+in the memory's metadata (with ``--refs``) or in a small JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .calibration import Calibration, calibrate
+from .engine import ModelOptions, build_engine
+from .errors import SetupError
+from .hashing import sha256_file
+from .memory import MemoryFile, attach_memory, load_memory, update_metadata
+from .outputs import write_text_atomic
+from .pipeline import Decoded, Preprocessing, decode_stream, processed_stream, relative_name, scoring_fn, upsample_grid
+from .scanjob import Reporter, calibration_fingerprint, discover
+
+
+@dataclass
+class CalibrateOptions:
+    good_dir: Path
+    model: ModelOptions
+    class_name: str
+    fpr: float = 0.01
+    pixel_fpr: float | None = None
+    refs: Path | None = None
+    out: Path | None = None  # calibration file when there is no memory to store it in
+    prompts: Path | None = None
+    use_cache: bool = True
+    batch_size: int = 8
+    max_pixels: int = 80_000_000
+    workers: int | None = None
+    tile: int | str | None = None
+    tile_overlap: float = 0.25
+
+
+@dataclass
+class CalibrateResult:
+    calibration: Calibration
+    scores: np.ndarray
+    stored_in: Path
+    left_out: int
+    failures: list[Decoded]
+    seconds: float
+
+
+DEFAULT_CALIBRATION_FILE = Path("winclip-calibration.json")
+
+
+def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> CalibrateResult:
+    started = time.perf_counter()
+    if not 0.0 <= options.fpr < 1.0:
+        raise SetupError(f"--fpr must be in [0, 1), got {options.fpr}")
+    files = discover(options.good_dir, options.out or DEFAULT_CALIBRATION_FILE, reporter)
+    if not files:
+        raise SetupError(f"no images found under {options.good_dir}")
+    memory: MemoryFile | None = load_memory(options.refs) if options.refs is not None else None
+    engine = build_engine(options.model, options.class_name, options.prompts, use_cache=options.use_cache)
+    backbone = engine.backbone
+    memory_id = ""
+    reference_of: dict[str, int] = {}
+    if memory is not None:
+        for warning in attach_memory(engine, memory, tile=options.tile, tile_overlap=options.tile_overlap):
+            reporter.warn(warning)
+        memory_id = memory.content_id
+        reference_of = memory.reference_index()
+    prep = Preprocessing(
+        size=backbone.image_size,
+        mean=backbone.mean,
+        std=backbone.std,
+        max_pixels=options.max_pixels,
+        tile=options.tile,
+        tile_overlap=options.tile_overlap,
+    )
+    left_out = 0
+
+    def exclude_for(item: Decoded) -> int:
+        return reference_of.get(item.stamp.sha256, -1) if item.stamp else -1
+
+    inputs = [(path, relative_name(path, options.good_dir)) for path in files]
+    if memory is not None:
+        left_out_names = []
+        # only a memory of two or more references can leave one out and still compare with the others
+        for path, name in inputs:
+            if sha256_file(path) in reference_of:
+                left_out_names.append(name)
+        left_out = len(left_out_names)
+        if left_out and memory.k < 2:
+            raise SetupError(
+                f"{options.refs} holds a single reference, which is also among the good images: leaving it out "
+                "leaves nothing to compare with; calibrate on other good images or build a larger memory"
+            )
+    reporter.info(
+        f"winclip {__version__}: calibrating on {len(files)} good images"
+        + (f" ({left_out} are references: scored leave-one-out)" if left_out else "")
+        + f", {backbone.architecture} on {backbone.device} {backbone.precision}"
+    )
+    reporter.start("calibrating", len(files))
+    image_scores: list[float] = []
+    pixel_scores: list[np.ndarray] = []
+    failures: list[Decoded] = []
+    stream = decode_stream(inputs, prep, workers=options.workers, lookahead=max(2 * options.batch_size, 4))
+    process = scoring_fn(engine.scorer, backbone.device, backbone.dtype, exclude_for if reference_of else None)
+    pixel_size = backbone.image_size  # pixel statistics on the model's input grid keep memory bounded
+    for item in processed_stream(stream, process, options.batch_size):
+        reporter.advance()
+        if item.error:
+            failures.append(item)
+            reporter.warn(f"{item.relpath}: {item.error}")
+            continue
+        image_scores.append(max(score for score, _ in item.outputs))
+        for _, grid in item.outputs:
+            pixel_scores.append(upsample_grid(grid, *pixel_size).ravel())
+    if not image_scores:
+        raise SetupError("no good image could be scored; nothing calibrated")
+    scores = np.asarray(image_scores, dtype=np.float64)
+    result = calibrate(scores, np.concatenate(pixel_scores), options.fpr, options.pixel_fpr)
+    record = {
+        "tool": "winclip",
+        "version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "class_name": engine.ensemble.class_name,
+        "good_dir": str(options.good_dir),
+        "leave_one_out": left_out,
+        "calibration": result.as_dict(),
+        "fingerprint": calibration_fingerprint(engine, memory_id, prep),
+    }
+    if memory is not None:
+        update_metadata(memory, calibration=record)
+        stored_in = memory.path
+    else:
+        stored_in = options.out or DEFAULT_CALIBRATION_FILE
+        write_text_atomic(stored_in, json.dumps(record, indent=2) + "\n")
+    return CalibrateResult(result, scores, stored_in, left_out, failures, time.perf_counter() - started)
+
+
+def describe(record: dict[str, Any]) -> str:
+    cal = record["calibration"]
+    return f"threshold {cal['threshold']:.6f} at fpr {cal['fpr']:g} on {cal['n_images']} images"

@@ -1,0 +1,220 @@
+"""``winclip eval``: image and pixel metrics on labelled folders, category by category.
+
+Each category is scored as ``scan`` would score it (class name = category name unless given),
+optionally few-shot with k references drawn reproducibly from its normal training images.
+Pixel metrics are computed on maps at the model's input size (240x240 by default) against
+nearest-resized masks, as the WinCLIP literature evaluates, which keeps memory bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .datasets import Category, discover_categories, draw_references, load_mask
+from .engine import ModelOptions, build_backbone, build_engine
+from .errors import SetupError
+from .metrics import MetricError, f1_max, image_ap, image_auroc, pixel_auroc, pixel_f1_max, pro_auc
+from .outputs import write_text_atomic
+from .pipeline import Preprocessing, decode_stream, embed_references, processed_stream, scoring_fn, upsample_grid
+from .scanjob import Reporter
+from .winclip import ReferenceMemory
+
+METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_f1_max", "pro")
+
+
+@dataclass
+class EvalOptions:
+    root: Path
+    model: ModelOptions
+    class_name: str | None = None
+    k_shot: int = 0
+    seed: int | None = None
+    out: Path = Path("winclip-eval")
+    prompts: Path | None = None
+    use_cache: bool = True
+    batch_size: int = 8
+    max_pixels: int = 80_000_000
+    workers: int | None = None
+
+
+@dataclass
+class CategoryResult:
+    name: str
+    layout: str
+    n_images: int
+    n_anomalous: int
+    references: list[str]
+    metrics: dict[str, float | None]
+    notes: dict[str, str] = field(default_factory=dict)  # metric -> why it is missing
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def run_eval_job(options: EvalOptions, reporter: Reporter) -> list[CategoryResult]:
+    started = time.perf_counter()
+    categories = discover_categories(options.root)
+    backbone = build_backbone(options.model)  # one model for all categories
+    shots = f"{options.k_shot}-shot" if options.k_shot else "zero-shot"
+    names = ", ".join(c.name for c in categories)
+    reporter.info(
+        f"winclip {__version__}: evaluating {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} "
+        f"({names}), {shots}, {backbone.architecture} on {backbone.device} {backbone.precision}"
+    )
+    results = []
+    for category in categories:
+        engine = build_engine(
+            options.model, options.class_name or category.name, options.prompts, options.use_cache, backbone=backbone
+        )
+        results.append(_evaluate_category(category, engine, options, reporter))
+    _write_outputs(results, options, time.perf_counter() - started)
+    return results
+
+
+def _evaluate_category(category: Category, engine, options: EvalOptions, reporter: Reporter) -> CategoryResult:
+    backbone = engine.backbone
+    prep = Preprocessing(size=backbone.image_size, mean=backbone.mean, std=backbone.std, max_pixels=options.max_pixels)
+    references: list[Path] = []
+    if options.k_shot:
+        references = draw_references(category, options.k_shot, options.seed)
+        embedded = embed_references(
+            engine.scorer,
+            [(p, p.name) for p in references],
+            prep,
+            device=backbone.device,
+            dtype=backbone.dtype,
+            batch_size=options.batch_size,
+            workers=options.workers,
+        )
+        if embedded.failures:
+            bad = embedded.failures[0]
+            raise SetupError(f"reference {bad.path} of '{category.name}' cannot be read: {bad.error}")
+        engine.scorer.memory = ReferenceMemory(
+            patches=torch.from_numpy(np.stack(embedded.patches)).reshape(-1, embedded.patches[0].shape[-1]),
+            windows=[
+                torch.from_numpy(np.stack([w[i] for w in embedded.windows])).reshape(
+                    -1, embedded.windows[0][i].shape[-1]
+                )
+                for i in range(len(engine.scorer.scales))
+            ],
+        )
+    # a generic layout draws references from its own good test images: those are not evaluated
+    chosen = {p.resolve() for p in references}
+    test = [image for image in category.test if image.path.resolve() not in chosen]
+    by_path = {str(image.path): image for image in test}
+    reporter.start(f"{category.name}", len(test))
+    labels, scores, maps, masks, errors = [], [], [], [], []
+    size = backbone.image_size
+    stream = decode_stream([(i.path, str(i.path)) for i in test], prep, workers=options.workers, with_stamp=False)
+    for item in processed_stream(
+        stream, scoring_fn(engine.scorer, backbone.device, backbone.dtype), options.batch_size
+    ):
+        reporter.advance()
+        if item.error:
+            errors.append((item.relpath, item.error))
+            reporter.warn(f"{item.relpath}: {item.error}")
+            continue
+        image = by_path[item.relpath]
+        score, grid = item.outputs[0]
+        labels.append(image.label)
+        scores.append(score)
+        if image.label == 0 or image.mask is not None:  # anomalous images without a mask have no pixel truth
+            maps.append(upsample_grid(grid, *size))
+            masks.append(load_mask(image.mask, size))
+    metrics: dict[str, float | None] = {}
+    notes: dict[str, str] = {}
+    y, s = np.asarray(labels), np.asarray(scores)
+
+    def attempt(name: str, compute) -> None:
+        try:
+            metrics[name] = float(compute())
+        except MetricError as err:
+            metrics[name], notes[name] = None, str(err)
+
+    attempt("image_auroc", lambda: image_auroc(y, s))
+    attempt("image_ap", lambda: image_ap(y, s))
+    attempt("image_f1_max", lambda: f1_max(y, s)[0])
+    if maps:
+        m, k = np.stack(maps), np.stack(masks)
+        attempt("pixel_auroc", lambda: pixel_auroc(k, m))
+        attempt("pixel_f1_max", lambda: pixel_f1_max(k, m)[0])
+        attempt("pro", lambda: pro_auc(k, m))
+    else:
+        for name in ("pixel_auroc", "pixel_f1_max", "pro"):
+            metrics[name], notes[name] = None, "no ground-truth masks"
+    return CategoryResult(
+        name=category.name,
+        layout=category.layout,
+        n_images=len(labels),
+        n_anomalous=int(y.sum()) if len(y) else 0,
+        references=[str(p) for p in references],
+        metrics=metrics,
+        notes=notes,
+        errors=errors,
+    )
+
+
+def mean_metrics(results: list[CategoryResult]) -> dict[str, float | None]:
+    """Mean of each metric over the categories where it is defined."""
+    out: dict[str, float | None] = {}
+    for name in METRICS:
+        values = [r.metrics[name] for r in results if r.metrics.get(name) is not None]
+        out[name] = float(np.mean(values)) if values else None
+    return out
+
+
+def _write_outputs(results: list[CategoryResult], options: EvalOptions, seconds: float) -> None:
+    import csv
+    import io
+
+    options.out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["category", "layout", "images", "anomalous", *METRICS])
+
+    def fmt(value: float | None) -> str:
+        return "" if value is None or math.isnan(value) else f"{value:.6f}"
+
+    for r in results:
+        writer.writerow([r.name, r.layout, r.n_images, r.n_anomalous, *(fmt(r.metrics[m]) for m in METRICS)])
+    mean = mean_metrics(results)
+    writer.writerow(
+        [
+            "mean",
+            "",
+            sum(r.n_images for r in results),
+            sum(r.n_anomalous for r in results),
+            *(fmt(mean[m]) for m in METRICS),
+        ]
+    )
+    write_text_atomic(options.out / "metrics.csv", buffer.getvalue())
+    document: dict[str, Any] = {
+        "tool": "winclip",
+        "version": __version__,
+        "root": str(options.root),
+        "k_shot": options.k_shot,
+        "seed": options.seed,
+        "seconds": round(seconds, 3),
+        "categories": [
+            {
+                "name": r.name,
+                "layout": r.layout,
+                "images": r.n_images,
+                "anomalous": r.n_anomalous,
+                "references": r.references,
+                "metrics": r.metrics,
+                "notes": r.notes,
+                "errors": [{"path": p, "error": e} for p, e in r.errors],
+            }
+            for r in results
+        ],
+        "mean": mean,
+    }
+    write_text_atomic(options.out / "metrics.json", json.dumps(document, indent=2) + "\n")

@@ -1,0 +1,124 @@
+"""``winclip merge``: join the output folders of sharded scans into one output folder.
+
+The merged folder is an ordinary output folder (scores.csv, heatmaps, thumbnails, run.json), so
+``winclip report`` and every script that reads one scan's output read it the same way. Files are
+hard-linked where the file system allows it, else copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import SetupError
+from .outputs import ResultRow, read_results_csv, write_results_csv_atomic, write_text_atomic
+from .report import thumbnail_relpaths
+
+# run.json keys that must agree for rows to be comparable
+CONFIG_KEYS = (
+    "architecture",
+    "weights_sha256",
+    "precision",
+    "scales",
+    "class_name",
+    "vocabulary_sha256",
+    "memory_id",
+    "tile",
+    "tile_overlap",
+    "threshold",
+    "pixel_threshold",
+)
+
+
+@dataclass
+class MergeResult:
+    rows: list[ResultRow]
+    duplicates: int
+    sources: list[Path]
+
+
+def _read_run(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SetupError(f"{folder} is not a winclip output folder (no run.json)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise SetupError(f"cannot read {folder / 'run.json'}: {err}") from None
+
+
+def _place(source: Path, target: Path) -> None:
+    """Hard link (cheap, same bytes) or copy ``source`` to ``target``, replacing what is there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.merge.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+
+
+def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
+    if not sources:
+        raise SetupError("give at least one output folder to merge")
+    out_resolved = out.resolve()
+    for folder in sources:
+        if folder.resolve() == out_resolved:
+            raise SetupError(f"--out {out} is one of the folders being merged; choose a new folder")
+    runs = [_read_run(folder) for folder in sources]
+    reference = runs[0]
+    for folder, run in zip(sources[1:], runs[1:], strict=True):
+        differing = [key for key in CONFIG_KEYS if run.get(key) != reference.get(key)]
+        if differing:
+            raise SetupError(
+                f"{folder} was scanned with another {', '.join(differing)} than {sources[0]}; "
+                "only scans of the same configuration can be merged"
+            )
+    merged: dict[str, ResultRow] = {}
+    duplicates = 0
+    origin: dict[str, Path] = {}
+    for folder in sources:
+        csv_path = folder / "scores.csv"
+        if not csv_path.is_file():
+            raise SetupError(f"{folder} has no scores.csv")
+        for values in read_results_csv(csv_path):
+            row = ResultRow.from_csv_dict(values)
+            if row.path in merged:
+                duplicates += 1
+                continue
+            merged[row.path] = row
+            origin[row.path] = folder
+    out.mkdir(parents=True, exist_ok=True)
+    for path, row in merged.items():
+        folder = origin[path]
+        if row.heatmap:
+            extra = [row.heatmap, *thumbnail_relpaths(row.path)]
+            raw = "maps/" + row.heatmap[len("heatmaps/") : -len(".png")] + ".tiff"
+            for relpath in (*extra, raw):
+                source = folder / relpath
+                if source.is_file():
+                    _place(source, out / relpath)
+    rows = sorted(merged.values(), key=lambda row: row.path)
+    write_results_csv_atomic(out / "scores.csv", rows)
+    info = {key: reference.get(key) for key in reference if key not in ("started", "finished", "seconds")}
+    info.update(
+        tool="winclip",
+        version=__version__,
+        merged_from=[str(folder) for folder in sources],
+        merged=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        shard=None,
+        images=len(rows),
+        scored=sum(r.status == "ok" for r in rows),
+        anomalies=sum(r.label == "anomalous" for r in rows),
+        errors=sum(r.status == "error" for r in rows),
+        seconds=round(sum(float(run.get("seconds") or 0) for run in runs), 3),
+        total_rows=len(rows),
+    )
+    write_text_atomic(out / "run.json", json.dumps(info, indent=2) + "\n")
+    return MergeResult(rows=rows, duplicates=duplicates, sources=sources)
