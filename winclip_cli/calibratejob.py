@@ -24,7 +24,16 @@ from .errors import SetupError
 from .hashing import sha256_file
 from .memory import MemoryFile, attach_memory, load_memory, update_metadata
 from .outputs import write_text_atomic
-from .pipeline import Decoded, Preprocessing, decode_stream, processed_stream, relative_name, scoring_fn, upsample_grid
+from .pipeline import (
+    Decoded,
+    Preprocessing,
+    decode_stream,
+    full_resolution_map,
+    image_score,
+    processed_stream,
+    relative_name,
+    scoring_fn,
+)
 from .scanjob import Reporter, calibration_fingerprint, discover
 
 
@@ -57,6 +66,20 @@ class CalibrateResult:
 
 
 DEFAULT_CALIBRATION_FILE = Path("winclip-calibration.json")
+PIXELS_PER_IMAGE = 65536
+
+
+def pixel_sample(score_map: np.ndarray, limit: int = PIXELS_PER_IMAGE) -> np.ndarray:
+    """Pixels of a full-resolution map (the same map `scan` measures areas on) for the pixel statistics.
+
+    Large maps are thinned to a regular grid of about ``limit`` pixels to keep memory bounded; the
+    map's maximum is always kept, so a threshold at false-positive rate 0 stays exact.
+    """
+    flat = score_map.ravel()
+    if flat.size <= limit:
+        return flat.copy()
+    step = int(np.ceil(flat.size / limit))
+    return np.append(flat[::step], flat.max())
 
 
 def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> CalibrateResult:
@@ -113,16 +136,14 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
     failures: list[Decoded] = []
     stream = decode_stream(inputs, prep, workers=options.workers, lookahead=max(2 * options.batch_size, 4))
     process = scoring_fn(engine.scorer, backbone.device, backbone.dtype, exclude_for if reference_of else None)
-    pixel_size = backbone.image_size  # pixel statistics on the model's input grid keep memory bounded
     for item in processed_stream(stream, process, options.batch_size):
         reporter.advance()
         if item.error:
             failures.append(item)
             reporter.warn(f"{item.relpath}: {item.error}")
             continue
-        image_scores.append(max(score for score, _ in item.outputs))
-        for _, grid in item.outputs:
-            pixel_scores.append(upsample_grid(grid, *pixel_size).ravel())
+        image_scores.append(image_score(item)[0])
+        pixel_scores.append(pixel_sample(full_resolution_map(item)))
     if not image_scores:
         raise SetupError("no good image could be scored; nothing calibrated")
     scores = np.asarray(image_scores, dtype=np.float64)
