@@ -69,3 +69,18 @@ def tiny_backbone(tiny_model_files):
 
     config, checkpoint = tiny_model_files
     return build_backbone(ModelOptions(model=str(config), weights=str(checkpoint), device="cpu"))
+
+
+@pytest.fixture
+def tiny_args(tiny_model_files) -> list[str]:
+    """CLI options that load the tiny model through the real --model/--weights path, on the CPU."""
+    config, checkpoint = tiny_model_files
+    return ["--model", str(config), "--weights", str(checkpoint), "--device", "cpu"]
+
+
+@pytest.fixture
+def tiny_options(tiny_model_files):
+    from winclip_cli.engine import ModelOptions
+
+    config, checkpoint = tiny_model_files
+    return ModelOptions(model=str(config), weights=str(checkpoint), device="cpu")

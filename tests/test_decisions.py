@@ -15,7 +15,6 @@ from conftest import SAMPLE_DATA
 from winclip_cli.calibratejob import CalibrateOptions, run_calibrate_job
 from winclip_cli.calibration import threshold_for_fpr
 from winclip_cli.cli import app
-from winclip_cli.engine import ModelOptions
 from winclip_cli.memory import load_memory
 from winclip_cli.outputs import read_results_csv
 from winclip_cli.scanjob import SilentReporter
@@ -23,18 +22,6 @@ from winclip_cli.scanjob import SilentReporter
 runner = CliRunner()
 GOOD = SAMPLE_DATA / "fabric" / "good"
 TEST = SAMPLE_DATA / "fabric" / "test"
-
-
-@pytest.fixture
-def tiny_args(tiny_model_files) -> list[str]:
-    config, checkpoint = tiny_model_files
-    return ["--model", str(config), "--weights", str(checkpoint), "--device", "cpu"]
-
-
-@pytest.fixture
-def tiny_options(tiny_model_files) -> ModelOptions:
-    config, checkpoint = tiny_model_files
-    return ModelOptions(model=str(config), weights=str(checkpoint), device="cpu")
 
 
 def run(args: list[str]):

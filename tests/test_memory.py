@@ -24,12 +24,6 @@ GOOD = SAMPLE_DATA / "fabric" / "good"
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"
 
 
-@pytest.fixture
-def tiny_args(tiny_model_files) -> list[str]:
-    config, checkpoint = tiny_model_files
-    return ["--model", str(config), "--weights", str(checkpoint), "--device", "cpu"]
-
-
 def run(args: list[str]):
     return runner.invoke(app, args, catch_exceptions=False)
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA
 from winclip_cli.cli import app
-from winclip_cli.engine import ModelOptions, build_engine
+from winclip_cli.engine import build_engine
 from winclip_cli.errors import PromptFileError
 from winclip_cli.outputs import read_results_csv
 from winclip_cli.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, load_vocabulary
@@ -155,12 +155,6 @@ def test_truncated_text_encoder_equals_open_clip(tiny_backbone):
         fast = encode_text_truncated(model, tokens)
     assert int(tokens.argmax(dim=-1).max()) + 1 < 77 // 2  # the fast path really is shorter
     assert torch.allclose(fast, expected, atol=1e-5)
-
-
-@pytest.fixture
-def tiny_options(tiny_model_files) -> ModelOptions:
-    config, checkpoint = tiny_model_files
-    return ModelOptions(model=str(config), weights=str(checkpoint), device="cpu")
 
 
 def test_cache_hit_skips_the_text_encoder(tiny_options, tiny_backbone, isolated_cache):

@@ -16,12 +16,6 @@ from winclip_cli.tiling import tile_grid
 runner = CliRunner()
 
 
-@pytest.fixture
-def tiny_args(tiny_model_files) -> list[str]:
-    config, checkpoint = tiny_model_files
-    return ["--model", str(config), "--weights", str(checkpoint), "--device", "cpu"]
-
-
 def run(args: list[str]):
     return runner.invoke(app, args, catch_exceptions=False)
 

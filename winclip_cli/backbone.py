@@ -264,6 +264,10 @@ def load_backbone(
             f"(is it an open_clip checkpoint of this architecture? see --model)"
         ) from None
     clip.eval()
+    if torch_device.type == "cuda" and chosen_precision == "fp32":
+        # fp32 means fp32: TF32 tensor cores would move scores by ~1e-3, past the reference's 1e-4.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     clip.to(torch_device)
     if chosen_precision != "fp32":
         # The visual tower computes in reduced precision; scores are taken in fp32 by the core.

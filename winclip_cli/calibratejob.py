@@ -99,14 +99,7 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
             reporter.warn(warning)
         memory_id = memory.content_id
         reference_of = memory.reference_index()
-    prep = Preprocessing(
-        size=backbone.image_size,
-        mean=backbone.mean,
-        std=backbone.std,
-        max_pixels=options.max_pixels,
-        tile=options.tile,
-        tile_overlap=options.tile_overlap,
-    )
+    prep = Preprocessing.for_backbone(backbone, options.max_pixels, options.tile, options.tile_overlap)
     left_out = 0
 
     def exclude_for(item: Decoded) -> int:

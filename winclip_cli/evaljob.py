@@ -80,7 +80,7 @@ def run_eval_job(options: EvalOptions, reporter: Reporter) -> list[CategoryResul
 
 def _evaluate_category(category: Category, engine, options: EvalOptions, reporter: Reporter) -> CategoryResult:
     backbone = engine.backbone
-    prep = Preprocessing(size=backbone.image_size, mean=backbone.mean, std=backbone.std, max_pixels=options.max_pixels)
+    prep = Preprocessing.for_backbone(backbone, options.max_pixels)
     references: list[Path] = []
     if options.k_shot:
         references = draw_references(category, options.k_shot, options.seed)

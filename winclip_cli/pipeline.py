@@ -58,6 +58,13 @@ class Preprocessing:
     tile: int | str | None = None  # tile size in pixels, "auto", or None for whole images
     tile_overlap: float = 0.25
 
+    @classmethod
+    def for_backbone(
+        cls, backbone, max_pixels: int = DEFAULT_MAX_PIXELS, tile: int | str | None = None, tile_overlap: float = 0.25
+    ) -> Preprocessing:
+        """The preprocessing every command uses for ``backbone``'s inputs."""
+        return cls(backbone.image_size, backbone.mean, backbone.std, max_pixels, tile, tile_overlap)
+
     def tiles_for(self, height: int, width: int) -> list[Tile] | None:
         if self.tile is None:
             return None

@@ -109,14 +109,7 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
         f"on {backbone.device} {backbone.precision}"
         + (f" ({skipped} already in the memory, skipped)" if skipped else "")
     )
-    prep = Preprocessing(
-        size=backbone.image_size,
-        mean=backbone.mean,
-        std=backbone.std,
-        max_pixels=options.max_pixels,
-        tile=options.tile,
-        tile_overlap=options.tile_overlap,
-    )
+    prep = Preprocessing.for_backbone(backbone, options.max_pixels, options.tile, options.tile_overlap)
     reporter.start("embedding references", len(fresh))
 
     def on_item(item: Decoded) -> None:

@@ -243,14 +243,7 @@ def run_scan_job(
             context.mode, context.k_shot = "few-shot", memory.k
             context.refs, context.refs_sha256 = str(options.refs), memory.sha256
             memory_id = memory.content_id
-        prep = Preprocessing(
-            size=backbone.image_size,
-            mean=backbone.mean,
-            std=backbone.std,
-            max_pixels=options.max_pixels,
-            tile=options.tile,
-            tile_overlap=options.tile_overlap,
-        )
+        prep = Preprocessing.for_backbone(backbone, options.max_pixels, options.tile, options.tile_overlap)
         fingerprint = calibration_fingerprint(engine, memory_id, prep)
         choice = choose_threshold(
             options.threshold, calibration, origin, options.calibration is not None, fingerprint, reporter
