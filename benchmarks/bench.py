@@ -288,9 +288,10 @@ def main() -> int:
                 env,
             )
             info = json.loads((work / f"scan-{precision}" / "run.json").read_text())
-            in_scan = info["scored"] / info["seconds"]
+            in_scan = info["scored"] / info["scan_seconds"]
             entry = {
                 "process_seconds": seconds,
+                "setup_seconds": info["setup_seconds"],
                 "images_per_s_in_scan": in_scan,
                 "returncode": proc.returncode,
             }

@@ -83,7 +83,7 @@ def main() -> int:
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
     )
     report["cli_returncode"] = proc.returncode
     report["cli_stderr"] = proc.stderr.strip().splitlines()[:2]

@@ -281,6 +281,7 @@ def run_scan_job(
                     reporter.advance()
                     reporter.row(row)
 
+                scan_started = time.perf_counter()
                 try:
                     summary = run_scan(
                         engine.scorer,
@@ -298,12 +299,15 @@ def run_scan_job(
                         should_stop=should_stop,
                     )
                 finally:
+                    scan_seconds = time.perf_counter() - scan_started
                     rows = state.rows()
                     write_results_csv_atomic(csv_path, rows)
             seconds = time.perf_counter() - started
             run_info.update(
                 finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 seconds=round(seconds, 3),
+                setup_seconds=round(seconds - scan_seconds, 3),  # model load, text embeddings, state
+                scan_seconds=round(scan_seconds, 3),  # decoding, model and outputs, overlapped
                 images=summary.images,
                 scored=summary.scored,
                 anomalies=summary.anomalies,
