@@ -214,6 +214,18 @@ class CsvResultWriter:
         values = row.as_csv_dict()
         self._write_line([values[col] for col in CSV_COLUMNS])
 
+    def write_many(self, rows: list[ResultRow]) -> None:
+        """Append several rows with one flush (and fsync) for all of them."""
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"write to closed CsvResultWriter ({self.path})")
+            for row in rows:
+                values = row.as_csv_dict()
+                self._writer.writerow([values[col] for col in CSV_COLUMNS])
+            self._fh.flush()
+            if self._fsync:
+                os.fsync(self._fh.fileno())
+
     def close(self) -> None:
         """Close the file; safe to call twice."""
         with self._lock:

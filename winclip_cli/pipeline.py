@@ -285,32 +285,45 @@ def box_text(x0: int, y0: int, x1: int, y1: int) -> str:
     return f"{x0} {y0} {x1} {y1}"
 
 
-class ResultWriter:
-    """Turns scored files into heatmaps, raw maps, thumbnails and rows, on a thread of its own.
+def default_writer_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
 
-    Each finished row is handed to ``on_row`` (which records it durably) in submission order.
-    An exception in ``on_row`` (the state or CSV cannot be written) stops the scan: it is re-raised
-    in the producer at its next submission or at ``close``.
+
+RowGroup = list[tuple[ResultRow, FileStamp | None]]
+_NOTHING = object()  # "no new item yet" for the collector's polling loop
+
+
+class ResultWriter:
+    """Turns scored files into heatmaps, raw maps, thumbnails and rows, behind the model.
+
+    Files are written by a pool of threads (PNG and JPEG encoding release the GIL); a collector
+    thread hands the finished rows to ``on_rows`` in submission order, in groups of whatever is
+    ready, so that the caller can make a whole group durable with one commit. Every file of a row
+    is on disk before the row is handed over. An exception in ``on_rows`` (the state or CSV cannot
+    be written) stops the scan: it is re-raised in the producer at its next submission or at ``close``.
     """
 
     def __init__(
         self,
         out_dir: Path,
         context: RowContext,
-        on_row: Callable[[ResultRow, FileStamp | None], None],
+        on_rows: Callable[[RowGroup], None],
         save_maps: bool = False,
         thumbnails: bool = True,
+        workers: int | None = None,
         max_queue: int = 16,
     ) -> None:
         self.out_dir = out_dir
         self.context = context
-        self.on_row = on_row
+        self.on_rows = on_rows
         self.save_maps = save_maps
         self.thumbnails = thumbnails
         self.summary = ScanSummary()
+        self._workers = workers or default_writer_workers()
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="winclip-write")
         self._queue: queue.Queue[Decoded | None] = queue.Queue(maxsize=max_queue)
         self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="winclip-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="winclip-collect", daemon=True)
         self._thread.start()
 
     def submit(self, item: Decoded) -> None:
@@ -321,24 +334,42 @@ class ResultWriter:
     def close(self) -> ScanSummary:
         self._queue.put(None)
         self._thread.join()
+        self._pool.shutdown(wait=True)
         if self._failure is not None:
             raise self._failure
         return self.summary
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._failure is not None:
-                continue  # drain so the producer never blocks on a dead writer
-            try:
-                row = self.make_row(item)
-                self.on_row(row, item.stamp)
-            except BaseException as err:  # the run state or CSV cannot be written (disk full...)
-                self._failure = err
-                continue
-            self._count(row)
+        pending: deque[tuple[Decoded, Future[ResultRow]]] = deque()
+        in_flight = 2 * self._workers  # bounds the decoded images held by the writer
+        finished = False
+        while not finished or pending:
+            if not finished:
+                try:
+                    item = self._queue.get(timeout=0.01 if pending else None)
+                except queue.Empty:
+                    item = _NOTHING
+                if item is None:
+                    finished = True
+                elif isinstance(item, Decoded):
+                    if self._failure is None:
+                        pending.append((item, self._pool.submit(self.make_row, item)))
+            group: RowGroup = []
+            while pending and (pending[0][1].done() or finished or len(pending) > in_flight):
+                item, future = pending.popleft()
+                try:
+                    group.append((future.result(), item.stamp))
+                except BaseException as err:  # a bug in make_row: stop rather than lose the row
+                    self._failure = self._failure or err
+                item.image = None
+            if group and self._failure is None:
+                try:
+                    self.on_rows(group)
+                except BaseException as err:  # the run state or CSV cannot be written (disk full...)
+                    self._failure = err
+                    continue
+                for row, _ in group:
+                    self._count(row)
 
     def _count(self, row: ResultRow) -> None:
         summary = self.summary
@@ -413,13 +444,13 @@ def run_scan(
     save_maps: bool = False,
     thumbnails: bool = True,
     workers: int | None = None,
-    on_row: Callable[[ResultRow, FileStamp | None], None] = lambda row, stamp: None,
+    on_rows: Callable[[RowGroup], None] = lambda rows: None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> ScanSummary:
-    """Score ``inputs`` ((path, name) pairs) and write their outputs; rows go to ``on_row`` as they finish."""
+    """Score ``inputs`` ((path, name) pairs) and write their outputs; rows go to ``on_rows`` in input order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stream = decode_stream(inputs, prep, workers=workers, lookahead=max(2 * batch_size, 4))
-    writer = ResultWriter(out_dir, context, on_row, save_maps=save_maps, thumbnails=thumbnails)
+    writer = ResultWriter(out_dir, context, on_rows, save_maps=save_maps, thumbnails=thumbnails)
     try:
         for item in processed_stream(stream, scoring_fn(scorer, device, dtype), batch_size, should_stop):
             writer.submit(item)

@@ -275,11 +275,12 @@ def run_scan_job(
             reporter.start("scanning", len(todo))
             with CsvResultWriter(csv_path, append=True) as live_csv:
 
-                def on_row(row: ResultRow, stamp: FileStamp | None) -> None:
-                    state.record(row, stamp)  # durable first: the state is the source of truth
-                    live_csv.write(row)
-                    reporter.advance()
-                    reporter.row(row)
+                def on_rows(group: list[tuple[ResultRow, FileStamp | None]]) -> None:
+                    state.record_many(group)  # one durable commit first: the state is the source of truth
+                    live_csv.write_many([row for row, _ in group])
+                    for row, _ in group:
+                        reporter.advance()
+                        reporter.row(row)
 
                 scan_started = time.perf_counter()
                 try:
@@ -295,7 +296,7 @@ def run_scan_job(
                         save_maps=options.save_maps,
                         thumbnails=options.thumbnails,
                         workers=options.workers,
-                        on_row=on_row,
+                        on_rows=on_rows,
                         should_stop=should_stop,
                     )
                 finally:

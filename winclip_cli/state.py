@@ -146,14 +146,16 @@ class RunState:
             found = self._db.execute("SELECT path, size, mtime_ns, sha256 FROM results").fetchall()
         return {path: FileStamp(size, mtime_ns, sha256 or "") for path, size, mtime_ns, sha256 in found}
 
-    def record(self, row: ResultRow, stamp: FileStamp | None) -> None:
-        """Insert or replace the row of ``row.path``; durable when this returns."""
-        size, mtime_ns, sha = (stamp.size, stamp.mtime_ns, stamp.sha256) if stamp else (None, None, None)
+    def record_many(self, group: list[tuple[ResultRow, FileStamp | None]]) -> None:
+        """Insert or replace several rows in one transaction: one disk sync for the whole group."""
+        values = []
+        for row, stamp in group:
+            size, mtime_ns, sha = (stamp.size, stamp.mtime_ns, stamp.sha256) if stamp else (None, None, None)
+            values.append((row.path, size, mtime_ns, sha, json.dumps(row.as_csv_dict())))
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)",
-                (row.path, size, mtime_ns, sha, json.dumps(row.as_csv_dict())),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", values)
+            self._db.execute("COMMIT")
 
     def forget(self, paths: list[str]) -> None:
         with self._lock:
