@@ -32,8 +32,9 @@ from .prompts import DEFAULT_CLASS, load_vocabulary
 
 EXIT_CODES_HELP = """
 Exit codes: 0 done; 1 at least one image scored over the threshold (only with --fail-on-anomaly);
-2 usage or setup error (bad option, no images, weights or memory unusable); 3 some files could not
-be read (every other image was scored and written); 130 interrupted (results so far are kept).
+2 usage or setup error (bad option, no images, weights or memory unusable); 3 some files or folders could
+not be read (every other image was scored and written); 4 another scan is writing to the same output
+folder; 130 interrupted (results so far are kept).
 """
 
 app = typer.Typer(
@@ -356,7 +357,7 @@ def scan(
         raise typer.Exit(EXIT_INTERRUPTED)
     if fail_on_anomaly and summary.anomalies:
         raise typer.Exit(EXIT_ANOMALY)
-    if summary.errors:
+    if summary.errors or result.unlisted:
         raise typer.Exit(EXIT_UNREADABLE)
     raise typer.Exit(EXIT_OK)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import torch
@@ -34,8 +35,8 @@ from .winclip import WinClipScorer
 
 
 def relative_name(path: Path, root: Path) -> str:
-    """POSIX path of ``path`` relative to the scanned root (the file name when root is the file)."""
-    if root.is_file():
+    """POSIX path of ``path`` relative to the scanned root (the file name when root is not a folder)."""
+    if not root.is_dir():
         return path.name
     return path.relative_to(root).as_posix()
 
@@ -96,6 +97,8 @@ def decode_file(path: Path, relpath: str, prep: Preprocessing, with_stamp: bool 
     """Read, hash, decode and preprocess one file; any failure becomes ``Decoded.error``."""
     try:
         stat = path.stat()
+        if not S_ISREG(stat.st_mode):  # a FIFO or device would block or never end when read
+            return Decoded(path, relpath, error="not a regular file")
         stamp = FileStamp(stat.st_size, stat.st_mtime_ns, sha256_file(path) if with_stamp else "")
     except OSError as err:
         reason = err.strerror or type(err).__name__

@@ -189,9 +189,12 @@ class ScanResult:
     seconds: float
     run_info: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    unlisted: list[str] = field(default_factory=list)  # folders that could not be listed
 
 
-def discover(directory: Path, out: Path, reporter: Reporter) -> list[Path]:
+def discover(directory: Path, out: Path, reporter: Reporter, unlisted: list[str] | None = None) -> list[Path]:
+    """The image files under ``directory``; folders that cannot be listed are warned about and,
+    when ``unlisted`` is given, appended to it (a scan reports them in its exit code)."""
     from .images import discover_images
 
     if not directory.exists():
@@ -199,6 +202,8 @@ def discover(directory: Path, out: Path, reporter: Reporter) -> list[Path]:
     found = discover_images(directory, exclude=[out])
     for folder, reason in found.skipped_dirs:
         reporter.warn(f"cannot list {folder}: {reason}")
+        if unlisted is not None:
+            unlisted.append(f"{folder}: {reason}")
     return found.files
 
 
@@ -210,7 +215,8 @@ def run_scan_job(
 
     started = time.perf_counter()
     load_vocabulary(options.prompts)  # a bad vocabulary fails before anything slow happens
-    files = discover(options.directory, options.out, reporter)
+    unlisted: list[str] = []
+    files = discover(options.directory, options.out, reporter, unlisted)
     if not files:
         raise SetupError(f"no images found under {options.directory} (png, jpg, jpeg, bmp, tif, tiff, webp)")
     inputs = [(path, relative_name(path, options.directory)) for path in files]
@@ -318,11 +324,14 @@ def run_scan_job(
                 total_anomalies=sum(r.label == "anomalous" for r in rows),
                 total_errors=sum(r.status == "error" for r in rows),
                 interrupted=bool(should_stop()),
+                unlisted_dirs=unlisted,
             )
             write_text_atomic(options.out / "run.json", json.dumps(run_info, indent=2) + "\n")
         finally:
             state.close()
-    return ScanResult(summary, len(rows), skipped, seconds, run_info, interrupted=bool(should_stop()))
+    return ScanResult(
+        summary, len(rows), skipped, seconds, run_info, interrupted=bool(should_stop()), unlisted=unlisted
+    )
 
 
 def _select(
@@ -346,6 +355,13 @@ def _select(
         )
         state.reset(config)
         return inputs, 0
+    present = {name for _, name in inputs}
+    gone = [row for row in state.rows() if row.path not in present]
+    if gone:
+        # scores.csv describes the folder as it is: results of files that disappeared go too
+        reporter.info(f"{len(gone)} files scanned earlier are gone: their rows and heatmaps are removed")
+        state.forget([row.path for row in gone])
+        _remove_outputs(state.path.parent.parent, gone)
     rows = state.rows()
     relabelled = [_relabel(row, context) for row in rows]
     # compare as written (6 decimals): the stored rows hold the rounded values
@@ -370,6 +386,19 @@ def _select(
     todo += [(path, name) for path, name in inputs if name in errors and name not in todo_names]
     todo.sort(key=lambda entry: entry[1])
     return todo, len(inputs) - len(todo)
+
+
+def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
+    from .report import thumbnail_relpaths
+
+    for row in rows:
+        if not row.heatmap:
+            continue
+        raw = "maps/" + row.heatmap[len("heatmaps/") : -len(".png")] + ".tiff"
+        for relpath in (row.heatmap, raw, *thumbnail_relpaths(row.path)):
+            target = out_dir / relpath
+            if target.resolve().is_relative_to(out_dir.resolve()):  # never outside OUT, whatever the CSV says
+                target.unlink(missing_ok=True)
 
 
 def _relabel(row: ResultRow, context: RowContext) -> ResultRow:

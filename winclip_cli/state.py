@@ -112,7 +112,8 @@ class RunState:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+            # path as bytes: file names need not be valid UTF-8 (surrogate-escaped in Python), SQLite TEXT must be
+            "CREATE TABLE IF NOT EXISTS results (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
             "sha256 TEXT, row TEXT NOT NULL)"
         )
 
@@ -144,14 +145,14 @@ class RunState:
     def stamps(self) -> dict[str, FileStamp]:
         with self._lock:
             found = self._db.execute("SELECT path, size, mtime_ns, sha256 FROM results").fetchall()
-        return {path: FileStamp(size, mtime_ns, sha256 or "") for path, size, mtime_ns, sha256 in found}
+        return {_path(key): FileStamp(size, mtime_ns, sha256 or "") for key, size, mtime_ns, sha256 in found}
 
     def record_many(self, group: list[tuple[ResultRow, FileStamp | None]]) -> None:
         """Insert or replace several rows in one transaction: one disk sync for the whole group."""
         values = []
         for row, stamp in group:
             size, mtime_ns, sha = (stamp.size, stamp.mtime_ns, stamp.sha256) if stamp else (None, None, None)
-            values.append((row.path, size, mtime_ns, sha, json.dumps(row.as_csv_dict())))
+            values.append((_key(row.path), size, mtime_ns, sha, json.dumps(row.as_csv_dict())))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", values)
@@ -160,7 +161,7 @@ class RunState:
     def forget(self, paths: list[str]) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM results WHERE path = ?", [(p,) for p in paths])
+            self._db.executemany("DELETE FROM results WHERE path = ?", [(_key(p),) for p in paths])
             self._db.execute("COMMIT")
 
     def rows(self) -> list[ResultRow]:
@@ -174,9 +175,18 @@ class RunState:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
-                "UPDATE results SET row = ? WHERE path = ?", [(json.dumps(r.as_csv_dict()), r.path) for r in rows]
+                "UPDATE results SET row = ? WHERE path = ?",
+                [(json.dumps(r.as_csv_dict()), _key(r.path)) for r in rows],
             )
             self._db.execute("COMMIT")
+
+
+def _key(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _path(key: bytes) -> str:
+    return bytes(key).decode("utf-8", "surrogateescape")
 
 
 def clean_stale_temporaries(out_dir: Path) -> int:
