@@ -240,6 +240,61 @@ def _download_hint(cfg: dict) -> str:
     return " or ".join(places) if places else "the checkpoint"
 
 
+def create_uninitialised(architecture: str) -> nn.Module:
+    """The architecture with storage for its weights, skipping their random initialisation.
+
+    Initialising ViT-B-16-plus-240's 200 M parameters costs seconds on a CPU, and every one of
+    them is overwritten by the checkpoint (loaded strictly next). The model is built on the meta
+    device and given empty storage; the only buffer that checkpoints do not hold, CLIP's causal
+    text mask, is rebuilt. Models with other such buffers are built the ordinary way.
+    """
+    with torch.device("meta"):
+        model = open_clip.create_model(architecture, pretrained=None, device="meta")
+    unsaved = [(module, name) for module in model.modules() for name in module._non_persistent_buffers_set]
+    if not isinstance(model, open_clip.CLIP) or any(
+        module is not model or name != "attn_mask" for module, name in unsaved
+    ):
+        return open_clip.create_model(architecture, pretrained=None, device="cpu")
+    model = model.to_empty(device="cpu")
+    if unsaved:
+        length = model.context_length
+        model.attn_mask.copy_(torch.full((length, length), float("-inf")).triu_(1))
+    return model
+
+
+def load_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Load a checkpoint strictly, without unpickling arbitrary objects.
+
+    Plain open_clip state dicts are memory-mapped straight into the model; anything else (older
+    layouts, timm or big_vision weights) goes through open_clip's converting loader.
+    """
+    state = _read_state_dict(checkpoint)
+    if state is not None and set(state) == set(model.state_dict()):
+        model.load_state_dict(state, strict=True)
+    else:
+        open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+
+
+def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor] | None:
+    if checkpoint.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(checkpoint))
+    if checkpoint.suffix in (".npz", ".npy"):
+        return None  # big_vision weights: open_clip converts them
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    if state and next(iter(state)).startswith("module."):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
 def load_backbone(
     model: str = DEFAULT_ARCHITECTURE,
     weights: str | None = None,
@@ -252,11 +307,11 @@ def load_backbone(
     chosen_precision = select_precision(precision, torch_device)
     checkpoint = resolve_weights(architecture, weights or default_weights())
     try:
-        clip = open_clip.create_model(architecture, pretrained=None, device="cpu")
+        clip = create_uninitialised(architecture)
     except Exception as err:
         raise SetupError(f"cannot build architecture {architecture}: {err}") from None
     try:
-        open_clip.load_checkpoint(clip, str(checkpoint), strict=True, weights_only=True)
+        load_weights(clip, checkpoint)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsUnavailableError(
