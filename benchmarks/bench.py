@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cron-images", type=int, default=20, help="images in the cron-style run")
     parser.add_argument("--rss-counts", default="50,500", help="image counts for the peak-RSS comparison")
     parser.add_argument(
-        "--skip", default="", help="comma list of sections to skip: load,text,compute,scan,cron,rss,drift"
+        "--skip", default="", help="comma list of sections to skip: load,text,compute,fewshot,scan,cron,rss,drift"
     )
     parser.add_argument("--quick", action="store_true", help="tiny counts everywhere (smoke test of the script)")
     parser.add_argument("--json", dest="json_path", default="benchmarks/results.json", help="output JSON file")
@@ -259,6 +259,27 @@ def main() -> int:
             }
             del bb, scorer
         results["compute"] = compute
+
+    # ---------------------------------------------------------------------------------- few-shot cost
+    if "fewshot" not in skip:
+        from winclip_cli.winclip import ReferenceMemory  # noqa: E402
+
+        scorer = WinClipScorer(visual, torch.randn(2, visual.output_dim, device=device))
+        batch = torch.randn(2, 3, *backbone.image_size, device=device)
+        emb = scorer.embed(batch)
+        zero_s, _ = timed(lambda: scorer.score_embeddings(emb), 3)
+        fewshot = {"zero_shot_scoring_s_per_image": zero_s / 2}
+        for k in (1, 4, 16, 64, 256):
+            scorer.memory = ReferenceMemory(
+                patches=torch.randn(k * emb.patches.shape[1], emb.patches.shape[2], device=device),
+                windows=[torch.randn(k * w.shape[1], w.shape[2], device=device) for w in emb.windows],
+            )
+            seconds, _ = timed(lambda: scorer.score_embeddings(emb), 3)
+            fewshot[f"k{k}_scoring_s_per_image"] = seconds / 2
+        per_image = compute.get("fp32", {}).get("seconds_per_image")
+        if per_image:
+            fewshot["k64_added_fraction_of_fp32_image"] = (fewshot["k64_scoring_s_per_image"] - zero_s / 2) / per_image
+        results["fewshot"] = fewshot
 
     # ----------------------------------------------------------------------------------- end to end
     images = work / "images"
