@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
         left_out_names = []
         # only a memory of two or more references can leave one out and still compare with the others
         for path, name in inputs:
-            if sha256_file(path) in reference_of:
+            if path.is_file() and sha256_file(path) in reference_of:
                 left_out_names.append(name)
         left_out = len(left_out_names)
         if left_out and memory.k < 2:
@@ -144,7 +144,7 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
     record = {
         "tool": "winclip",
         "version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "class_name": engine.ensemble.class_name,
         "good_dir": str(options.good_dir),
         "leave_one_out": left_out,

@@ -7,6 +7,7 @@ that need them, so ``winclip --help`` and ``winclip prompts`` start instantly.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -30,9 +31,17 @@ from .errors import (
 )
 from .prompts import DEFAULT_CLASS, load_vocabulary
 
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
+
+JOB_EXIT_CODES_HELP = """
+Exit codes: 0 done; 2 usage, setup or environment error (bad option, no images, weights unusable,
+unwritable output); 3 some files could not be read (every other image was used); 130 interrupted.
+"""
+
 EXIT_CODES_HELP = """
 Exit codes: 0 done; 1 at least one image scored over the threshold (only with --fail-on-anomaly);
-2 usage or setup error (bad option, no images, weights or memory unusable); 3 some files or folders could
+2 usage, setup or environment error (bad option, no images, weights or memory unusable, unwritable
+output); 3 some files or folders could
 not be read (every other image was scored and written); 4 another scan is writing to the same output
 folder; 130 interrupted (results so far are kept).
 """
@@ -64,14 +73,38 @@ def _escape(text: str) -> str:
 
 @contextmanager
 def user_errors():
-    """Domain errors become one line on stderr and their exit code; never a traceback."""
+    """Every failure becomes one line on stderr and an exit code; never a traceback.
+
+    Domain errors carry their own code. The environment failing under us (disk full, a read-only
+    or missing folder, out of memory) exits 2 with the system's reason. Anything else is a bug:
+    one line too, and WINCLIP_DEBUG=1 shows the traceback for the report.
+    """
     try:
         yield
+    except typer.Exit:
+        raise
     except WinclipError as err:
         raise fail(str(err), err.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        # `winclip scan --json | head`: the reader is gone; stop quietly, as a shell pipeline expects
+        try:
+            sys.stdout = open(os.devnull, "w")
+        finally:
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    except Exception as err:
+        if os.environ.get("WINCLIP_DEBUG"):
+            raise
+        if isinstance(err, OSError):
+            where = f" ({err.filename})" if err.filename else ""
+            raise fail(f"{err.strerror or err}{where}", EXIT_USAGE) from None
+        if isinstance(err, MemoryError):
+            raise fail("out of memory (try a smaller --batch-size or --max-pixels)", EXIT_USAGE) from None
+        raise fail(
+            f"internal error: {type(err).__name__}: {err} (set WINCLIP_DEBUG=1 for the traceback)", EXIT_USAGE
+        ) from None
 
 
 def version_callback(value: bool) -> None:
@@ -365,7 +398,7 @@ def scan(
 # ------------------------------------------------------------------------------------------------ build-refs
 
 
-@app.command("build-refs", epilog=EXIT_CODES_HELP)
+@app.command("build-refs", epilog=JOB_EXIT_CODES_HELP)
 def build_refs(
     sources: Annotated[
         list[Path], typer.Argument(help="Folders (searched recursively) and/or files of normal images.")
@@ -440,7 +473,7 @@ def build_refs(
 # ------------------------------------------------------------------------------------------------- calibrate
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(epilog=JOB_EXIT_CODES_HELP)
 def calibrate(
     good_dir: Annotated[Path, typer.Argument(help="Folder of normal (good) images, searched recursively.")],
     fpr: Annotated[
@@ -494,6 +527,9 @@ def calibrate(
     from .calibration import histogram
 
     with user_errors():
+        for name, rate in (("--fpr", fpr), ("--pixel-fpr", pixel_fpr)):
+            if rate is not None and not 0.0 <= rate < 1.0:
+                raise SetupError(f"{name} must be in [0, 1), got {rate}")
         if refs is not None and out is not None:
             raise SetupError("--out is for calibrations without --refs; with --refs the result is stored in the memory")
         options = CalibrateOptions(
@@ -542,7 +578,7 @@ def calibrate(
 # ------------------------------------------------------------------------------------------------------ eval
 
 
-@app.command("eval", epilog=EXIT_CODES_HELP)
+@app.command("eval", epilog=JOB_EXIT_CODES_HELP)
 def evaluate(
     root: Annotated[
         Path, typer.Argument(help="Labelled data: MVTec-AD, VisA (1-class split) or good/ + bad/ folders.")

@@ -17,6 +17,7 @@ import os
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ def build_metadata(
     patch_dim: int,
     embed_dim: int,
 ) -> dict[str, Any]:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     return {
         "format_version": FORMAT_VERSION,
@@ -143,7 +144,7 @@ def build_metadata(
         "class_name": class_name,
         "vocabulary_sha256": vocabulary_sha256,
         "references": references,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -185,26 +186,34 @@ def load_memory(path: Path) -> MemoryFile:
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise MemoryFileError(f"{path} is corrupt or truncated ({type(err).__name__}: {err})") from None
 
-    metadata = _parse_metadata(path, arrays.pop("metadata"))
-    patches = _float_array(path, arrays.pop("patches"), "patches")
-    scales = tuple(int(s) for s in metadata["scales"])
-    windows = {}
-    for scale in scales:
-        name = f"windows_{scale}"
-        if name not in arrays:
-            raise MemoryFileError(f"{path} lacks the window embeddings of scale {scale}")
-        windows[scale] = _float_array(path, arrays[name], name)
-    k = patches.shape[0]
-    grid = metadata["grid_size"]
-    if patches.shape[1] != grid[0] * grid[1] or patches.shape[2] != metadata["patch_dim"]:
-        raise MemoryFileError(f"{path}: patches array has shape {patches.shape}, inconsistent with its metadata")
-    for scale, array in windows.items():
-        expected_windows = (grid[0] - scale + 1) * (grid[1] - scale + 1)
-        if array.shape != (k, expected_windows, metadata["embed_dim"]):
-            raise MemoryFileError(f"{path}: windows_{scale} has shape {array.shape}, inconsistent with its metadata")
-    entries = sum(int(ref.get("entries", 1)) for ref in metadata["references"])
-    if entries != k:
-        raise MemoryFileError(f"{path}: metadata lists {entries} embedded images or tiles but holds {k}")
+    try:
+        metadata = _parse_metadata(path, arrays.pop("metadata"))
+        patches = _float_array(path, arrays.pop("patches"), "patches")
+        scales = tuple(int(s) for s in metadata["scales"])
+        windows = {}
+        for scale in scales:
+            name = f"windows_{scale}"
+            if name not in arrays:
+                raise MemoryFileError(f"{path} lacks the window embeddings of scale {scale}")
+            windows[scale] = _float_array(path, arrays[name], name)
+        k = patches.shape[0]
+        grid = metadata["grid_size"]
+        if patches.shape[1] != grid[0] * grid[1] or patches.shape[2] != metadata["patch_dim"]:
+            raise MemoryFileError(f"{path}: patches array has shape {patches.shape}, inconsistent with its metadata")
+        for scale, array in windows.items():
+            expected_windows = (grid[0] - scale + 1) * (grid[1] - scale + 1)
+            if array.shape != (k, expected_windows, metadata["embed_dim"]):
+                raise MemoryFileError(
+                    f"{path}: windows_{scale} has shape {array.shape}, inconsistent with its metadata"
+                )
+        entries = sum(int(ref.get("entries", 1)) for ref in metadata["references"])
+        if entries != k:
+            raise MemoryFileError(f"{path}: metadata lists {entries} embedded images or tiles but holds {k}")
+    except MemoryFileError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+        # a crafted or foreign metadata document: refuse it in one line, whatever shape it has
+        raise MemoryFileError(f"{path}: metadata is malformed ({type(err).__name__}: {err})") from None
     return MemoryFile(path=path, sha256=sha256_file(path), metadata=metadata, patches=patches, windows=windows)
 
 

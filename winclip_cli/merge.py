@@ -10,14 +10,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import SetupError
-from .outputs import ResultRow, read_results_csv, write_results_csv_atomic, write_text_atomic
+from .outputs import (
+    ResultRow,
+    heatmap_relpath,
+    map_relpath,
+    read_results_csv,
+    write_results_csv_atomic,
+    write_text_atomic,
+)
 from .report import thumbnail_relpaths
 
 # run.json keys that must agree for rows to be comparable
@@ -45,15 +52,20 @@ class MergeResult:
 
 def _read_run(folder: Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SetupError(f"{folder} is not a winclip output folder (no run.json)") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SetupError(f"cannot read {folder / 'run.json'}: {err}") from None
+    if not isinstance(info, dict):
+        raise SetupError(f"{folder / 'run.json'} is not a winclip run record")
+    return info
 
 
 def _place(source: Path, target: Path) -> None:
     """Hard link (cheap, same bytes) or copy ``source`` to ``target``, replacing what is there."""
+    if target.exists() and os.path.samefile(source, target):
+        return  # merged before: os.replace between two links of one file would leave the temporary
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.merge.tmp")
     tmp.unlink(missing_ok=True)
@@ -62,6 +74,19 @@ def _place(source: Path, target: Path) -> None:
     except OSError:
         shutil.copy2(source, tmp)
     os.replace(tmp, target)
+
+
+def _own_file(folder: Path, relpath: str) -> Path | None:
+    """``folder/relpath`` when it is a regular file of the folder itself (no symlink anywhere below it)."""
+    path = folder / relpath
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        if not path.resolve().is_relative_to(folder.resolve()):
+            return None
+    except OSError:
+        return None
+    return path
 
 
 def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
@@ -87,8 +112,11 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         csv_path = folder / "scores.csv"
         if not csv_path.is_file():
             raise SetupError(f"{folder} has no scores.csv")
-        for values in read_results_csv(csv_path):
-            row = ResultRow.from_csv_dict(values)
+        for number, values in enumerate(read_results_csv(csv_path), start=2):
+            try:
+                row = ResultRow.from_csv_dict(values)
+            except (TypeError, ValueError) as err:
+                raise SetupError(f"{csv_path}:{number}: not a winclip result row ({err})") from None
             if row.path in merged:
                 duplicates += 1
                 continue
@@ -97,13 +125,16 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
     out.mkdir(parents=True, exist_ok=True)
     for path, row in merged.items():
         folder = origin[path]
-        if row.heatmap:
-            extra = [row.heatmap, *thumbnail_relpaths(row.path)]
-            raw = "maps/" + row.heatmap[len("heatmaps/") : -len(".png")] + ".tiff"
-            for relpath in (*extra, raw):
-                source = folder / relpath
-                if source.is_file():
-                    _place(source, out / relpath)
+        if not row.heatmap:
+            continue
+        # Paths are derived from the image path, never taken from the CSV: a crafted scores.csv
+        # cannot make merge read or write anything outside the folders it merges.
+        heatmap = heatmap_relpath(row.path)
+        merged[path] = replace(row, heatmap=heatmap)
+        for relpath in (heatmap, map_relpath(row.path), *thumbnail_relpaths(row.path)):
+            source = _own_file(folder, relpath)
+            if source is not None:
+                _place(source, out / relpath)
     rows = sorted(merged.values(), key=lambda row: row.path)
     write_results_csv_atomic(out / "scores.csv", rows)
     info = {key: reference.get(key) for key in reference if key not in ("started", "finished", "seconds")}
@@ -111,7 +142,7 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         tool="winclip",
         version=__version__,
         merged_from=[str(folder) for folder in sources],
-        merged=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        merged=datetime.now(UTC).isoformat(timespec="seconds"),
         shard=None,
         images=len(rows),
         scored=sum(r.status == "ok" for r in rows),

@@ -340,6 +340,11 @@ LUT: np.ndarray = _build_lut()  # (256, 3) uint8
 LUT.flags.writeable = False  # shared module state: nobody should be able to repaint it by accident
 
 
+def map_relpath(image_relpath: str) -> str:
+    """'good/001.jpg' -> 'maps/good/001.jpg.tiff': the raw float map, beside the heatmap's naming."""
+    return "maps/" + heatmap_relpath(image_relpath)[len(HEATMAP_DIR) + 1 : -len(".png")] + ".tiff"
+
+
 def colorize(score_map: np.ndarray) -> np.ndarray:
     """(H, W) scores on the fixed 0..1 scale -> (H, W, 3) uint8 colours.
 

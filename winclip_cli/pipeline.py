@@ -17,6 +17,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -28,7 +29,14 @@ import torch.nn.functional as F
 from .errors import ImageDecodeError
 from .hashing import sha256_file
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess
-from .outputs import ResultRow, heatmap_relpath, overlay, write_float_tiff_atomic, write_png_atomic
+from .outputs import (
+    ResultRow,
+    heatmap_relpath,
+    map_relpath,
+    overlay,
+    write_float_tiff_atomic,
+    write_png_atomic,
+)
 from .state import FileStamp
 from .tiling import Tile, TileBlender, auto_tile_size, crop, tile_grid
 from .winclip import WinClipScorer
@@ -46,6 +54,9 @@ def default_workers() -> int:
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
+
+
+MAX_TILES = 4096  # per image: their model inputs are all held at once
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,13 @@ class Preprocessing:
         size = auto_tile_size(height, width, min(self.size)) if self.tile == "auto" else int(self.tile)
         if size is None:
             return None
-        return tile_grid(height, width, size, self.tile_overlap)
+        tiles = tile_grid(height, width, size, self.tile_overlap)
+        if len(tiles) > MAX_TILES:
+            raise ImageDecodeError(
+                f"{len(tiles)} tiles of {size} px for a {width}x{height} image "
+                f"(more than {MAX_TILES}); use a larger --tile"
+            )
+        return tiles
 
 
 @dataclass
@@ -273,7 +290,9 @@ class RowContext:
         }
 
     def label(self, score: float) -> str:
-        return "anomalous" if score > self.threshold else "normal"
+        """Decided on the values as written (6 decimals), so that the CSV never contradicts itself
+        and relabelling stored rows gives the label a fresh scan would."""
+        return "anomalous" if round(score, 6) > round(self.threshold, 6) else "normal"
 
 
 @dataclass
@@ -380,7 +399,7 @@ class ResultWriter:
         if row.status == "ok":
             summary.scored += 1
             summary.anomalies += row.label == "anomalous"
-        else:
+        if row.error:  # unreadable input, or outputs that could not be written
             summary.errors += 1
 
     def make_row(self, item: Decoded) -> ResultRow:
@@ -399,21 +418,22 @@ class ResultWriter:
 
             area, box = anomalous_area(score_map, ctx.pixel_threshold)
             bbox = box_text(*box) if box else ""
+        problem = ""
         try:
             display = image.to_display_uint8()
             heat = overlay(display, score_map)
             write_png_atomic(self.out_dir / heatmap, heat)
             if self.save_maps:
-                raw = self.out_dir / "maps" / (heatmap[len("heatmaps/") : -len(".png")] + ".tiff")
-                write_float_tiff_atomic(raw, score_map)
+                write_float_tiff_atomic(self.out_dir / map_relpath(item.relpath), score_map)
             if self.thumbnails:
                 from .report import write_thumbnails
 
                 write_thumbnails(self.out_dir, item.relpath, display, heat)
-        except (OSError, ValueError) as err:
-            return ResultRow(
-                path=item.relpath, status="error", error=f"cannot write outputs: {err}", sha256=sha, **ctx.common()
-            )
+        except OSError as err:
+            # The score stands (an anomaly must still be reported); the missing file is said in `error`.
+            problem = f"cannot write outputs: {err.strerror or err}"
+            if not (self.out_dir / heatmap).is_file():
+                heatmap = ""
         return ResultRow(
             path=item.relpath,
             status="ok",
@@ -430,6 +450,7 @@ class ResultWriter:
             tiles=len(item.tiles) if item.tiles else None,
             best_tile=box_text(best_tile.x0, best_tile.y0, best_tile.x1, best_tile.y1) if best_tile else "",
             sha256=sha,
+            error=problem,
             **ctx.common(),
         )
 
@@ -455,8 +476,9 @@ def run_scan(
     stream = decode_stream(inputs, prep, workers=workers, lookahead=max(2 * batch_size, 4))
     writer = ResultWriter(out_dir, context, on_rows, save_maps=save_maps, thumbnails=thumbnails)
     try:
-        for item in processed_stream(stream, scoring_fn(scorer, device, dtype), batch_size, should_stop):
-            writer.submit(item)
+        with closing(stream):  # on an error, queued decodes are cancelled rather than awaited
+            for item in processed_stream(stream, scoring_fn(scorer, device, dtype), batch_size, should_stop):
+                writer.submit(item)
     finally:
         summary = writer.close()
     return summary

@@ -77,13 +77,17 @@ def pick(inputs: list[tuple[Path, str]], k: int | None, seed: int | None) -> lis
 def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
     started = time.perf_counter()
     vocabulary = load_vocabulary(options.prompts)
-    inputs = pick(reference_inputs(options.sources, [options.out], reporter), options.k, options.seed)
+    inputs = reference_inputs(options.sources, [options.out], reporter)
     existing = load_memory(options.out) if options.append and options.out.exists() else None
+    if existing is None:  # nothing known yet: choose first, so only the chosen files are read
+        inputs = pick(inputs, options.k, options.seed)
     known = existing.reference_hashes if existing else set()
     hashes: dict[Path, str] = {}
     fresh: list[tuple[Path, str]] = []
     for path, name in inputs:
         try:
+            if not path.is_file():
+                raise SetupError(f"reference {path} is not a regular file")
             digest = sha256_file(path)
         except OSError as err:
             raise SetupError(f"cannot read reference {path}: {err.strerror or err}") from None
@@ -92,6 +96,9 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
         hashes[path] = digest
         fresh.append((path, name))
     skipped = len(inputs) - len(fresh)
+    if existing is not None:  # k counts new references: `--append --k 4` adds 4 the memory lacks
+        fresh = pick(fresh, options.k, options.seed)
+    sizes = {path: path.stat().st_size for path, _ in fresh}
 
     backbone = build_backbone(options.model)
     import torch
@@ -128,7 +135,7 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
         on_item=on_item,
     )
     references = [
-        {"path": name, "size": path.stat().st_size, "sha256": hashes[path], "entries": entries}
+        {"path": name, "size": sizes[path], "sha256": hashes[path], "entries": entries}
         for name, path, entries in zip(embedded.names, embedded.paths, embedded.entries_per_image, strict=True)
     ]
     if existing is None and not references:

@@ -11,14 +11,22 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__
 from .engine import Engine, ModelOptions, build_engine
 from .errors import SetupError
-from .outputs import CSV_COLUMNS, CsvResultWriter, ResultRow, write_results_csv_atomic, write_text_atomic
+from .outputs import (
+    CSV_COLUMNS,
+    CsvResultWriter,
+    ResultRow,
+    heatmap_relpath,
+    map_relpath,
+    write_results_csv_atomic,
+    write_text_atomic,
+)
 from .pipeline import Preprocessing, RowContext, ScanSummary, relative_name, run_scan
 from .state import FileStamp, OutputLock, RunState, clean_stale_temporaries
 
@@ -103,41 +111,58 @@ def calibration_fingerprint(engine: Engine, memory_id: str, prep: Preprocessing)
     }
 
 
+def parse_threshold(text: str) -> float | None:
+    """'auto' -> None, else a number in [0, 1]; checked before anything slow happens."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise SetupError(f"--threshold takes a number between 0 and 1 or 'auto', not {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise SetupError(f"--threshold must be between 0 and 1, got {text}")
+    return value
+
+
 def choose_threshold(
-    requested: str,
+    requested: float | None,
     calibration: dict[str, Any] | None,
     calibration_origin: str,
     explicit: bool,
     fingerprint: dict[str, Any],
     reporter: Reporter,
 ) -> ThresholdChoice:
-    """--threshold VALUE, else a matching calibration, else the default 0.5 (and say which)."""
+    """--threshold VALUE, else a matching calibration, else the default 0.5 (and say which).
+
+    A calibration made for another configuration is never used: with an explicit --calibration
+    that is an error (unless --threshold overrides it), otherwise a warning.
+    """
     from .calibration import Calibration
 
-    pixel = None
     usable = None
     if calibration is not None:
-        stored = calibration.get("fingerprint", {})
+        stored = calibration.get("fingerprint")
+        if not isinstance(stored, dict):
+            raise SetupError(
+                f"{calibration_origin} holds a malformed calibration; recalibrate with `winclip calibrate`"
+            )
         differences = sorted(key for key in fingerprint if stored.get(key) != fingerprint[key])
         if differences:
             message = (
                 f"the calibration in {calibration_origin} was made with another {', '.join(differences)}; "
                 "recalibrate with `winclip calibrate`"
             )
-            if explicit:
+            if explicit and requested is None:
                 raise SetupError(message)
-            reporter.warn(message + f"; using the default threshold {DEFAULT_THRESHOLD}")
+            fallback = (
+                f"--threshold {requested:g}" if requested is not None else f"the default threshold {DEFAULT_THRESHOLD}"
+            )
+            reporter.warn(f"{message}; using {fallback} and no pixel threshold")
         else:
             usable = Calibration.from_dict(calibration["calibration"])
-            pixel = usable.pixel_threshold
-    if requested != "auto":
-        try:
-            value = float(requested)
-        except ValueError:
-            raise SetupError(f"--threshold takes a number between 0 and 1 or 'auto', not {requested!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise SetupError(f"--threshold must be between 0 and 1, got {requested}")
-        return ThresholdChoice(value, "--threshold", pixel, calibration)
+    pixel = usable.pixel_threshold if usable is not None else None
+    if requested is not None:
+        return ThresholdChoice(requested, "--threshold", pixel, calibration)
     if usable is not None:
         source = f"calibrated: fpr {usable.fpr:g} on {usable.n_images} good images ({calibration_origin})"
         return ThresholdChoice(usable.threshold, source, pixel, calibration)
@@ -214,10 +239,13 @@ def run_scan_job(
     from .prompts import load_vocabulary
 
     started = time.perf_counter()
-    load_vocabulary(options.prompts)  # a bad vocabulary fails before anything slow happens
+    requested_threshold = parse_threshold(options.threshold)  # bad options fail before anything slow
+    load_vocabulary(options.prompts)
+    if options.out.exists() and not options.out.is_dir():
+        raise SetupError(f"--out {options.out} exists and is not a folder")
     unlisted: list[str] = []
     files = discover(options.directory, options.out, reporter, unlisted)
-    if not files:
+    if not files and not options.incremental:
         raise SetupError(f"no images found under {options.directory} (png, jpg, jpeg, bmp, tif, tiff, webp)")
     inputs = [(path, relative_name(path, options.directory)) for path in files]
     if options.shard is not None:
@@ -252,7 +280,7 @@ def run_scan_job(
         prep = Preprocessing.for_backbone(backbone, options.max_pixels, options.tile, options.tile_overlap)
         fingerprint = calibration_fingerprint(engine, memory_id, prep)
         choice = choose_threshold(
-            options.threshold, calibration, origin, options.calibration is not None, fingerprint, reporter
+            requested_threshold, calibration, origin, options.calibration is not None, fingerprint, reporter
         )
         context.threshold, context.threshold_source, context.pixel_threshold = choice.value, choice.source, choice.pixel
 
@@ -261,10 +289,15 @@ def run_scan_job(
             "class_name": engine.ensemble.class_name,
             "pixel_threshold": choice.pixel,
             "max_pixels": options.max_pixels,
+            # another folder or shard in the same OUT must never mix with (or delete) the stored rows
+            "input": str(options.directory.resolve()),
+            "shard": list(options.shard) if options.shard else None,
         }
         state = RunState(options.out)
+        if state.recovered_from:
+            reporter.warn(f"the run state was damaged and was moved to {state.recovered_from}; starting afresh")
         try:
-            todo, skipped = _select(state, config, context, inputs, options.incremental, reporter)
+            todo, skipped = _select(state, config, context, inputs, options.incremental, reporter, bool(unlisted))
             mode = f"few-shot k={context.k_shot}" if memory is not None else "zero-shot"
             shard = f", shard {options.shard[0]}/{options.shard[1]}" if options.shard else ""
             reporter.info(
@@ -311,7 +344,7 @@ def run_scan_job(
                     write_results_csv_atomic(csv_path, rows)
             seconds = time.perf_counter() - started
             run_info.update(
-                finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                finished=datetime.now(UTC).isoformat(timespec="seconds"),
                 seconds=round(seconds, 3),
                 setup_seconds=round(seconds - scan_seconds, 3),  # model load, text embeddings, state
                 scan_seconds=round(scan_seconds, 3),  # decoding, model and outputs, overlapped
@@ -341,6 +374,7 @@ def _select(
     inputs: list[tuple[Path, str]],
     incremental: bool,
     reporter: Reporter,
+    listing_incomplete: bool = False,
 ) -> tuple[list[tuple[Path, str]], int]:
     """The inputs to score now, and how many are unchanged since the stored results."""
     stored = state.config()
@@ -357,7 +391,11 @@ def _select(
         return inputs, 0
     present = {name for _, name in inputs}
     gone = [row for row in state.rows() if row.path not in present]
-    if gone:
+    if gone and listing_incomplete:
+        reporter.warn(
+            f"{len(gone)} earlier results are kept although their files were not seen: a folder could not be listed"
+        )
+    elif gone:
         # scores.csv describes the folder as it is: results of files that disappeared go too
         reporter.info(f"{len(gone)} files scanned earlier are gone: their rows and heatmaps are removed")
         state.forget([row.path for row in gone])
@@ -394,8 +432,7 @@ def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
     for row in rows:
         if not row.heatmap:
             continue
-        raw = "maps/" + row.heatmap[len("heatmaps/") : -len(".png")] + ".tiff"
-        for relpath in (row.heatmap, raw, *thumbnail_relpaths(row.path)):
+        for relpath in (heatmap_relpath(row.path), map_relpath(row.path), *thumbnail_relpaths(row.path)):
             target = out_dir / relpath
             if target.resolve().is_relative_to(out_dir.resolve()):  # never outside OUT, whatever the CSV says
                 target.unlink(missing_ok=True)
@@ -418,7 +455,7 @@ def _run_info(
     return {
         "tool": "winclip",
         "version": __version__,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "input": str(options.directory),
         "class_name": engine.ensemble.class_name,
         **backbone.identity,

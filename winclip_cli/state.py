@@ -99,6 +99,20 @@ class OutputLock:
         self.release()
 
 
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error so the connection stays usable."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
 class RunState:
     """Per-file results of an output folder, durable as soon as they are recorded."""
 
@@ -107,15 +121,31 @@ class RunState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection used from the scan's writer thread and the main thread, never at once.
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self._db.execute(
+        self.recovered_from = ""
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError:
+            # A damaged state must not stop every later cron run: keep it aside, start afresh
+            # (the next scan scores everything again, which is always correct).
+            aside = self.path.with_name(f"state.corrupt-{int(time.time())}.sqlite")
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            self.recovered_from = str(aside)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute(
             # path as bytes: file names need not be valid UTF-8 (surrogate-escaped in Python), SQLite TEXT must be
             "CREATE TABLE IF NOT EXISTS results (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
             "sha256 TEXT, row TEXT NOT NULL)"
         )
+        db.execute("SELECT COUNT(*) FROM results").fetchone()  # a damaged file fails here, not mid-scan
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -131,10 +161,9 @@ class RunState:
     def reset(self, config: dict[str, Any]) -> None:
         """Forget every stored row and record the configuration the new rows will have."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM results")
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, sort_keys=True),))
-            self._db.execute("COMMIT")
+            with _Transaction(self._db) as db:
+                db.execute("DELETE FROM results")
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, sort_keys=True),))
 
     def set_config(self, config: dict[str, Any]) -> None:
         with self._lock:
@@ -154,15 +183,13 @@ class RunState:
             size, mtime_ns, sha = (stamp.size, stamp.mtime_ns, stamp.sha256) if stamp else (None, None, None)
             values.append((_key(row.path), size, mtime_ns, sha, json.dumps(row.as_csv_dict())))
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", values)
-            self._db.execute("COMMIT")
+            with _Transaction(self._db) as db:
+                db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", values)
 
     def forget(self, paths: list[str]) -> None:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM results WHERE path = ?", [(_key(p),) for p in paths])
-            self._db.execute("COMMIT")
+            with _Transaction(self._db) as db:
+                db.executemany("DELETE FROM results WHERE path = ?", [(_key(p),) for p in paths])
 
     def rows(self) -> list[ResultRow]:
         """All stored rows, sorted by path."""
@@ -173,12 +200,11 @@ class RunState:
     def replace_rows(self, rows: list[ResultRow]) -> None:
         """Rewrite stored rows in place (e.g. relabelled after a threshold change), keeping the stamps."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                "UPDATE results SET row = ? WHERE path = ?",
-                [(json.dumps(r.as_csv_dict()), _key(r.path)) for r in rows],
-            )
-            self._db.execute("COMMIT")
+            with _Transaction(self._db) as db:
+                db.executemany(
+                    "UPDATE results SET row = ? WHERE path = ?",
+                    [(json.dumps(r.as_csv_dict()), _key(r.path)) for r in rows],
+                )
 
 
 def _key(path: str) -> bytes:
@@ -189,10 +215,21 @@ def _path(key: bytes) -> str:
     return bytes(key).decode("utf-8", "surrogateescape")
 
 
+OWN_FOLDERS = ("heatmaps", "maps", "thumbs")
+OWN_FILES = ("scores.csv", "run.json", "report.html")
+
+
 def clean_stale_temporaries(out_dir: Path) -> int:
-    """Remove ``.*.tmp`` files that a killed run left behind (atomic writes that never got renamed)."""
+    """Remove the temporary files (``.NAME.*.tmp``) of atomic writes that a killed run left behind.
+
+    Only winclip's own files are touched: its folders, and temporaries of its top-level files,
+    so an output folder shared with other tools keeps their files.
+    """
     removed = 0
-    for path in out_dir.rglob(".*.tmp"):
+    candidates = [p for name in OWN_FILES for p in out_dir.glob(f".{name}.*.tmp")]
+    for folder in OWN_FOLDERS:
+        candidates += list((out_dir / folder).rglob(".*.tmp"))
+    for path in candidates:
         try:
             path.unlink()
             removed += 1

@@ -1,0 +1,166 @@
+"""Failure paths found in review: crafted inputs, unwritable outputs, damaged state, edge thresholds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import SAMPLE_DATA
+from winclip_cli.cli import app
+from winclip_cli.outputs import CSV_COLUMNS, read_results_csv
+from winclip_cli.pipeline import RowContext
+
+runner = CliRunner()
+GOOD = SAMPLE_DATA / "fabric" / "good"
+
+
+def run(args: list[str]):
+    return runner.invoke(app, args, catch_exceptions=False)
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_labels_are_decided_on_the_written_values():
+    ctx = RowContext(threshold=0.5, threshold_source="--threshold", mode="zero-shot")
+    assert ctx.label(0.5000004) == "normal"  # written as 0.500000, equal to the threshold: not over it
+    assert ctx.label(0.5000006) == "anomalous"  # written as 0.500001
+
+
+def test_merge_never_reads_or_writes_outside_its_folders(tmp_path, tiny_args):
+    shard = tmp_path / "shard"
+    assert run(["scan", str(GOOD), "--out", str(shard), "-q", *tiny_args]).exit_code == 0
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the merged folder")
+    rows = read_results_csv(shard / "scores.csv")
+    rows[0]["heatmap"] = "../secret.txt"
+    rows[1]["heatmap"] = str(secret)
+    with open(shard / "scores.csv", "w", newline="", encoding="utf-8") as handle:
+        import csv
+
+        writer = csv.DictWriter(handle, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    # a symlinked heatmap pointing outside is not followed either
+    link = shard / "heatmaps" / "textile_0003.jpg.png"
+    link.unlink()
+    link.symlink_to(secret)
+    merged = tmp_path / "nested" / "merged"
+    result = run(["merge", str(shard), "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "nested").iterdir()) == ["merged"]
+    assert not any("secret" in p.read_bytes().decode("latin-1") for p in merged.rglob("*") if p.is_file())
+    merged_rows = read_results_csv(merged / "scores.csv")
+    assert [r["heatmap"] for r in merged_rows][:2] == ["heatmaps/textile_0001.jpg.png", "heatmaps/textile_0002.jpg.png"]
+    assert not (merged / "heatmaps" / "textile_0003.jpg.png").exists()
+    # merging again leaves no temporary links behind
+    assert run(["merge", str(shard), "--out", str(merged)]).exit_code == 0
+    assert not list(merged.rglob("*.tmp"))
+
+
+def test_unwritable_heatmaps_keep_the_score(tmp_path, tiny_args):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "heatmaps").write_text("a file where the heatmap folder should be")
+    result = run(["scan", str(GOOD), "--out", str(out), "--threshold", "0", "--fail-on-anomaly", *tiny_args])
+    assert result.exit_code == 1  # the anomalies are still reported
+    rows = read_results_csv(out / "scores.csv")
+    assert len(rows) == 4
+    for row in rows:
+        assert row["status"] == "ok" and row["score"] and row["label"] == "anomalous"
+        assert row["heatmap"] == "" and row["error"].startswith("cannot write outputs")
+    result = run(["scan", str(GOOD), "--out", str(tmp_path / "out"), "--threshold", "1", "-q", *tiny_args])
+    assert result.exit_code == 3  # outputs missing: the run is not clean
+
+
+def test_out_that_is_a_file_and_bad_threshold_fail_fast(tmp_path, tiny_args):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert "not a folder" in one_line_error(run(["scan", str(GOOD), "--out", str(target), *tiny_args]))
+    result = run(["scan", str(GOOD), "--threshold", "abc", "--weights", str(tmp_path / "missing.pt")])
+    assert result.exit_code == 2 and "--threshold takes" in one_line_error(result)  # before any model
+
+
+def test_crafted_memory_metadata_is_refused(tmp_path, tiny_args):
+    refs = tmp_path / "refs.npz"
+    assert run(["build-refs", str(GOOD), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
+    with np.load(refs) as data:
+        arrays = {name: data[name] for name in data.files}
+    for change in ({"references": [1, 2, 3, 4]}, {"grid_size": [2]}, {"references": [{"entries": "x"}] * 4}):
+        metadata = {**json.loads(str(arrays["metadata"])), **change}
+        bad = tmp_path / "bad.npz"
+        np.savez(bad, **{**arrays, "metadata": np.array(json.dumps(metadata))})
+        result = run(["scan", str(GOOD), "--refs", str(bad), "--out", str(tmp_path / "o"), *tiny_args])
+        assert result.exit_code == 2, change
+        one_line_error(result)
+
+
+def test_a_damaged_run_state_is_set_aside(tmp_path, tiny_args):
+    out = tmp_path / "out"
+    assert run(["scan", str(GOOD), "--out", str(out), "-q", *tiny_args]).exit_code == 0
+    (out / ".winclip" / "state.sqlite").write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (out / ".winclip" / f"state.sqlite{suffix}").unlink(missing_ok=True)
+    result = run(["scan", str(GOOD), "--out", str(out), "--incremental", *tiny_args])
+    assert result.exit_code == 0, result.output
+    assert "damaged" in result.stderr
+    assert len(read_results_csv(out / "scores.csv")) == 4
+    assert list((out / ".winclip").glob("state.corrupt-*.sqlite"))
+
+
+def test_explicit_threshold_overrides_a_mismatched_calibration(tmp_path, tiny_args):
+    calibration = tmp_path / "cal.json"
+    assert (
+        run(["calibrate", str(GOOD), "--out", str(calibration), "--class", "fabric", "-q", *tiny_args]).exit_code == 0
+    )
+    out = tmp_path / "out"
+    result = run(
+        [
+            "scan",
+            str(GOOD),
+            "--calibration",
+            str(calibration),
+            "--class",
+            "bottle",
+            "--threshold",
+            "0.3",
+            "--out",
+            str(out),
+            *tiny_args,
+        ]
+    )
+    assert result.exit_code == 0 and "--threshold 0.3" in result.stderr
+    rows = read_results_csv(out / "scores.csv")
+    assert {r["threshold"] for r in rows} == {"0.300000"} and {r["anomalous_area"] for r in rows} == {""}
+
+
+def test_incremental_scan_of_an_emptied_folder_drops_its_rows(tmp_path, tiny_args):
+    folder = tmp_path / "camera"
+    shutil.copytree(GOOD, folder)
+    out = tmp_path / "out"
+    assert run(["scan", str(folder), "--out", str(out), "--incremental", "-q", *tiny_args]).exit_code == 0
+    for path in folder.iterdir():
+        path.unlink()
+    result = run(["scan", str(folder), "--out", str(out), "--incremental", "-q", *tiny_args])
+    assert result.exit_code == 0, result.output
+    assert read_results_csv(out / "scores.csv") == []
+    assert not list((out / "heatmaps").rglob("*.png"))
+
+
+def test_too_many_tiles_is_a_row_not_a_crash(tmp_path, tiny_args):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.new("RGB", (2000, 1200), (120, 120, 120)).save(folder / "wide.png")
+    out = tmp_path / "out"
+    result = run(["scan", str(folder), "--tile", "16", "--out", str(out), "-q", *tiny_args])
+    assert result.exit_code == 3
+    (row,) = read_results_csv(out / "scores.csv")
+    assert row["status"] == "error" and "tiles" in row["error"] and "--tile" in row["error"]
