@@ -118,11 +118,14 @@ class TextEmbeddingCache:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
+        except OSError:
+            return  # an unwritable cache costs speed next time, never a result
+        try:
             with os.fdopen(fd, "wb") as handle:
                 np.savez(handle, key=np.array(key), embeddings=embeddings.detach().cpu().float().numpy())
             os.replace(tmp, self.path(key))
         except OSError:
-            pass  # an unwritable cache costs speed next time, never a result
+            Path(tmp).unlink(missing_ok=True)
 
     def get_or_compute(
         self, model: nn.Module, tokenizer, ensemble: PromptEnsemble, identity: dict[str, str], device: torch.device
