@@ -422,9 +422,11 @@ class ResultWriter:
         try:
             display = image.to_display_uint8()
             heat = overlay(display, score_map)
-            write_png_atomic(self.out_dir / heatmap, heat)
+            # No fsync per file: the scan syncs the file system once per group of rows, before it
+            # commits them (see scanjob). Level 1: heatmaps of textured parts barely compress anyway.
+            write_png_atomic(self.out_dir / heatmap, heat, fsync=False, compress_level=1)
             if self.save_maps:
-                write_float_tiff_atomic(self.out_dir / map_relpath(item.relpath), score_map)
+                write_float_tiff_atomic(self.out_dir / map_relpath(item.relpath), score_map, fsync=False)
             if self.thumbnails:
                 from .report import write_thumbnails
 

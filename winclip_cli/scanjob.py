@@ -24,6 +24,7 @@ from .outputs import (
     ResultRow,
     heatmap_relpath,
     map_relpath,
+    sync_filesystem,
     write_results_csv_atomic,
     write_text_atomic,
 )
@@ -315,7 +316,8 @@ def run_scan_job(
             with CsvResultWriter(csv_path, append=True) as live_csv:
 
                 def on_rows(group: list[tuple[ResultRow, FileStamp | None]]) -> None:
-                    state.record_many(group)  # one durable commit first: the state is the source of truth
+                    sync_filesystem(options.out)  # the group's heatmaps are on disk before its rows
+                    state.record_many(group)  # one durable commit: the state is the source of truth
                     live_csv.write_many([row for row, _ in group])
                     for row, _ in group:
                         reporter.advance()
