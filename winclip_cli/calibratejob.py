@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,14 +130,16 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
     failures: list[Decoded] = []
     stream = decode_stream(inputs, prep, workers=options.workers, lookahead=max(2 * options.batch_size, 4))
     process = scoring_fn(engine.scorer, backbone.device, backbone.dtype, exclude_for if reference_of else None)
-    for item in processed_stream(stream, process, options.batch_size):
-        reporter.advance()
-        if item.error:
-            failures.append(item)
-            reporter.warn(f"{item.relpath}: {item.error}")
-            continue
-        image_scores.append(image_score(item)[0])
-        pixel_scores.append(pixel_sample(full_resolution_map(item)))
+    items = processed_stream(stream, process, options.batch_size)
+    with closing(items):
+        for item in items:
+            reporter.advance()
+            if item.error:
+                failures.append(item)
+                reporter.warn(f"{item.relpath}: {item.error}")
+                continue
+            image_scores.append(image_score(item)[0])
+            pixel_scores.append(pixel_sample(full_resolution_map(item)))
     if not image_scores:
         raise SetupError("no good image could be scored; nothing calibrated")
     scores = np.asarray(image_scores, dtype=np.float64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ from .engine import ModelOptions, build_backbone, build_engine
 from .errors import SetupError
 from .metrics import MetricError, f1_max, image_ap, image_auroc, pixel_auroc, pixel_f1_max, pro_auc
 from .outputs import write_text_atomic
-from .pipeline import Preprocessing, decode_stream, embed_references, processed_stream, scoring_fn, upsample_grid
+from .pipeline import (
+    Preprocessing,
+    decode_stream,
+    embed_references,
+    processed_stream,
+    scoring_fn,
+    upsample_grid,
+)
 from .scanjob import Reporter
 from .winclip import ReferenceMemory
 
@@ -113,21 +121,21 @@ def _evaluate_category(category: Category, engine, options: EvalOptions, reporte
     labels, scores, maps, masks, errors = [], [], [], [], []
     size = backbone.image_size
     stream = decode_stream([(i.path, str(i.path)) for i in test], prep, workers=options.workers, with_stamp=False)
-    for item in processed_stream(
-        stream, scoring_fn(engine.scorer, backbone.device, backbone.dtype), options.batch_size
-    ):
-        reporter.advance()
-        if item.error:
-            errors.append((item.relpath, item.error))
-            reporter.warn(f"{item.relpath}: {item.error}")
-            continue
-        image = by_path[item.relpath]
-        score, grid = item.outputs[0]
-        labels.append(image.label)
-        scores.append(score)
-        if image.label == 0 or image.mask is not None:  # anomalous images without a mask have no pixel truth
-            maps.append(upsample_grid(grid, *size))
-            masks.append(load_mask(image.mask, size))
+    items = processed_stream(stream, scoring_fn(engine.scorer, backbone.device, backbone.dtype), options.batch_size)
+    with closing(items):
+        for item in items:
+            reporter.advance()
+            if item.error:
+                errors.append((item.relpath, item.error))
+                reporter.warn(f"{item.relpath}: {item.error}")
+                continue
+            image = by_path[item.relpath]
+            score, grid = item.outputs[0]
+            labels.append(image.label)
+            scores.append(score)
+            if image.label == 0 or image.mask is not None:  # anomalous images without a mask have no pixel truth
+                maps.append(upsample_grid(grid, *size))
+                masks.append(load_mask(image.mask, size))
     metrics: dict[str, float | None] = {}
     notes: dict[str, str] = {}
     y, s = np.asarray(labels), np.asarray(scores)

@@ -188,20 +188,25 @@ def processed_stream(
             item.inputs = None  # downstream needs the display image, not the model inputs
             yield item
 
-    for item in stream:
-        waiting.append(item)
-        if not item.error:
-            queued.extend((item, i) for i in range(item.num_inputs))
-        while len(queued) >= batch_size:
-            run_batch(queued[:batch_size])
-            del queued[:batch_size]
+    try:
+        for item in stream:
+            waiting.append(item)
+            if not item.error:
+                queued.extend((item, i) for i in range(item.num_inputs))
+            while len(queued) >= batch_size:
+                run_batch(queued[:batch_size])
+                del queued[:batch_size]
+                yield from ready()
+                if should_stop():
+                    return
             yield from ready()
-            if should_stop():
-                return
+        if queued and not should_stop():
+            run_batch(queued)
         yield from ready()
-    if queued and not should_stop():
-        run_batch(queued)
-    yield from ready()
+    finally:  # stopped early or failed: cancel the decoding still queued instead of waiting for it
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
 def scoring_fn(
@@ -478,8 +483,9 @@ def run_scan(
     stream = decode_stream(inputs, prep, workers=workers, lookahead=max(2 * batch_size, 4))
     writer = ResultWriter(out_dir, context, on_rows, save_maps=save_maps, thumbnails=thumbnails)
     try:
-        with closing(stream):  # on an error, queued decodes are cancelled rather than awaited
-            for item in processed_stream(stream, scoring_fn(scorer, device, dtype), batch_size, should_stop):
+        items = processed_stream(stream, scoring_fn(scorer, device, dtype), batch_size, should_stop)
+        with closing(items):  # on an error, queued decoding is cancelled rather than awaited
+            for item in items:
                 writer.submit(item)
     finally:
         summary = writer.close()
@@ -518,17 +524,19 @@ def embed_references(
     """Embed reference images (or their tiles) exactly as ``run_scan`` embeds what it scores."""
     result = EmbeddedReferences()
     stream = decode_stream(inputs, prep, workers=workers, lookahead=max(2 * batch_size, 4), with_stamp=False)
-    for item in processed_stream(stream, embedding_fn(scorer, device, dtype), batch_size):
-        if item.error:
-            result.failures.append(item)
-        else:
-            result.names.append(item.relpath)
-            result.paths.append(item.path)
-            result.entries_per_image.append(len(item.outputs))
-            for patches, windows in item.outputs:
-                result.patches.append(patches)
-                result.windows.append(windows)
-        item.image = None
-        item.outputs = []
-        on_item(item)
+    items = processed_stream(stream, embedding_fn(scorer, device, dtype), batch_size)
+    with closing(items):
+        for item in items:
+            if item.error:
+                result.failures.append(item)
+            else:
+                result.names.append(item.relpath)
+                result.paths.append(item.path)
+                result.entries_per_image.append(len(item.outputs))
+                for patches, windows in item.outputs:
+                    result.patches.append(patches)
+                    result.windows.append(windows)
+            item.image = None
+            item.outputs = []
+            on_item(item)
     return result

@@ -8,6 +8,7 @@ leaves a state that the next run completes, with no lost, duplicated or half-wri
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import WinclipError
+from .errors import SetupError, WinclipError
 from .outputs import ResultRow
 
 STATE_DIR = ".winclip"
@@ -66,7 +67,12 @@ class OutputLock:
             return self
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                fh.close()  # e.g. ENOLCK on some network file systems: not "busy", say what it is
+                raise SetupError(
+                    f"cannot lock {self.path} ({err.strerror}); use an --out on a local file system"
+                ) from None
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
