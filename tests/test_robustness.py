@@ -164,3 +164,11 @@ def test_too_many_tiles_is_a_row_not_a_crash(tmp_path, tiny_args):
     assert result.exit_code == 3
     (row,) = read_results_csv(out / "scores.csv")
     assert row["status"] == "error" and "tiles" in row["error"] and "--tile" in row["error"]
+
+
+def test_merge_warns_about_missing_shards(tmp_path, tiny_args):
+    for k in (1, 3):
+        args = ["scan", str(GOOD), "--shard", f"{k}/3", "--out", str(tmp_path / f"s{k}"), "-q", *tiny_args]
+        assert run(args).exit_code == 0
+    result = run(["merge", str(tmp_path / "s1"), str(tmp_path / "s3"), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0 and "shards 2 of 3 are missing" in result.stderr

@@ -680,6 +680,8 @@ def merge(
             from .report import build_report
 
             build_report(out)
+    for warning in result.warnings:
+        stderr.print(f"[yellow]warning:[/] {_escape(warning)}")
     if result.duplicates:
         stderr.print(f"[yellow]warning:[/] {result.duplicates} rows appeared in several folders; the first was kept")
     stderr.print(f"{len(result.rows)} rows from {len(folders)} folders -> {_escape(str(out / 'scores.csv'))}")

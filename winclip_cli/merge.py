@@ -48,6 +48,28 @@ class MergeResult:
     rows: list[ResultRow]
     duplicates: int
     sources: list[Path]
+    warnings: list[str]
+
+
+def completeness_warnings(sources: list[Path], runs: list[dict[str, Any]]) -> list[str]:
+    """What a user should know before trusting a merge: missing or repeated shards, interrupted scans."""
+    interrupted = [folder for folder, run in zip(sources, runs, strict=True) if run.get("interrupted")]
+    warnings = [f"{folder}: its scan was interrupted" for folder in interrupted]
+    shards = [run.get("shard") for run in runs]
+    if all(isinstance(shard, str) and "/" in shard for shard in shards):
+        counts = {int(shard.split("/")[1]) for shard in shards}
+        if len(counts) > 1:
+            warnings.append(f"the folders come from different shard counts ({', '.join(map(str, sorted(counts)))})")
+        else:
+            total = counts.pop()
+            present = [int(shard.split("/")[0]) for shard in shards]
+            missing = sorted(set(range(1, total + 1)) - set(present))
+            repeated = sorted({k for k in present if present.count(k) > 1})
+            if missing:
+                warnings.append(f"shards {', '.join(map(str, missing))} of {total} are missing")
+            if repeated:
+                warnings.append(f"shards {', '.join(map(str, repeated))} of {total} appear more than once")
+    return warnings
 
 
 def _read_run(folder: Path) -> dict[str, Any]:
@@ -152,4 +174,4 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         total_rows=len(rows),
     )
     write_text_atomic(out / "run.json", json.dumps(info, indent=2) + "\n")
-    return MergeResult(rows=rows, duplicates=duplicates, sources=sources)
+    return MergeResult(rows=rows, duplicates=duplicates, sources=sources, warnings=completeness_warnings(sources, runs))
