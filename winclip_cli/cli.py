@@ -489,7 +489,7 @@ def calibrate(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Calibration file to write when there is no --refs [default: winclip-calibration.json]."
+            "--out", "-o", help="Calibration file to write when there is no --refs (default: winclip-calibration.json)."
         ),
     ] = None,
     class_name: ClassOpt = DEFAULT_CLASS,
