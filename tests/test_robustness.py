@@ -172,3 +172,36 @@ def test_merge_warns_about_missing_shards(tmp_path, tiny_args):
         assert run(args).exit_code == 0
     result = run(["merge", str(tmp_path / "s1"), str(tmp_path / "s3"), "--out", str(tmp_path / "m")])
     assert result.exit_code == 0 and "shards 2 of 3 are missing" in result.stderr
+
+
+def test_banded_overlay_equals_the_whole_image_formula():
+    from winclip_cli.outputs import LUT, overlay
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (700, 9, 3), dtype=np.uint8)  # taller than one band of rows
+    scores = rng.random((700, 9)).astype(np.float32)
+    colours = LUT[np.rint(scores.astype(np.float64) * 255).astype(np.intp)]
+    expected = np.clip(np.rint(0.5 * image.astype(np.float32) + 0.5 * colours.astype(np.float32)), 0, 255)
+    assert np.array_equal(overlay(image, scores), expected.astype(np.uint8))
+
+
+def test_pixel_gate_admits_one_huge_item_and_holds_others_back():
+    import threading
+
+    from winclip_cli.pipeline import PixelGate
+
+    gate = PixelGate(100)
+    gate.acquire(500)  # alone: admitted although over capacity
+    entered = threading.Event()
+
+    def second():
+        gate.acquire(10)
+        entered.set()
+
+    worker = threading.Thread(target=second)
+    worker.start()
+    assert not entered.wait(0.2)  # held back while the huge one is in flight
+    gate.release(500)
+    assert entered.wait(5)
+    worker.join()
+    assert gate.used == 10

@@ -345,22 +345,32 @@ def map_relpath(image_relpath: str) -> str:
     return "maps/" + heatmap_relpath(image_relpath)[len(HEATMAP_DIR) + 1 : -len(".png")] + ".tiff"
 
 
+_ROWS_PER_CHUNK = 256  # colour a large map a band of rows at a time: temporaries stay small
+
+
 def colorize(score_map: np.ndarray) -> np.ndarray:
     """(H, W) scores on the fixed 0..1 scale -> (H, W, 3) uint8 colours.
 
     Values are clipped to 0..1 and NaN counts as 0. The scale is never normalised per image: a normal
     image must look calm, not have its noise stretched to full red.
     """
-    scores = np.asarray(score_map, dtype=np.float64)
+    scores = np.asarray(score_map)
     if scores.ndim != 2:
         raise ValueError(f"score_map must be 2-D (H, W), got shape {scores.shape}")
-    scores = np.nan_to_num(scores, nan=0.0, posinf=1.0, neginf=0.0)
-    idx = np.rint(np.clip(scores, 0.0, 1.0) * 255.0).astype(np.intp)
-    return LUT[idx]
+    out = np.empty((*scores.shape, 3), dtype=np.uint8)
+    for top in range(0, scores.shape[0], _ROWS_PER_CHUNK):
+        band = np.asarray(scores[top : top + _ROWS_PER_CHUNK], dtype=np.float64)
+        band = np.nan_to_num(band, nan=0.0, posinf=1.0, neginf=0.0)
+        idx = np.rint(np.clip(band, 0.0, 1.0) * 255.0).astype(np.intp)
+        out[top : top + _ROWS_PER_CHUNK] = LUT[idx]
+    return out
 
 
 def overlay(image_rgb: np.ndarray, score_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend colorize(score_map) over the (H, W, 3) uint8 image with weight ``alpha`` -> uint8."""
+    """Blend colorize(score_map) over the (H, W, 3) uint8 image with weight ``alpha`` -> uint8.
+
+    Works in bands of rows, so a 50-megapixel heatmap needs megabytes of temporaries, not gigabytes.
+    """
     image = np.asarray(image_rgb)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
@@ -368,9 +378,13 @@ def overlay(image_rgb: np.ndarray, score_map: np.ndarray, alpha: float = 0.5) ->
         raise ValueError(f"score_map shape {np.shape(score_map)} does not match image {image.shape[:2]}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be within 0..1, got {alpha}")
-    colours = colorize(score_map)
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    out = np.empty_like(image)
+    for top in range(0, image.shape[0], _ROWS_PER_CHUNK):
+        rows = slice(top, top + _ROWS_PER_CHUNK)
+        colours = colorize(score_map[rows])
+        blended = (1.0 - alpha) * image[rows].astype(np.float32) + alpha * colours.astype(np.float32)
+        out[rows] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------

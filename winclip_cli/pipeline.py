@@ -151,13 +151,18 @@ def decode_stream(
         try:
             for path, name in inputs:
                 pending.append(pool.submit(decode_file, path, name, prep, with_stamp))
-                if len(pending) >= lookahead:
+                # a count bound for ordinary images, a pixel bound for huge ones
+                while pending and (len(pending) >= lookahead or _decoded_pixels(pending) > PIXELS_IN_FLIGHT):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:  # a consumer that stops early must not wait for the whole look-ahead to decode
             for future in pending:
                 future.cancel()
+
+
+def _decoded_pixels(pending: deque[Future[Decoded]]) -> int:
+    return sum(_pixels(future.result()) for future in pending if future.done())
 
 
 def processed_stream(
@@ -317,6 +322,33 @@ def default_writer_workers() -> int:
 
 
 RowGroup = list[tuple[ResultRow, FileStamp | None]]
+PIXELS_IN_FLIGHT = 100_000_000  # decoded pixels the writer may hold at once (about 2 GB of maps and images)
+
+
+class PixelGate:
+    """Lets work through while the pixels it holds stay under a capacity; one item always passes,
+    however large, so a huge image is processed alone instead of never."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, pixels: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + pixels <= self.capacity)
+            self.used += pixels
+
+    def release(self, pixels: int) -> None:
+        with self._cond:
+            self.used -= pixels
+            self._cond.notify_all()
+
+
+def _pixels(item: Decoded) -> int:
+    return item.image.height * item.image.width if item.image is not None else 0
+
+
 _NOTHING = object()  # "no new item yet" for the collector's polling loop
 
 
@@ -338,7 +370,7 @@ class ResultWriter:
         save_maps: bool = False,
         thumbnails: bool = True,
         workers: int | None = None,
-        max_queue: int = 16,
+        max_queue: int = 4,
     ) -> None:
         self.out_dir = out_dir
         self.context = context
@@ -348,6 +380,7 @@ class ResultWriter:
         self.summary = ScanSummary()
         self._workers = workers or default_writer_workers()
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="winclip-write")
+        self._gate = PixelGate(PIXELS_IN_FLIGHT)  # large images are written a few at a time
         self._queue: queue.Queue[Decoded | None] = queue.Queue(maxsize=max_queue)
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="winclip-collect", daemon=True)
@@ -380,10 +413,12 @@ class ResultWriter:
                     finished = True
                 elif isinstance(item, Decoded):
                     if self._failure is None:
-                        pending.append((item, self._pool.submit(self.make_row, item)))
+                        pending.append((item, self._pool.submit(self._gated_row, item)))
             group: RowGroup = []
-            while pending and (pending[0][1].done() or finished or len(pending) > in_flight):
+            held = sum(_pixels(item) for item, _ in pending)
+            while pending and (pending[0][1].done() or finished or len(pending) > in_flight or held > PIXELS_IN_FLIGHT):
                 item, future = pending.popleft()
+                held -= _pixels(item)
                 try:
                     group.append((future.result(), item.stamp))
                 except BaseException as err:  # a bug in make_row: stop rather than lose the row
@@ -406,6 +441,14 @@ class ResultWriter:
             summary.anomalies += row.label == "anomalous"
         if row.error:  # unreadable input, or outputs that could not be written
             summary.errors += 1
+
+    def _gated_row(self, item: Decoded) -> ResultRow:
+        pixels = _pixels(item)
+        self._gate.acquire(pixels)
+        try:
+            return self.make_row(item)
+        finally:
+            self._gate.release(pixels)
 
     def make_row(self, item: Decoded) -> ResultRow:
         ctx = self.context
