@@ -205,3 +205,14 @@ def test_pixel_gate_admits_one_huge_item_and_holds_others_back():
     assert entered.wait(5)
     worker.join()
     assert gate.used == 10
+
+
+def test_a_half_written_csv_is_rebuilt_from_the_state(tmp_path, tiny_args):
+    out = tmp_path / "out"
+    assert run(["scan", str(GOOD), "--out", str(out), "--incremental", "-q", *tiny_args]).exit_code == 0
+    complete = (out / "scores.csv").read_text()
+    (out / "scores.csv").write_text(complete[: len(complete) // 2])  # as a crash mid-write would leave it
+    result = run(["scan", str(GOOD), "--out", str(out), "--incremental", "-q", *tiny_args])
+    assert result.exit_code == 0
+    assert json.loads((out / "run.json").read_text())["scored"] == 0
+    assert (out / "scores.csv").read_text() == complete

@@ -298,7 +298,9 @@ def run_scan_job(
         if state.recovered_from:
             reporter.warn(f"the run state was damaged and was moved to {state.recovered_from}; starting afresh")
         try:
-            todo, skipped = _select(state, config, context, inputs, options.incremental, reporter, bool(unlisted))
+            todo, skipped, rows_changed = _select(
+                state, config, context, inputs, options.incremental, reporter, bool(unlisted)
+            )
             mode = f"few-shot k={context.k_shot}" if memory is not None else "zero-shot"
             shard = f", shard {options.shard[0]}/{options.shard[1]}" if options.shard else ""
             reporter.info(
@@ -310,8 +312,10 @@ def run_scan_job(
             run_info = _run_info(options, engine, context, choice, memory_id)
             write_text_atomic(options.out / "run.json", json.dumps(run_info, indent=2) + "\n")
             csv_path = options.out / "scores.csv"
-            # The CSV is rebuilt from the state first: a run killed mid-line leaves nothing half-written.
-            write_results_csv_atomic(csv_path, state.rows())
+            # The CSV is rebuilt from the state first unless it is exactly what the last run left: a run
+            # killed mid-line (or a user's edit) leaves nothing half-written or stale behind.
+            if rows_changed or state.meta("csv") != _stamp_of(csv_path):
+                write_results_csv_atomic(csv_path, state.rows())
             reporter.start("scanning", len(todo))
             with CsvResultWriter(csv_path, append=True) as live_csv:
 
@@ -344,6 +348,7 @@ def run_scan_job(
                     scan_seconds = time.perf_counter() - scan_started
                     rows = state.rows()
                     write_results_csv_atomic(csv_path, rows)
+                    state.set_meta("csv", _stamp_of(csv_path))
             seconds = time.perf_counter() - started
             run_info.update(
                 finished=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -369,6 +374,14 @@ def run_scan_job(
     )
 
 
+def _stamp_of(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def _select(
     state: RunState,
     config: dict[str, Any],
@@ -377,12 +390,13 @@ def _select(
     incremental: bool,
     reporter: Reporter,
     listing_incomplete: bool = False,
-) -> tuple[list[tuple[Path, str]], int]:
-    """The inputs to score now, and how many are unchanged since the stored results."""
+) -> tuple[list[tuple[Path, str]], int, bool]:
+    """The inputs to score now, how many are unchanged since the stored results, and whether
+    the stored rows changed here (reset, removed or relabelled)."""
     stored = state.config()
     if not incremental or stored is None:
         state.reset(config)
-        return inputs, 0
+        return inputs, 0, True
     changed = sorted(key for key in set(config) | set(stored) if config.get(key) != stored.get(key))
     if changed:
         reporter.warn(
@@ -390,7 +404,8 @@ def _select(
             f"earlier rows are discarded and all {len(inputs)} images are scored again"
         )
         state.reset(config)
-        return inputs, 0
+        return inputs, 0, True
+    changed_rows = False
     present = {name for _, name in inputs}
     gone = [row for row in state.rows() if row.path not in present]
     if gone and listing_incomplete:
@@ -402,12 +417,14 @@ def _select(
         reporter.info(f"{len(gone)} files scanned earlier are gone: their rows and heatmaps are removed")
         state.forget([row.path for row in gone])
         _remove_outputs(state.path.parent.parent, gone)
+        changed_rows = True
     rows = state.rows()
     relabelled = [_relabel(row, context) for row in rows]
     # compare as written (6 decimals): the stored rows hold the rounded values
     if any(a.as_csv_dict() != b.as_csv_dict() for a, b in zip(rows, relabelled, strict=True)):
         reporter.info(f"threshold is now {context.threshold:g} ({context.threshold_source}): stored rows relabelled")
         state.replace_rows(relabelled)
+        changed_rows = True
     stamps = state.stamps()
     todo = []
     for path, name in inputs:
@@ -425,7 +442,7 @@ def _select(
     todo_names = {name for _, name in todo}
     todo += [(path, name) for path, name in inputs if name in errors and name not in todo_names]
     todo.sort(key=lambda entry: entry[1])
-    return todo, len(inputs) - len(todo)
+    return todo, len(inputs) - len(todo), changed_rows
 
 
 def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:

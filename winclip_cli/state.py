@@ -160,9 +160,16 @@ class RunState:
     # ------------------------------------------------------------------ configuration of the stored rows
 
     def config(self) -> dict[str, Any] | None:
+        return self.meta("config")
+
+    def meta(self, key: str) -> Any:
         with self._lock:
-            found = self._db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+            found = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(found[0]) if found else None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
     def reset(self, config: dict[str, Any]) -> None:
         """Forget every stored row and record the configuration the new rows will have."""
@@ -170,10 +177,6 @@ class RunState:
             with _Transaction(self._db) as db:
                 db.execute("DELETE FROM results")
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, sort_keys=True),))
-
-    def set_config(self, config: dict[str, Any]) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, sort_keys=True),))
 
     # ------------------------------------------------------------------------------------------- rows
 
