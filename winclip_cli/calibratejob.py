@@ -27,7 +27,7 @@ from .memory import MemoryFile, attach_memory, load_memory, update_metadata
 from .outputs import write_text_atomic
 from .pipeline import (
     Decoded,
-    Preprocessing,
+    InputOptions,
     decode_stream,
     full_resolution_map,
     image_score,
@@ -39,7 +39,7 @@ from .scanjob import Reporter, calibration_fingerprint, discover
 
 
 @dataclass
-class CalibrateOptions:
+class CalibrateOptions(InputOptions):
     good_dir: Path
     model: ModelOptions
     class_name: str
@@ -49,11 +49,6 @@ class CalibrateOptions:
     out: Path | None = None  # calibration file when there is no memory to store it in
     prompts: Path | None = None
     use_cache: bool = True
-    batch_size: int = 8
-    max_pixels: int = 80_000_000
-    workers: int | None = None
-    tile: int | str | None = None
-    tile_overlap: float = 0.25
 
 
 @dataclass
@@ -100,7 +95,7 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
             reporter.warn(warning)
         memory_id = memory.content_id
         reference_of = memory.reference_index()
-    prep = Preprocessing.for_backbone(backbone, options.max_pixels, options.tile, options.tile_overlap)
+    prep = options.preprocessing(backbone)
     left_out = 0
 
     def exclude_for(item: Decoded) -> int:

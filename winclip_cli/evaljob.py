@@ -26,7 +26,7 @@ from .errors import SetupError
 from .metrics import MetricError, f1_max, image_ap, image_auroc, pixel_auroc, pixel_f1_max, pro_auc
 from .outputs import write_text_atomic
 from .pipeline import (
-    Preprocessing,
+    InputOptions,
     decode_stream,
     embed_references,
     processed_stream,
@@ -40,7 +40,7 @@ METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_f1_m
 
 
 @dataclass
-class EvalOptions:
+class EvalOptions(InputOptions):
     root: Path
     model: ModelOptions
     class_name: str | None = None
@@ -49,9 +49,6 @@ class EvalOptions:
     out: Path = Path("winclip-eval")
     prompts: Path | None = None
     use_cache: bool = True
-    batch_size: int = 8
-    max_pixels: int = 80_000_000
-    workers: int | None = None
 
 
 @dataclass
@@ -88,7 +85,7 @@ def run_eval_job(options: EvalOptions, reporter: Reporter) -> list[CategoryResul
 
 def _evaluate_category(category: Category, engine, options: EvalOptions, reporter: Reporter) -> CategoryResult:
     backbone = engine.backbone
-    prep = Preprocessing.for_backbone(backbone, options.max_pixels)
+    prep = options.preprocessing(backbone)
     references: list[Path] = []
     if options.k_shot:
         references = draw_references(category, options.k_shot, options.seed)

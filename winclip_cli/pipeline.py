@@ -92,6 +92,20 @@ class Preprocessing:
         return tiles
 
 
+@dataclass(kw_only=True)
+class InputOptions:
+    """How every command reads and batches its images: shared by scan, build-refs, calibrate, eval."""
+
+    batch_size: int = 8  # model inputs (images or tiles) per batch
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused
+    workers: int | None = None  # decoding threads (None: automatic)
+    tile: int | str | None = None  # tile size in pixels, "auto", or None for whole images
+    tile_overlap: float = 0.25
+
+    def preprocessing(self, backbone) -> Preprocessing:
+        return Preprocessing.for_backbone(backbone, self.max_pixels, self.tile, self.tile_overlap)
+
+
 @dataclass
 class Decoded:
     """One input file after decoding: its model inputs (one per tile), or the reason it has none."""

@@ -15,14 +15,14 @@ from .errors import SetupError
 from .hashing import sha256_file
 from .images import discover_images
 from .memory import MemoryFile, build_metadata, check_compatible, describe_model, load_memory, save_memory
-from .pipeline import Decoded, Preprocessing, embed_references
+from .pipeline import Decoded, InputOptions, embed_references
 from .prompts import load_vocabulary
 from .scanjob import Reporter
 from .winclip import WinClipScorer
 
 
 @dataclass
-class RefsOptions:
+class RefsOptions(InputOptions):
     sources: list[Path]
     out: Path
     model: ModelOptions
@@ -31,11 +31,6 @@ class RefsOptions:
     seed: int | None = None
     append: bool = False
     prompts: Path | None = None
-    batch_size: int = 8
-    max_pixels: int = 80_000_000
-    workers: int | None = None
-    tile: int | str | None = None
-    tile_overlap: float = 0.25
 
 
 @dataclass
@@ -116,7 +111,7 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
         f"on {backbone.device} {backbone.precision}"
         + (f" ({skipped} already in the memory, skipped)" if skipped else "")
     )
-    prep = Preprocessing.for_backbone(backbone, options.max_pixels, options.tile, options.tile_overlap)
+    prep = options.preprocessing(backbone)
     reporter.start("embedding references", len(fresh))
 
     def on_item(item: Decoded) -> None:

@@ -28,7 +28,7 @@ from .outputs import (
     write_results_csv_atomic,
     write_text_atomic,
 )
-from .pipeline import Preprocessing, RowContext, ScanSummary, relative_name, run_scan
+from .pipeline import InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
 from .state import FileStamp, OutputLock, RunState, clean_stale_temporaries
 
 DEFAULT_THRESHOLD = 0.5
@@ -186,7 +186,7 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
 
 
 @dataclass
-class ScanOptions:
+class ScanOptions(InputOptions):
     directory: Path
     out: Path
     model: ModelOptions
@@ -196,15 +196,10 @@ class ScanOptions:
     calibration: Path | None = None
     prompts: Path | None = None
     use_cache: bool = True
-    batch_size: int = 8
-    max_pixels: int = 80_000_000
-    workers: int | None = None
     save_maps: bool = False
     thumbnails: bool = True
     incremental: bool = False
     shard: tuple[int, int] | None = None
-    tile: int | str | None = None
-    tile_overlap: float = 0.25
 
 
 @dataclass
@@ -278,7 +273,7 @@ def run_scan_job(
             context.mode, context.k_shot = "few-shot", memory.k
             context.refs, context.refs_sha256 = str(options.refs), memory.sha256
             memory_id = memory.content_id
-        prep = Preprocessing.for_backbone(backbone, options.max_pixels, options.tile, options.tile_overlap)
+        prep = options.preprocessing(backbone)
         fingerprint = calibration_fingerprint(engine, memory_id, prep)
         choice = choose_threshold(
             requested_threshold, calibration, origin, options.calibration is not None, fingerprint, reporter
