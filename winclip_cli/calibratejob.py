@@ -98,17 +98,21 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
     prep = options.preprocessing(backbone)
     left_out = 0
 
+    reference_index_of: dict[Path, int] = {}  # good image -> its index in the memory, when it is a reference
+
     def exclude_for(item: Decoded) -> int:
-        return reference_of.get(item.stamp.sha256, -1) if item.stamp else -1
+        return reference_index_of.get(item.path, -1)
 
     inputs = [(path, relative_name(path, options.good_dir)) for path in files]
     if memory is not None:
-        left_out_names = []
+        # Hashed once here, before any scoring: the decoder then reads each file without hashing it again.
+        for path, _ in inputs:
+            if path.is_file():
+                index = reference_of.get(sha256_file(path))
+                if index is not None:
+                    reference_index_of[path] = index
+        left_out = len(reference_index_of)
         # only a memory of two or more references can leave one out and still compare with the others
-        for path, name in inputs:
-            if path.is_file() and sha256_file(path) in reference_of:
-                left_out_names.append(name)
-        left_out = len(left_out_names)
         if left_out and memory.k < 2:
             raise SetupError(
                 f"{options.refs} holds a single reference, which is also among the good images: leaving it out "
@@ -123,8 +127,10 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
     image_scores: list[float] = []
     pixel_scores: list[np.ndarray] = []
     failures: list[Decoded] = []
-    stream = decode_stream(inputs, prep, workers=options.workers, lookahead=max(2 * options.batch_size, 4))
-    process = scoring_fn(engine.scorer, backbone.device, backbone.dtype, exclude_for if reference_of else None)
+    stream = decode_stream(
+        inputs, prep, workers=options.workers, lookahead=max(2 * options.batch_size, 4), with_stamp=False
+    )
+    process = scoring_fn(engine.scorer, backbone.device, backbone.dtype, exclude_for if reference_index_of else None)
     items = processed_stream(stream, process, options.batch_size)
     with closing(items):
         for item in items:
