@@ -316,8 +316,6 @@ def _open_image_file(path: Path) -> BinaryIO:
     if not stat.S_ISREG(st.st_mode):
         # FIFOs and devices could block forever or never end.
         raise ImageDecodeError("not a regular file")
-    if st.st_size == 0:
-        raise ImageDecodeError("empty file (0 bytes)")
     try:
         return open(path, "rb")  # closed by the caller's ``with``
     except OSError as exc:
@@ -331,6 +329,8 @@ def _decode(fh: BinaryIO, max_pixels: int) -> LoadedImage:
         fh.seek(0)
     except OSError as exc:  # e.g. an I/O error on a failing disk or network share
         raise ImageDecodeError(f"cannot read file: {_os_reason(exc)}") from None
+    if not head:  # said after the read: a special file such as /proc/self/mem has size 0 and fails to read
+        raise ImageDecodeError("empty file (0 bytes)")
     kind = _sniff(head)
     if kind != "TIFF":
         return _decode_pillow(fh, max_pixels, kind)

@@ -56,9 +56,11 @@ def default_workers() -> int:
 # ------------------------------------------------------------------------------------------ preprocessing
 
 
-# Per image: its model inputs are built together (0.7 MB each at 240 px, so 1024 tiles take 0.7 GB);
-# more tiles than this are refused for the file (a 350000 x 1 strip cut into 1945 tiles of 240 x 1).
-MAX_TILES = 1024
+# Per image: its model inputs are built together (0.7 MB each at 240 px, so 512 tiles take 0.35 GB, and
+# at most two such files are held at once: one being scored, the next being built). More tiles than this
+# are refused for the file (a 350000 x 1 strip cut into 1945 tiles of 240 x 1); an 80 MP image needs
+# --tile 480 or more.
+MAX_TILES = 512
 
 
 @dataclass(frozen=True)
@@ -207,8 +209,9 @@ class OrderedBudget:
     def take(self, ticket: int, amount: int) -> None:
         with self._cond:
             self._cond.wait_for(
-                lambda: self._closed
-                or (self._turn == ticket and (self.used == 0 or self.used + amount <= self.capacity))
+                lambda: (
+                    self._closed or (self._turn == ticket and (self.used == 0 or self.used + amount <= self.capacity))
+                )
             )
             if self._closed:
                 raise BudgetClosed
