@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import MemoryFileError, SetupError
-from .state import STATE_DIR, OutputBusyError
+
+# ``state`` (and with it numpy, PIL) is imported only where an output folder already exists: the
+# checks that fail most often stay as light as Python's own start-up.
 
 
 def check_input(path: Path, what: str = "input") -> None:
@@ -87,6 +89,10 @@ def check_output_folder(option: str, path: Path) -> None:
 
 def check_not_busy(out: Path) -> None:
     """Exit 4 at once when another scan holds the output folder's lock (the job takes the lock itself)."""
+    if not out.is_dir():
+        return
+    from .state import STATE_DIR, OutputBusyError
+
     lock = out / STATE_DIR / "lock"
     try:
         handle = open(lock, encoding="utf-8", errors="replace")
@@ -124,6 +130,8 @@ def removed_if_unused(out: Path) -> Iterator[None]:
 
 
 def _only_run_state(out: Path) -> bool:
+    from .state import STATE_DIR
+
     try:
         names = [entry.name for entry in out.iterdir()]
         if not names:
