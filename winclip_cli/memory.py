@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import UTC
@@ -27,6 +25,8 @@ import torch
 from . import __version__
 from .errors import MemoryFileError
 from .hashing import sha256_file
+from .outputs import atomic_path
+from .preflight import check_memory_file
 from .winclip import ReferenceMemory
 
 FORMAT_VERSION = 1
@@ -149,28 +149,19 @@ def build_metadata(
 
 
 def save_memory(path: Path, metadata: dict[str, Any], patches: np.ndarray, windows: dict[int, np.ndarray]) -> None:
-    """Write atomically: a temporary file in the same folder, fsync'ed, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically: a temporary file in the same folder, fsync'ed, then renamed over ``path``; the
+    file gets the mode the umask gives any new file (readable by a cron user, like the CSVs)."""
     arrays = {"metadata": np.array(json.dumps(metadata, ensure_ascii=False)), "patches": patches.astype(np.float32)}
     for scale, array in windows.items():
         arrays[f"windows_{scale}"] = array.astype(np.float32)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def load_memory(path: Path) -> MemoryFile:
     """Read and validate a memory file; every problem is a MemoryFileError with one line."""
     path = Path(path)
-    if not path.is_file():
-        raise MemoryFileError(f"reference memory not found: {path} (create one with `winclip build-refs`)")
+    check_memory_file(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             names = set(data.files)

@@ -43,6 +43,37 @@ CONFIG_KEYS = (
 )
 
 
+# run.json keys that describe one run (its timing and counts): recomputed for the merged folder
+DURATION_KEYS = ("seconds", "setup_seconds", "scan_seconds")
+PER_RUN_KEYS = frozenset(
+    {
+        "started",
+        "finished",
+        *DURATION_KEYS,
+        "images",
+        "scored",
+        "anomalies",
+        "errors",
+        "unchanged",
+        "total_rows",
+        "total_anomalies",
+        "total_errors",
+        "interrupted",
+        "unlisted_dirs",
+    }
+)
+
+
+def _summed(runs: list[dict[str, Any]], key: str) -> float:
+    total = 0.0
+    for run in runs:
+        try:
+            total += float(run.get(key) or 0)
+        except (TypeError, ValueError):
+            pass  # a hand-edited run.json: its figure is left out rather than failing the merge
+    return round(total, 3)
+
+
 @dataclass
 class MergeResult:
     rows: list[ResultRow]
@@ -159,19 +190,30 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
                 _place(source, out / relpath)
     rows = sorted(merged.values(), key=lambda row: row.path)
     write_results_csv_atomic(out / "scores.csv", rows)
-    info = {key: reference.get(key) for key in reference if key not in ("started", "finished", "seconds")}
+    info = {key: value for key, value in reference.items() if key not in PER_RUN_KEYS}
+    counts = {
+        "images": len(rows),
+        "scored": sum(r.status == "ok" for r in rows),
+        "anomalies": sum(r.label == "anomalous" for r in rows),
+        "errors": sum(bool(r.error) for r in rows),  # as a scan counts them: unreadable, or outputs unwritten
+    }
     info.update(
         tool="winclip",
         version=__version__,
         merged_from=[str(folder) for folder in sources],
         merged=datetime.now(UTC).isoformat(timespec="seconds"),
         shard=None,
-        images=len(rows),
-        scored=sum(r.status == "ok" for r in rows),
-        anomalies=sum(r.label == "anomalous" for r in rows),
-        errors=sum(r.status == "error" for r in rows),
-        seconds=round(sum(float(run.get("seconds") or 0) for run in runs), 3),
-        total_rows=len(rows),
+        **counts,
+        # the merged scores.csv is the whole result: its totals are the counts above
+        total_rows=counts["images"],
+        total_anomalies=counts["anomalies"],
+        total_errors=counts["errors"],
+        # Durations are summed over the merged scans: the compute they took together. Shards that ran
+        # in parallel took less wall-clock time; each shard's own run.json keeps its figures.
+        durations="summed over the merged scans",
+        **{key: _summed(runs, key) for key in DURATION_KEYS},
+        interrupted=any(bool(run.get("interrupted")) for run in runs),
+        unlisted_dirs=[folder for run in runs for folder in run.get("unlisted_dirs") or []],
     )
     write_text_atomic(out / "run.json", json.dumps(info, indent=2) + "\n")
     return MergeResult(rows=rows, duplicates=duplicates, sources=sources, warnings=completeness_warnings(sources, runs))

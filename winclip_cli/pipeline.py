@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .errors import ImageDecodeError
 from .hashing import sha256_file
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess
+from .options import check_tile_size
 from .outputs import (
     ResultRow,
     heatmap_relpath,
@@ -103,6 +104,7 @@ class InputOptions:
     tile_overlap: float = 0.25
 
     def preprocessing(self, backbone) -> Preprocessing:
+        check_tile_size(self.tile, backbone.image_size)  # the CLI checks it earlier when the config is readable
         return Preprocessing.for_backbone(backbone, self.max_pixels, self.tile, self.tile_overlap)
 
 
