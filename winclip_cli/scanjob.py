@@ -29,7 +29,7 @@ from .outputs import (
     write_text_atomic,
 )
 from .pipeline import InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
-from .state import FileStamp, OutputLock, RunState, clean_stale_temporaries
+from .state import FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -255,6 +255,7 @@ def run_scan_job(
         calibration, origin = memory.metadata["calibration"], str(options.refs)
 
     options.out.mkdir(parents=True, exist_ok=True)
+    refuse_links(options.out)
     with OutputLock(options.out) as lock:
         if lock.previous_holder:
             reporter.warn(f"took over a stale lock in {options.out} ({lock.previous_holder})")
@@ -291,7 +292,9 @@ def run_scan_job(
         }
         state = RunState(options.out)
         if state.recovered_from:
-            reporter.warn(f"the run state was damaged and was moved to {state.recovered_from}; starting afresh")
+            reporter.warn(
+                f"the run state was damaged ({state.damage}) and was moved to {state.recovered_from}; starting afresh"
+            )
         try:
             todo, skipped, rows_changed = _select(
                 state, config, context, inputs, options.incremental, reporter, bool(unlisted)
