@@ -81,8 +81,8 @@ def _read_run(folder: Path) -> dict[str, Any]:
         info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SetupError(f"{folder} is not a winclip output folder (no run.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SetupError(f"cannot read {folder / 'run.json'}: {err}") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON, an endless number
+        raise SetupError(f"cannot read {folder / 'run.json'}: {str(err)[:120] or 'nested too deeply'}") from None
     if not isinstance(info, dict):
         raise SetupError(f"{folder / 'run.json'} is not a winclip run record")
     return info

@@ -190,8 +190,8 @@ def _read_run(run_path: Path) -> tuple[dict[str, object], str]:
         data = json.loads(run_path.read_text(encoding="utf-8", errors="replace"))
     except FileNotFoundError:
         return {}, "run.json is missing"
-    except (OSError, ValueError) as exc:
-        return {}, f"run.json could not be read: {exc}"
+    except (OSError, ValueError, RecursionError) as exc:
+        return {}, f"run.json could not be read: {str(exc)[:120] or 'nested too deeply'}"
     if not isinstance(data, dict):
         return {}, "run.json does not hold an object"
     return data, ""

@@ -175,10 +175,20 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SetupError(f"calibration file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SetupError(f"cannot read calibration file {path}: {err}") from None
-    if not isinstance(data, dict) or "calibration" not in data or "fingerprint" not in data:
+    except RecursionError:
+        raise SetupError(f"cannot read calibration file {path}: it is nested too deeply") from None
+    except (OSError, ValueError) as err:  # ValueError: bad UTF-8, bad JSON, a number too long to convert
+        raise SetupError(f"cannot read calibration file {path}: {str(err)[:120]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("calibration"), dict):
         raise SetupError(f"{path} is not a winclip calibration file")
+    if not isinstance(data.get("fingerprint"), dict):
+        raise SetupError(f"{path} holds a malformed calibration; recalibrate with `winclip calibrate`")
+    from .calibration import Calibration
+
+    try:
+        Calibration.from_dict(data["calibration"])  # refused now, whether or not its fingerprint matches
+    except SetupError as err:
+        raise SetupError(f"{path}: {err}") from None
     return data
 
 
