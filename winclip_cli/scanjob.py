@@ -23,7 +23,7 @@ from .outputs import (
     CsvResultWriter,
     ResultRow,
     heatmap_relpath,
-    map_relpath,
+    map_relpath_of_heatmap,
     sync_filesystem,
     write_results_csv_atomic,
     write_text_atomic,
@@ -454,12 +454,20 @@ def _select(
 
 
 def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
-    from .report import thumbnail_relpaths
+    from .report import thumbnail_relpaths_of_heatmap
 
     for row in rows:
         if not row.heatmap:
             continue
-        for relpath in (heatmap_relpath(row.path), map_relpath(row.path), *thumbnail_relpaths(row.path)):
+        # row.heatmap too: a row written by an older winclip may name its heatmap differently
+        heatmaps = {heatmap_relpath(row.path), row.heatmap}
+        relpaths = [
+            relpath
+            for heatmap in heatmaps
+            if heatmap.startswith("heatmaps/") and heatmap.endswith(".png") and ".." not in heatmap.split("/")
+            for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap))
+        ]
+        for relpath in relpaths:
             target = out_dir / relpath
             if target.resolve().is_relative_to(out_dir.resolve()):  # never outside OUT, whatever the CSV says
                 target.unlink(missing_ok=True)
