@@ -222,17 +222,21 @@ def load_memory(path: Path) -> MemoryFile:
     if not path.is_file():
         raise MemoryFileError(f"reference memory not found: {path} (create one with `winclip build-refs`)")
     try:
-        with zipfile.ZipFile(path) as archive:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise MemoryFileError(f"{path} is not a winclip reference memory (not an .npz archive)") from None
+    except OSError as err:
+        raise MemoryFileError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        with archive:
             metadata, patches, windows = _read_archive(path, archive)
     except MemoryFileError:
         raise
-    except zipfile.BadZipFile:
-        raise MemoryFileError(f"{path} is not a winclip reference memory (not an .npz archive)") from None
     except ValueError as err:
         if "pickle" in str(err).lower():
             raise MemoryFileError(f"{path} contains pickled objects; refusing to load it") from None
         raise MemoryFileError(f"{path} is corrupt or not a reference memory: {err}") from None
-    except (OSError, EOFError, KeyError, NotImplementedError, RuntimeError) as err:
+    except (OSError, EOFError, KeyError, NotImplementedError, RuntimeError, zipfile.BadZipFile) as err:
         # NotImplementedError: a compression method zipfile lacks; RuntimeError: an encrypted member
         raise MemoryFileError(f"{path} is corrupt or truncated ({type(err).__name__}: {err})") from None
     return MemoryFile(path=path, sha256=sha256_file(path), metadata=metadata, patches=patches, windows=windows)

@@ -76,8 +76,8 @@ class OutputLock:
         self.previous_holder: str = ""
 
     def _open(self) -> Any:
+        refuse_link(self.path.parent)  # before mkdir, which a dangling link would make fail
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        refuse_link(self.path.parent)
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
             fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -162,13 +162,15 @@ class RunState:
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / STATE_DIR / "state.sqlite"
+        refuse_link(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for path in (self.path.parent, *(Path(f"{self.path}{suffix}") for suffix in _SQLITE_SUFFIXES)):
-            refuse_link(path)  # SQLite follows links: a planted one would make it write elsewhere
+        for suffix in _SQLITE_SUFFIXES:
+            refuse_link(Path(f"{self.path}{suffix}"))  # SQLite follows links: one would make it write elsewhere
         # One connection used from the scan's writer thread and the main thread, never at once.
         self._lock = threading.Lock()
         self.recovered_from = ""
         self.damage = ""
+        self._checked_rows: list[ResultRow] | None = None
         try:
             self._db = self._open()
             self.damage = self._damage()
@@ -214,7 +216,9 @@ class RunState:
                 return f"meta entry {str(key)[:40]!r} is not JSON"
             if key == "config" and not isinstance(parsed, dict):
                 return "the stored configuration is not a JSON object"
-        for key, size, mtime_ns, sha, text in db.execute("SELECT path, size, mtime_ns, sha256, row FROM results"):
+        rows = []
+        query = "SELECT path, size, mtime_ns, sha256, row FROM results ORDER BY path"
+        for key, size, mtime_ns, sha, text in db.execute(query):
             try:
                 if not isinstance(key, bytes):
                     raise TypeError("path is not a BLOB")
@@ -226,10 +230,13 @@ class RunState:
                 values = json.loads(text)
                 if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
                     raise TypeError("row is not an object of strings")
-                if ResultRow.from_csv_dict(values).path != _path(key):
+                row = ResultRow.from_csv_dict(values)
+                if row.path != _path(key):
                     raise ValueError("row path differs from its key")
+                rows.append(row)
             except (TypeError, ValueError, RecursionError) as err:
-                return f"a stored row is invalid ({err})"
+                return f"a stored row is invalid ({str(err)[:80]})"
+        self._checked_rows = rows  # the first rows() needs no second parse
         return ""
 
     def close(self) -> None:
@@ -253,6 +260,7 @@ class RunState:
     def reset(self, config: dict[str, Any]) -> None:
         """Forget every stored row and record the configuration the new rows will have."""
         with self._lock:
+            self._checked_rows = None
             with _Transaction(self._db) as db:
                 db.execute("DELETE FROM results")
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, sort_keys=True),))
@@ -271,23 +279,28 @@ class RunState:
             size, mtime_ns, sha = (stamp.size, stamp.mtime_ns, stamp.sha256) if stamp else (None, None, None)
             values.append((_key(row.path), size, mtime_ns, sha, json.dumps(row.as_csv_dict())))
         with self._lock:
+            self._checked_rows = None
             with _Transaction(self._db) as db:
                 db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", values)
 
     def forget(self, paths: list[str]) -> None:
         with self._lock:
+            self._checked_rows = None
             with _Transaction(self._db) as db:
                 db.executemany("DELETE FROM results WHERE path = ?", [(_key(p),) for p in paths])
 
     def rows(self) -> list[ResultRow]:
         """All stored rows, sorted by path."""
         with self._lock:
+            if self._checked_rows is not None:  # parsed by the check at open, nothing written since
+                return list(self._checked_rows)
             found = self._db.execute("SELECT row FROM results ORDER BY path").fetchall()
         return [ResultRow.from_csv_dict(json.loads(text)) for (text,) in found]
 
     def replace_rows(self, rows: list[ResultRow]) -> None:
         """Rewrite stored rows in place (e.g. relabelled after a threshold change), keeping the stamps."""
         with self._lock:
+            self._checked_rows = None
             with _Transaction(self._db) as db:
                 db.executemany(
                     "UPDATE results SET row = ? WHERE path = ?",
