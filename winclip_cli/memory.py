@@ -309,7 +309,8 @@ def _parse_metadata(path: Path, raw: np.ndarray) -> dict[str, Any]:
     except RecursionError:
         raise MemoryFileError(f"{path}: metadata is nested too deeply") from None
     except ValueError as err:  # invalid JSON, or a number too long to convert
-        raise MemoryFileError(f"{path}: metadata is not valid JSON ({str(err)[:80]})") from None
+        reason = "a number with too many digits" if "digits" in str(err) else str(err)[:80]
+        raise MemoryFileError(f"{path}: metadata is not valid JSON ({reason})") from None
     if not isinstance(metadata, dict):
         raise MemoryFileError(f"{path}: metadata is not a JSON object")
     missing = [key for key in REQUIRED_METADATA if key not in metadata]

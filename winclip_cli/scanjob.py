@@ -178,7 +178,8 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise SetupError(f"cannot read calibration file {path}: it is nested too deeply") from None
     except (OSError, ValueError) as err:  # ValueError: bad UTF-8, bad JSON, a number too long to convert
-        raise SetupError(f"cannot read calibration file {path}: {str(err)[:120]}") from None
+        reason = "it holds a number with too many digits" if "digits" in str(err) else str(err)[:120]
+        raise SetupError(f"cannot read calibration file {path}: {reason}") from None
     if not isinstance(data, dict) or not isinstance(data.get("calibration"), dict):
         raise SetupError(f"{path} is not a winclip calibration file")
     if not isinstance(data.get("fingerprint"), dict):
