@@ -208,12 +208,12 @@ class RunState:
         for table, columns in _SCHEMA.items():
             found = tuple(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
             if found != columns:
-                return f"table {table} has columns {', '.join(found) or 'none'}"
+                return f"table {table} has another layout"  # (its column names are not shown: any text)
         for key, value in db.execute("SELECT key, value FROM meta"):
             try:
                 parsed = json.loads(value)
             except (TypeError, ValueError, RecursionError):
-                return f"meta entry {str(key)[:40]!r} is not JSON"
+                return "a meta entry is not JSON"
             if key == "config" and not isinstance(parsed, dict):
                 return "the stored configuration is not a JSON object"
         rows = []
