@@ -18,14 +18,18 @@ from typing import Any
 from . import __version__
 from .errors import SetupError
 from .outputs import (
+    HEATMAP_DIR,
+    LinkInOutputError,
     ResultRow,
+    confined_path,
     heatmap_relpath,
-    map_relpath,
+    map_relpath_of_heatmap,
     read_results_csv,
     write_results_csv_atomic,
     write_text_atomic,
 )
-from .report import thumbnail_relpaths
+from .report import thumbnail_relpaths_of_heatmap
+from .state import refuse_links
 
 # run.json keys that must agree for rows to be comparable
 CONFIG_KEYS = (
@@ -108,8 +112,8 @@ def _read_run(folder: Path) -> dict[str, Any]:
         info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SetupError(f"{folder} is not a winclip output folder (no run.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SetupError(f"cannot read {folder / 'run.json'}: {err}") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON, an endless number
+        raise SetupError(f"cannot read {folder / 'run.json'}: {str(err)[:120] or 'nested too deeply'}") from None
     if not isinstance(info, dict):
         raise SetupError(f"{folder / 'run.json'} is not a winclip run record")
     return info
@@ -117,9 +121,8 @@ def _read_run(folder: Path) -> dict[str, Any]:
 
 def _place(source: Path, target: Path) -> None:
     """Hard link (cheap, same bytes) or copy ``source`` to ``target``, replacing what is there."""
-    if target.exists() and os.path.samefile(source, target):
+    if target.exists() and not target.is_symlink() and os.path.samefile(source, target):
         return  # merged before: os.replace between two links of one file would leave the temporary
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.merge.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -140,6 +143,19 @@ def _own_file(folder: Path, relpath: str) -> Path | None:
     except OSError:
         return None
     return path
+
+
+def _is_own_heatmap(folder: Path, relpath: str) -> bool:
+    """Whether ``relpath`` names a heatmap file that winclip could have written in ``folder``."""
+    parts = relpath.split("/")
+    return (
+        len(parts) >= 2
+        and parts[0] == HEATMAP_DIR
+        and relpath.endswith(".png")
+        and not any(part in ("", ".", "..") for part in parts)
+        and "\\" not in relpath
+        and _own_file(folder, relpath) is not None
+    )
 
 
 def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
@@ -176,18 +192,23 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
             merged[row.path] = row
             origin[row.path] = folder
     out.mkdir(parents=True, exist_ok=True)
+    refuse_links(out)
     for path, row in merged.items():
         folder = origin[path]
         if not row.heatmap:
             continue
-        # Paths are derived from the image path, never taken from the CSV: a crafted scores.csv
-        # cannot make merge read or write anything outside the folders it merges.
-        heatmap = heatmap_relpath(row.path)
+        # Paths are derived from the image path, or are the CSV's own heatmap name when that is one
+        # winclip writes (a name with bytes that are not UTF-8 cannot be derived again from the CSV's
+        # text): a crafted scores.csv cannot make merge read or write anything outside its folders.
+        heatmap = row.heatmap if _is_own_heatmap(folder, row.heatmap) else heatmap_relpath(row.path)
         merged[path] = replace(row, heatmap=heatmap)
-        for relpath in (heatmap, map_relpath(row.path), *thumbnail_relpaths(row.path)):
+        for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap)):
             source = _own_file(folder, relpath)
             if source is not None:
-                _place(source, out / relpath)
+                try:
+                    _place(source, confined_path(out, relpath))
+                except LinkInOutputError as err:
+                    raise SetupError(err.strerror) from None
     rows = sorted(merged.values(), key=lambda row: row.path)
     write_results_csv_atomic(out / "scores.csv", rows)
     info = {key: value for key, value in reference.items() if key not in PER_RUN_KEYS}

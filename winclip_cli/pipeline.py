@@ -32,6 +32,7 @@ from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess
 from .options import check_tile_size
 from .outputs import (
     ResultRow,
+    confined_path,
     heatmap_relpath,
     map_relpath,
     overlay,
@@ -488,9 +489,11 @@ class ResultWriter:
             heat = overlay(display, score_map)
             # No fsync per file: the scan syncs the file system once per group of rows, before it
             # commits them (see scanjob). Level 1: heatmaps of textured parts barely compress anyway.
-            write_png_atomic(self.out_dir / heatmap, heat, fsync=False, compress_level=1)
+            # confined_path: no planted symlink inside OUT can redirect a write outside it
+            write_png_atomic(confined_path(self.out_dir, heatmap), heat, fsync=False, compress_level=1)
             if self.save_maps:
-                write_float_tiff_atomic(self.out_dir / map_relpath(item.relpath), score_map, fsync=False)
+                target = confined_path(self.out_dir, map_relpath(item.relpath))
+                write_float_tiff_atomic(target, score_map, fsync=False)
             if self.thumbnails:
                 from .report import write_thumbnails
 

@@ -24,13 +24,13 @@ from .outputs import (
     CsvResultWriter,
     ResultRow,
     heatmap_relpath,
-    map_relpath,
+    map_relpath_of_heatmap,
     sync_filesystem,
     write_results_csv_atomic,
     write_text_atomic,
 )
 from .pipeline import InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
-from .state import FileStamp, OutputLock, RunState, clean_stale_temporaries
+from .state import FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -156,10 +156,21 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SetupError(f"calibration file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SetupError(f"cannot read calibration file {path}: {err}") from None
-    if not isinstance(data, dict) or "calibration" not in data or "fingerprint" not in data:
+    except RecursionError:
+        raise SetupError(f"cannot read calibration file {path}: it is nested too deeply") from None
+    except (OSError, ValueError) as err:  # ValueError: bad UTF-8, bad JSON, a number too long to convert
+        reason = "it holds a number with too many digits" if "digits" in str(err) else str(err)[:120]
+        raise SetupError(f"cannot read calibration file {path}: {reason}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("calibration"), dict):
         raise SetupError(f"{path} is not a winclip calibration file")
+    if not isinstance(data.get("fingerprint"), dict):
+        raise SetupError(f"{path} holds a malformed calibration; recalibrate with `winclip calibrate`")
+    from .calibration import Calibration
+
+    try:
+        Calibration.from_dict(data["calibration"])  # refused now, whether or not its fingerprint matches
+    except SetupError as err:
+        raise SetupError(f"{path}: {err}") from None
     return data
 
 
@@ -241,6 +252,7 @@ def run_scan_job(
         calibration, origin = memory.metadata["calibration"], str(options.refs)
 
     options.out.mkdir(parents=True, exist_ok=True)
+    refuse_links(options.out)
     with OutputLock(options.out) as lock:
         if lock.previous_holder:
             reporter.warn(f"took over a stale lock in {options.out} ({lock.previous_holder})")
@@ -283,7 +295,9 @@ def run_scan_job(
         }
         state = RunState(options.out)
         if state.recovered_from:
-            reporter.warn(f"the run state was damaged and was moved to {state.recovered_from}; starting afresh")
+            reporter.warn(
+                f"the run state was damaged ({state.damage}) and was moved to {state.recovered_from}; starting afresh"
+            )
         try:
             todo, skipped, rows_changed = _select(
                 state, config, context, inputs, options.incremental, reporter, bool(unlisted)
@@ -483,12 +497,20 @@ def _select(
 
 
 def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
-    from .report import thumbnail_relpaths
+    from .report import thumbnail_relpaths_of_heatmap
 
     for row in rows:
         if not row.heatmap:
             continue
-        for relpath in (heatmap_relpath(row.path), map_relpath(row.path), *thumbnail_relpaths(row.path)):
+        # row.heatmap too: a row written by an older winclip may name its heatmap differently
+        heatmaps = {heatmap_relpath(row.path), row.heatmap}
+        relpaths = [
+            relpath
+            for heatmap in heatmaps
+            if heatmap.startswith("heatmaps/") and heatmap.endswith(".png") and ".." not in heatmap.split("/")
+            for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap))
+        ]
+        for relpath in relpaths:
             target = out_dir / relpath
             if target.resolve().is_relative_to(out_dir.resolve()):  # never outside OUT, whatever the CSV says
                 target.unlink(missing_ok=True)
