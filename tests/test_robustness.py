@@ -158,9 +158,10 @@ def test_incremental_scan_of_an_emptied_folder_drops_its_rows(tmp_path, tiny_arg
 def test_too_many_tiles_is_a_row_not_a_crash(tmp_path, tiny_args):
     folder = tmp_path / "big"
     folder.mkdir()
-    Image.new("RGB", (2000, 1200), (120, 120, 120)).save(folder / "wide.png")
+    # 240 px tiles (the smallest allowed) overlapping by 0.9: 75 x 75 = 5625 tiles, over the limit
+    Image.new("RGB", (2000, 2000), (120, 120, 120)).save(folder / "wide.png")
     out = tmp_path / "out"
-    result = run(["scan", str(folder), "--tile", "16", "--out", str(out), "-q", *tiny_args])
+    result = run(["scan", str(folder), "--tile", "240", "--tile-overlap", "0.9", "--out", str(out), "-q", *tiny_args])
     assert result.exit_code == 3
     (row,) = read_results_csv(out / "scores.csv")
     assert row["status"] == "error" and "tiles" in row["error"] and "--tile" in row["error"]

@@ -93,7 +93,7 @@ def test_tile_auto_leaves_small_images_whole_and_tiles_large_ones(tmp_path, tiny
     out = tmp_path / "out"
     assert run(["scan", str(folder), "--tile", "auto", "--out", str(out), "-q", *tiny_args]).exit_code == 0
     rows = {r["path"]: r for r in read_results_csv(out / "scores.csv")}
-    assert rows["small.png"]["tiles"] == ""  # 300 px fits the model at under 4x downscaling
+    assert rows["small.png"]["tiles"] == "1"  # left whole: 300 px fits the model at under 4x downscaling
     assert int(rows["wide.png"]["tiles"]) >= 2
     assert Image.open(out / rows["wide.png"]["heatmap"]).size == (1100, 400)
 

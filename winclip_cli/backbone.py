@@ -18,14 +18,12 @@ from torch import nn
 
 from .errors import SetupError, WeightsUnavailableError
 from .hashing import cached_sha256_file
+from .options import DEFAULT_ARCHITECTURE, DEVICES, PRECISIONS
 from .settings import cache_dir
 
-DEFAULT_ARCHITECTURE = "ViT-B-16-plus-240"
 DEFAULT_WEIGHTS = "laion400m_e31"
 WEIGHTS_ENV = "WINCLIP_WEIGHTS"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cuda", "mps", "cpu")
 
 
 @dataclass

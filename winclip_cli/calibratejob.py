@@ -24,6 +24,7 @@ from .engine import ModelOptions, build_engine
 from .errors import SetupError
 from .hashing import sha256_file
 from .memory import MemoryFile, attach_memory, load_memory, update_metadata
+from .options import DEFAULT_CALIBRATION_FILE, DEFAULT_FPR, check_rate
 from .outputs import write_text_atomic
 from .pipeline import (
     Decoded,
@@ -43,7 +44,7 @@ class CalibrateOptions(InputOptions):
     good_dir: Path
     model: ModelOptions
     class_name: str
-    fpr: float = 0.01
+    fpr: float = DEFAULT_FPR
     pixel_fpr: float | None = None
     refs: Path | None = None
     out: Path | None = None  # calibration file when there is no memory to store it in
@@ -61,7 +62,6 @@ class CalibrateResult:
     seconds: float
 
 
-DEFAULT_CALIBRATION_FILE = Path("winclip-calibration.json")
 PIXELS_PER_IMAGE = 65536
 
 
@@ -80,8 +80,8 @@ def pixel_sample(score_map: np.ndarray, limit: int = PIXELS_PER_IMAGE) -> np.nda
 
 def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> CalibrateResult:
     started = time.perf_counter()
-    if not 0.0 <= options.fpr < 1.0:
-        raise SetupError(f"--fpr must be in [0, 1), got {options.fpr}")
+    check_rate("--fpr", options.fpr)
+    check_rate("--pixel-fpr", options.pixel_fpr)
     files = discover(options.good_dir, options.out or DEFAULT_CALIBRATION_FILE, reporter)
     if not files:
         raise SetupError(f"no images found under {options.good_dir}")

@@ -120,16 +120,26 @@ class Calibration:
             value = data[key]
             if value is None and optional:
                 return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise SetupError(f"calibration field '{key}' must be a finite number (got {value!r})")
-            return float(value)
+            try:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise OverflowError
+                return float(value)
+            except OverflowError:  # also an integer too large for a float
+                raise SetupError(f"calibration field '{key}' must be a finite number (got {str(value)[:40]})") from None
+
+        def score(key: str, optional: bool = False) -> float | None:
+            # scores lie in [0, 1]: a threshold beyond them (1e300) would silently turn detection off
+            value = number(key, optional)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise SetupError(f"calibration field '{key}' must be in [0, 1] (got {value!r})")
+            return value
 
         def count(key: str) -> int:
             if key not in data:
                 raise SetupError(f"calibration data lacks '{key}'")
             value = data[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SetupError(f"calibration field '{key}' must be a positive integer (got {value!r})")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**53:
+                raise SetupError(f"calibration field '{key}' must be a positive integer (got {str(value)[:40]})")
             return value
 
         def rate(key: str) -> float:
@@ -142,11 +152,11 @@ class Calibration:
         if not 0.0 <= achieved <= 1.0:
             raise SetupError(f"calibration field 'achieved_fpr' must be in [0, 1] (got {achieved!r})")
         return cls(
-            threshold=number("threshold"),
+            threshold=score("threshold"),
             fpr=rate("fpr"),
             achieved_fpr=achieved,
             n_images=count("n_images"),
-            pixel_threshold=number("pixel_threshold", optional=True),
+            pixel_threshold=score("pixel_threshold", optional=True),
             pixel_fpr=rate("pixel_fpr"),
             min_images_for_fpr=count("min_images_for_fpr"),
         )

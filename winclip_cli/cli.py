@@ -1,7 +1,9 @@
 """The ``winclip`` command line: parses options, prints progress and summaries, returns exit codes.
 
-Nothing here computes a score. Heavy modules (torch, open_clip) are imported inside the commands
-that need them, so ``winclip --help`` and ``winclip prompts`` start instantly.
+Nothing here computes a score. The options shared by the commands that load a model are declared
+in ``options``; each command checks all its arguments (``options``, ``preflight``) before it imports
+the job, and with it torch and open_clip, so ``winclip --help`` starts instantly and a mistake fails
+in a fraction of a second. A new command or option follows the same order: parse, check, then import.
 """
 
 from __future__ import annotations
@@ -10,16 +12,16 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from . import __version__
+from . import __version__, preflight
 from .errors import (
     EXIT_ANOMALY,
     EXIT_INTERRUPTED,
@@ -28,6 +30,17 @@ from .errors import (
     EXIT_USAGE,
     SetupError,
     WinclipError,
+)
+from .options import (
+    DEFAULT_CALIBRATION_FILE,
+    DEFAULT_FPR,
+    InputArgs,
+    ModelArgs,
+    TileArgs,
+    check_rate,
+    parse_shard,
+    parse_threshold,
+    with_options,
 )
 from .prompts import DEFAULT_CLASS, load_vocabulary
 
@@ -46,7 +59,47 @@ not be read (every other image was scored and written); 4 another scan is writin
 folder; 130 interrupted (results so far are kept).
 """
 
-app = typer.Typer(
+
+class _PlainHelp:
+    """Help as command-line users read it: ARGUMENT names in the usage line (not ``{argument}``) and
+    nothing after a flag (not ``<bool>``), which this Typer version would otherwise print."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)  # type: ignore[misc]
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name or "").upper()
+                plain = f"{name}..." if param.nargs != 1 else name
+                written = param.get_usage_pieces(ctx)
+                if written and written[0] in pieces:
+                    pieces[pieces.index(written[0])] = plain if param.required else f"[{plain}]"
+        return pieces
+
+
+class WinclipCommand(_PlainHelp, TyperCommand):
+    pass
+
+
+class WinclipGroup(_PlainHelp, TyperGroup):
+    pass
+
+
+class WinclipTyper(typer.Typer):
+    """Every command added with ``app.command`` gets the plain help above."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any):  # type: ignore[override]
+        return super().command(*args, cls=cls or WinclipCommand, **kwargs)
+
+
+app = WinclipTyper(
+    cls=WinclipGroup,
     name="winclip",
     help="Find defects in folders of product photos without training (WinCLIP zero-/few-shot).",
     no_args_is_help=True,
@@ -56,8 +109,6 @@ app = typer.Typer(
 )
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -123,44 +174,25 @@ def main_callback(
 
 
 # --------------------------------------------------------------------------------------------- shared options
+# The model, input and tiling options are declared once, in options.py (``with_options`` adds them to
+# a command); the few options below are shared too, each with its default written once here.
 
-ModelOpt = Annotated[
-    str,
-    typer.Option("--model", help="open_clip architecture name, or path to an open_clip model-config JSON."),
-]
-WeightsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--weights",
-        help="Pretrained tag (downloaded once into the cache) or a local checkpoint file (.pt/.bin/.safetensors) "
-        "for offline machines. Default: $WINCLIP_WEIGHTS, else laion400m_e31.",
-        show_default=False,
-    ),
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu.")]
-PrecisionOpt = Annotated[
-    str,
-    typer.Option("--precision", help="Visual tower precision: fp32, bf16, fp16, or auto (bf16/fp16 where fast)."),
-]
-ScalesOpt = Annotated[str, typer.Option("--scales", help="Window sizes in patches, e.g. '2,3'.")]
 ClassOpt = Annotated[str, typer.Option("--class", "-c", help="Object name used in the prompts, e.g. bottle.")]
 PromptsOpt = Annotated[
     Path | None,
-    typer.Option("--prompts", help="TOML file that extends or replaces the prompt vocabulary (see `winclip prompts`)."),
+    typer.Option(
+        "--prompts",
+        help="TOML file that extends or replaces the prompt vocabulary (see `winclip prompts`).",
+        show_default=False,
+    ),
 ]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the text-embedding cache.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model batch.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary (errors still print).")]
-MaxPixelsOpt = Annotated[
-    int, typer.Option("--max-pixels", min=1, help="Refuse images larger than this many pixels (decompression bombs).")
-]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Decoding threads (0: automatic).")]
 
 
-def _model_options(model: str, weights: str | None, device: str, precision: str, scales: str):
-    from .engine import ModelOptions, parse_scales
-
-    return ModelOptions(model=model, weights=weights, device=device, precision=precision, scales=parse_scales(scales))
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 image', '3 images'."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
 
 
 def _progress(quiet: bool):
@@ -248,39 +280,19 @@ class ConsoleReporter:
             sys.stdout.flush()
 
 
-def _tile_option(tile: str | None) -> int | str | None:
-    if tile is None:
-        return None
-    if tile == "auto":
-        return "auto"
-    try:
-        size = int(tile)
-    except ValueError:
-        raise SetupError(f"--tile takes a size in pixels or 'auto', not {tile!r}") from None
-    if size < 16:
-        raise SetupError(f"--tile {size} is too small (at least 16 pixels)")
-    return size
-
-
-def _tile_overlap(value: float) -> float:
-    if not 0.0 <= value < 1.0:
-        raise SetupError(f"--tile-overlap must be in [0, 1), got {value}")
-    return value
-
-
-TileOpt = Annotated[
-    str | None,
-    typer.Option("--tile", help="Cut large images into tiles of SIZE pixels (or 'auto') and score each tile."),
-]
-TileOverlapOpt = Annotated[float, typer.Option("--tile-overlap", help="Overlap between neighbouring tiles.")]
-
-
 # ------------------------------------------------------------------------------------------------------ scan
 
 
 @app.command(epilog=EXIT_CODES_HELP)
+@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
 def scan(
-    directory: Annotated[Path, typer.Argument(help="Folder of images (searched recursively) or a single image.")],
+    directory: Annotated[
+        Path,
+        typer.Argument(help="Folder of images (searched recursively) or a single image.", show_default=False),
+    ],
+    model_args: ModelArgs,
+    input_args: InputArgs,
+    tile_args: TileArgs,
     class_name: ClassOpt = DEFAULT_CLASS,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for scores.csv and heatmaps.")] = Path(
         "winclip-out"
@@ -294,13 +306,19 @@ def scan(
         ),
     ] = "auto",
     refs: Annotated[
-        Path | None, typer.Option("--refs", help="Few-shot reference memory (.npz) from `winclip build-refs`.")
+        Path | None,
+        typer.Option("--refs", help="Few-shot reference memory (.npz) from `winclip build-refs`.", show_default=False),
     ] = None,
     calibration: Annotated[
-        Path | None, typer.Option("--calibration", help="Calibration file from `winclip calibrate`.")
+        Path | None,
+        typer.Option("--calibration", help="Calibration file from `winclip calibrate`.", show_default=False),
     ] = None,
     fail_on_anomaly: Annotated[
-        bool, typer.Option("--fail-on-anomaly", help="Exit with code 1 when any image scores over the threshold.")
+        bool,
+        typer.Option(
+            "--fail-on-anomaly",
+            help="Exit with code 1 when any row of scores.csv is anomalous (with --incremental: kept rows too).",
+        ),
     ] = False,
     incremental: Annotated[
         bool,
@@ -311,23 +329,14 @@ def scan(
         ),
     ] = False,
     shard: Annotated[
-        str | None, typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.")
+        str | None,
+        typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.", show_default=False),
     ] = None,
-    tile: TileOpt = None,
-    tile_overlap: TileOverlapOpt = 0.25,
     save_maps: Annotated[bool, typer.Option("--save-maps", help="Also write raw float32 maps as TIFF.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Write OUT/report.html after the scan.")] = False,
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per image on stdout.")] = False,
-    model: ModelOpt = "ViT-B-16-plus-240",
-    weights: WeightsOpt = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
-    scales: ScalesOpt = "2,3",
     prompts: PromptsOpt = None,
     no_cache: NoCacheOpt = False,
-    batch_size: BatchOpt = 8,
-    max_pixels: MaxPixelsOpt = 80_000_000,
-    workers: WorkersOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Score every image in DIRECTORY: anomaly score, pass/fail label and a heatmap per image.
@@ -346,30 +355,39 @@ def scan(
 
       winclip scan ./images --weights ~/models/vit_b_16_plus_240-laion400m_e31.pt --json > scores.jsonl
     """
-    from .scanjob import ScanOptions, parse_shard, run_scan_job
-
     with user_errors():
+        # Everything that needs no model is checked before torch is imported: mistakes fail at once.
+        model_options = model_args.parse()
+        parse_threshold(threshold)
+        shard_of = parse_shard(shard)
+        tiling = tile_args.parse(model_args.model)
+        preflight.check_input(directory)
+        preflight.check_output_folder("--out", out)
+        preflight.check_memory_file(refs)
+        preflight.check_input_file("--calibration", calibration)
+        load_vocabulary(prompts)
+        preflight.check_not_busy(out)
+
+        from .scanjob import ScanOptions, run_scan_job
+
         options = ScanOptions(
             directory=directory,
             out=out,
-            model=_model_options(model, weights, device, precision, scales),
+            model=model_options,
             class_name=class_name,
             threshold=threshold,
             refs=refs,
             calibration=calibration,
             prompts=prompts,
             use_cache=not no_cache,
-            batch_size=batch_size,
-            max_pixels=max_pixels,
-            workers=workers or None,
             save_maps=save_maps,
             incremental=incremental,
-            shard=parse_shard(shard),
-            tile=_tile_option(tile),
-            tile_overlap=_tile_overlap(tile_overlap),
+            shard=shard_of,
+            **input_args.parse(),
+            **tiling,
         )
         stop = StopFlag()
-        with ConsoleReporter(quiet, json_lines) as reporter, stop.installed():
+        with preflight.removed_if_unused(out), ConsoleReporter(quiet, json_lines) as reporter, stop.installed():
             result = run_scan_job(options, reporter, should_stop=stop)
         if report:
             from .report import build_report
@@ -377,20 +395,26 @@ def scan(
             page = build_report(out)
             if not quiet:
                 stderr.print(f"report: {_escape(str(page))}")
-    summary = result.summary
+    # The summary and the exit code describe scores.csv as it now is: with --incremental, the rows kept
+    # from earlier runs (relabelled when the threshold changed) count as much as the rows scored now.
     if not quiet:
+        summary = result.summary
         rate = summary.scored / result.seconds if result.seconds > 0 else 0.0
-        unchanged = f", {result.skipped_unchanged} unchanged" if result.skipped_unchanged else ""
+        scored_now = (
+            f" ({summary.images} scored now, {result.skipped_unchanged} unchanged)" if result.skipped_unchanged else ""
+        )
+        stopped = "[yellow]interrupted:[/] " if result.interrupted else ""
         stderr.print(
-            f"[bold]{summary.images}[/] images: [bold]{summary.anomalies}[/] anomalous, "
-            f"{summary.scored - summary.anomalies} normal, [bold]{summary.errors}[/] errors{unchanged} "
+            f"{stopped}[bold]{plural(result.total_rows, 'image')}[/]: "
+            f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, "
+            f"[bold]{plural(result.total_errors, 'error')}[/]{scored_now} "
             f"in {result.seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(out / 'scores.csv'))}"
         )
     if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
-    if fail_on_anomaly and summary.anomalies:
+    if fail_on_anomaly and result.total_anomalies:
         raise typer.Exit(EXIT_ANOMALY)
-    if summary.errors or result.unlisted:
+    if result.total_errors or result.unlisted:
         raise typer.Exit(EXIT_UNREADABLE)
     raise typer.Exit(EXIT_OK)
 
@@ -399,31 +423,33 @@ def scan(
 
 
 @app.command("build-refs", epilog=JOB_EXIT_CODES_HELP)
+@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
 def build_refs(
     sources: Annotated[
-        list[Path], typer.Argument(help="Folders (searched recursively) and/or files of normal images.")
+        list[Path],
+        typer.Argument(help="Folders (searched recursively) and/or files of normal images.", show_default=False),
     ],
+    model_args: ModelArgs,
+    input_args: InputArgs,
+    tile_args: TileArgs,
     out: Annotated[Path, typer.Option("--out", "-o", help="Memory file to write (.npz).")] = Path("refs.npz"),
     k: Annotated[
         int | None,
-        typer.Option("--k", min=1, help="Use k of the images (default: all): the first k, or a --seed sample."),
+        typer.Option(
+            "--k",
+            min=1,
+            help="Use k of the images (default: all): the first k, or a --seed sample.",
+            show_default=False,
+        ),
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Draw the k images at random with this seed.")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Draw the k images at random with this seed.", show_default=False)
+    ] = None,
     append: Annotated[
         bool, typer.Option("--append", help="Add to an existing memory (same model and scales); skips known files.")
     ] = False,
     class_name: ClassOpt = DEFAULT_CLASS,
-    tile: TileOpt = None,
-    tile_overlap: TileOverlapOpt = 0.25,
-    model: ModelOpt = "ViT-B-16-plus-240",
-    weights: WeightsOpt = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
-    scales: ScalesOpt = "2,3",
     prompts: PromptsOpt = None,
-    batch_size: BatchOpt = 8,
-    max_pixels: MaxPixelsOpt = 80_000_000,
-    workers: WorkersOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Embed k normal images into a reference memory for few-shot scanning (`scan --refs`).
@@ -440,23 +466,29 @@ def build_refs(
 
       winclip build-refs ./more-good --out refs.npz --append
     """
-    from .refsjob import RefsOptions, run_refs_job
-
     with user_errors():
+        model_options = model_args.parse()
+        tiling = tile_args.parse(model_args.model)
+        for source in sources:
+            preflight.check_input(source, "reference source")
+        preflight.check_output_file("--out", out)
+        if append and out.exists():
+            preflight.check_memory_file(out)
+        load_vocabulary(prompts)
+
+        from .refsjob import RefsOptions, run_refs_job
+
         options = RefsOptions(
             sources=sources,
             out=out,
-            model=_model_options(model, weights, device, precision, scales),
+            model=model_options,
             class_name=class_name,
             k=k,
             seed=seed,
             append=append,
             prompts=prompts,
-            batch_size=batch_size,
-            max_pixels=max_pixels,
-            workers=workers or None,
-            tile=_tile_option(tile),
-            tile_overlap=_tile_overlap(tile_overlap),
+            **input_args.parse(),
+            **tiling,
         )
         with ConsoleReporter(quiet) as reporter:
             result = run_refs_job(options, reporter)
@@ -474,37 +506,43 @@ def build_refs(
 
 
 @app.command(epilog=JOB_EXIT_CODES_HELP)
+@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
 def calibrate(
-    good_dir: Annotated[Path, typer.Argument(help="Folder of normal (good) images, searched recursively.")],
+    good_dir: Annotated[
+        Path, typer.Argument(help="Folder of normal (good) images, searched recursively.", show_default=False)
+    ],
+    model_args: ModelArgs,
+    input_args: InputArgs,
+    tile_args: TileArgs,
     fpr: Annotated[
         float, typer.Option("--fpr", help="Largest acceptable false-alarm rate on good parts, e.g. 0.01 = 1 %.")
-    ] = 0.01,
+    ] = DEFAULT_FPR,
     pixel_fpr: Annotated[
-        float | None, typer.Option("--pixel-fpr", help="False-positive rate for the pixel threshold (default: --fpr).")
+        float | None,
+        typer.Option(
+            "--pixel-fpr", help="False-positive rate for the pixel threshold (default: --fpr).", show_default=False
+        ),
     ] = None,
     refs: Annotated[
         Path | None,
-        typer.Option("--refs", help="Few-shot memory: scored with it, and the calibration is stored inside it."),
+        typer.Option(
+            "--refs",
+            help="Few-shot memory: scored with it, and the calibration is stored inside it.",
+            show_default=False,
+        ),
     ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Calibration file to write when there is no --refs (default: winclip-calibration.json)."
+            "--out",
+            "-o",
+            help=f"Calibration file to write when there is no --refs (default: {DEFAULT_CALIBRATION_FILE}).",
+            show_default=False,
         ),
     ] = None,
     class_name: ClassOpt = DEFAULT_CLASS,
-    tile: TileOpt = None,
-    tile_overlap: TileOverlapOpt = 0.25,
-    model: ModelOpt = "ViT-B-16-plus-240",
-    weights: WeightsOpt = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
-    scales: ScalesOpt = "2,3",
     prompts: PromptsOpt = None,
     no_cache: NoCacheOpt = False,
-    batch_size: BatchOpt = 8,
-    max_pixels: MaxPixelsOpt = 80_000_000,
-    workers: WorkersOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Pick the score threshold whose false-alarm rate on good parts is at most --fpr.
@@ -523,18 +561,27 @@ def calibrate(
 
       winclip scan ./new --class bottle --calibration bottle-calibration.json
     """
-    from .calibratejob import CalibrateOptions, run_calibrate_job
-    from .calibration import histogram
-
     with user_errors():
-        for name, rate in (("--fpr", fpr), ("--pixel-fpr", pixel_fpr)):
-            if rate is not None and not 0.0 <= rate < 1.0:
-                raise SetupError(f"{name} must be in [0, 1), got {rate}")
+        model_options = model_args.parse()
+        tiling = tile_args.parse(model_args.model)
+        check_rate("--fpr", fpr)
+        check_rate("--pixel-fpr", pixel_fpr)
         if refs is not None and out is not None:
             raise SetupError("--out is for calibrations without --refs; with --refs the result is stored in the memory")
+        preflight.check_input(good_dir)
+        if refs is not None:
+            preflight.check_memory_file(refs)
+            preflight.check_output_file("--refs", refs)  # the calibration is written into the memory
+        else:
+            preflight.check_output_file("--out", out or DEFAULT_CALIBRATION_FILE)
+        load_vocabulary(prompts)
+
+        from .calibratejob import CalibrateOptions, run_calibrate_job
+        from .calibration import histogram
+
         options = CalibrateOptions(
             good_dir=good_dir,
-            model=_model_options(model, weights, device, precision, scales),
+            model=model_options,
             class_name=class_name,
             fpr=fpr,
             pixel_fpr=pixel_fpr,
@@ -542,11 +589,8 @@ def calibrate(
             out=out,
             prompts=prompts,
             use_cache=not no_cache,
-            batch_size=batch_size,
-            max_pixels=max_pixels,
-            workers=workers or None,
-            tile=_tile_option(tile),
-            tile_overlap=_tile_overlap(tile_overlap),
+            **input_args.parse(),
+            **tiling,
         )
         with ConsoleReporter(quiet) as reporter:
             result = run_calibrate_job(options, reporter)
@@ -555,7 +599,7 @@ def calibrate(
     if not quiet:
         bins = histogram(result.scores)
         peak = max(count for _, _, count in bins) or 1
-        table = Table(title=f"image scores of {cal.n_images} good images", show_edge=False)
+        table = Table(title=f"image scores of {plural(cal.n_images, 'good image')}", show_edge=False)
         table.add_column("score", justify="right")
         table.add_column("count", justify="right")
         table.add_column("")
@@ -569,7 +613,7 @@ def calibrate(
     )
     if not cal.enough_images:
         stderr.print(
-            f"[yellow]warning:[/] {cal.n_images} images cannot support a false-alarm rate of {cal.fpr:g}: "
+            f"[yellow]warning:[/] {plural(cal.n_images, 'image')} cannot support a false-alarm rate of {cal.fpr:g}: "
             f"at least {cal.min_images_for_fpr} are needed; the threshold is the highest score seen"
         )
     raise typer.Exit(EXIT_UNREADABLE if result.failures else EXIT_OK)
@@ -579,30 +623,33 @@ def calibrate(
 
 
 @app.command("eval", epilog=JOB_EXIT_CODES_HELP)
+@with_options(model_args=ModelArgs, input_args=InputArgs)
 def evaluate(
     root: Annotated[
-        Path, typer.Argument(help="Labelled data: MVTec-AD, VisA (1-class split) or good/ + bad/ folders.")
+        Path,
+        typer.Argument(
+            help="Labelled data: MVTec-AD, VisA (1-class split) or good/ + bad/ folders.", show_default=False
+        ),
     ],
+    model_args: ModelArgs,
+    input_args: InputArgs,
     k_shot: Annotated[
         int, typer.Option("--k-shot", min=0, help="Few-shot references per category (0: zero-shot).")
     ] = 0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Draw the references at random with this seed.")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Draw the references at random with this seed.", show_default=False)
+    ] = None,
     class_name: Annotated[
-        str | None, typer.Option("--class", "-c", help="Class name for the prompts (default: each category's name).")
+        str | None,
+        typer.Option(
+            "--class", "-c", help="Class name for the prompts (default: each category's name).", show_default=False
+        ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.csv and metrics.json.")] = Path(
         "winclip-eval"
     ),
-    model: ModelOpt = "ViT-B-16-plus-240",
-    weights: WeightsOpt = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
-    scales: ScalesOpt = "2,3",
     prompts: PromptsOpt = None,
     no_cache: NoCacheOpt = False,
-    batch_size: BatchOpt = 8,
-    max_pixels: MaxPixelsOpt = 80_000_000,
-    workers: WorkersOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure how well WinCLIP works on labelled data: image AUROC, AP, F1-max, pixel AUROC, F1-max, PRO.
@@ -617,21 +664,24 @@ def evaluate(
 
       winclip eval /data/mvtec_anomaly_detection/bottle --k-shot 4 --seed 0 --out eval-bottle
     """
-    from .evaljob import METRICS, EvalOptions, mean_metrics, run_eval_job
-
     with user_errors():
+        model_options = model_args.parse()
+        preflight.check_input(root, "evaluation data folder")
+        preflight.check_output_folder("--out", out)
+        load_vocabulary(prompts)
+
+        from .evaljob import METRICS, EvalOptions, mean_metrics, run_eval_job
+
         options = EvalOptions(
             root=root,
-            model=_model_options(model, weights, device, precision, scales),
+            model=model_options,
             class_name=class_name,
             k_shot=k_shot,
             seed=seed,
             out=out,
             prompts=prompts,
             use_cache=not no_cache,
-            batch_size=batch_size,
-            max_pixels=max_pixels,
-            workers=workers or None,
+            **input_args.parse(),
         )
         with ConsoleReporter(quiet) as reporter:
             results = run_eval_job(options, reporter)
@@ -683,8 +733,12 @@ def merge(
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {_escape(warning)}")
     if result.duplicates:
-        stderr.print(f"[yellow]warning:[/] {result.duplicates} rows appeared in several folders; the first was kept")
-    stderr.print(f"{len(result.rows)} rows from {len(folders)} folders -> {_escape(str(out / 'scores.csv'))}")
+        stderr.print(
+            f"[yellow]warning:[/] {plural(result.duplicates, 'row')} appeared in several folders; the first was kept"
+        )
+    stderr.print(
+        f"{plural(len(result.rows), 'row')} from {plural(len(folders), 'folder')} -> {_escape(str(out / 'scores.csv'))}"
+    )
 
 
 @app.command("report")
@@ -700,6 +754,8 @@ def report_command(
     from .report import build_report
 
     with user_errors():
+        if not out_dir.exists():
+            raise SetupError(f"output folder not found: {out_dir}")
         if not (out_dir / "scores.csv").is_file():
             raise SetupError(f"{out_dir} has no scores.csv (is it the --out folder of a scan?)")
         page = build_report(out_dir)
@@ -759,7 +815,36 @@ def prompts(
 
 
 def main() -> None:
-    app()
+    """The console script. A reader that stops early (`winclip prompts | head -1`) is no error for
+    commands that only print: exit 0. A scan whose --json reader goes away stops scoring: exit 141."""
+    stdout_before = _stdout_identity()
+    try:
+        app(prog_name="winclip")
+    except SystemExit as exit_:
+        if exit_.code == 1 and _stdout_reader_gone(stdout_before):
+            raise SystemExit(EXIT_OK) from None
+        raise
+
+
+def _stdout_identity() -> tuple[int, int] | None:
+    try:
+        stat = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _stdout_reader_gone(before: tuple[int, int] | None) -> bool:
+    """Both ways the libraries end a write into a closed pipe with exit 1: click swaps stdout for a
+    wrapper that swallows the final flush; rich points the stdout descriptor at /dev/null."""
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    devnull = (null.st_dev, null.st_ino)
+    return before is not None and before != devnull and _stdout_identity() == devnull
 
 
 if __name__ == "__main__":

@@ -8,26 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .backbone import Backbone, load_backbone
 from .errors import SetupError
+from .options import ModelOptions
 from .prompts import DEFAULT_CLASS, PromptEnsemble, load_vocabulary
 from .text import TextEmbeddingCache, text_embeddings
-from .winclip import DEFAULT_SCALES, WinClipScorer
-
-
-@dataclass
-class ModelOptions:
-    model: str
-    weights: str | None
-    device: str = "auto"
-    precision: str = "fp32"
-    scales: Sequence[int] = DEFAULT_SCALES
+from .winclip import WinClipScorer
 
 
 @dataclass
@@ -48,18 +38,6 @@ def quiet_open_clip() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
-
-
-def parse_scales(text: str) -> tuple[int, ...]:
-    """'2,3' or '2 3' -> (2, 3): window sizes in patches, each at least 1, no duplicates."""
-    parts = [p for p in text.replace(",", " ").split() if p]
-    try:
-        scales = tuple(int(p) for p in parts)
-    except ValueError:
-        raise SetupError(f"--scales takes whole numbers such as '2,3', not {text!r}") from None
-    if not scales or any(s < 1 for s in scales) or len(set(scales)) != len(scales):
-        raise SetupError(f"--scales needs distinct window sizes of at least 1 patch, got {text!r}")
-    return scales
 
 
 def build_backbone(options: ModelOptions) -> Backbone:
@@ -87,7 +65,3 @@ def build_engine(
     scorer = WinClipScorer(backbone.model.visual, text, scales=options.scales)
     calls = cache.encoder_calls if cache is not None else 1
     return Engine(backbone=backbone, scorer=scorer, ensemble=ensemble, text_encoder_calls=calls)
-
-
-def to_model_input(batch: torch.Tensor, backbone: Backbone) -> torch.Tensor:
-    return batch.to(device=backbone.device, dtype=backbone.dtype)

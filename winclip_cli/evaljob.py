@@ -59,7 +59,8 @@ class CategoryResult:
     n_anomalous: int
     references: list[str]
     metrics: dict[str, float | None]
-    notes: dict[str, str] = field(default_factory=dict)  # metric -> why it is missing
+    # metric -> why it is missing; "pixel metrics" -> which images they leave out
+    notes: dict[str, str] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -116,6 +117,7 @@ def _evaluate_category(category: Category, engine, options: EvalOptions, reporte
     by_path = {str(image.path): image for image in test}
     reporter.start(f"{category.name}", len(test))
     labels, scores, maps, masks, errors = [], [], [], [], []
+    without_mask = 0
     size = backbone.image_size
     stream = decode_stream([(i.path, str(i.path)) for i in test], prep, workers=options.workers, with_stamp=False)
     items = processed_stream(stream, scoring_fn(engine.scorer, backbone.device, backbone.dtype), options.batch_size)
@@ -133,6 +135,8 @@ def _evaluate_category(category: Category, engine, options: EvalOptions, reporte
             if image.label == 0 or image.mask is not None:  # anomalous images without a mask have no pixel truth
                 maps.append(upsample_grid(grid, *size))
                 masks.append(load_mask(image.mask, size))
+            else:
+                without_mask += 1
     metrics: dict[str, float | None] = {}
     notes: dict[str, str] = {}
     y, s = np.asarray(labels), np.asarray(scores)
@@ -154,6 +158,11 @@ def _evaluate_category(category: Category, engine, options: EvalOptions, reporte
     else:
         for name in ("pixel_auroc", "pixel_f1_max", "pro"):
             metrics[name], notes[name] = None, "no ground-truth masks"
+    if without_mask and maps:
+        notes["pixel metrics"] = (
+            f"{without_mask} of {int(y.sum())} anomalous images have no mask and are left out "
+            "(their image scores count in the image metrics)"
+        )
     return CategoryResult(
         name=category.name,
         layout=category.layout,

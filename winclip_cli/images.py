@@ -27,9 +27,9 @@ from PIL import Image, UnidentifiedImageError
 
 from winclip_cli.errors import ImageDecodeError, SetupError
 from winclip_cli.library_messages import captured_library_messages
+from winclip_cli.options import DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-DEFAULT_MAX_PIXELS: int = 80_000_000
 
 # Pillow formats we let it recognise.  Formats with weak or no signatures (TGA, SPIDER, ...) are left
 # out on purpose: otherwise a random text file could be "identified" and decoded into noise.

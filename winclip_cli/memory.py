@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import math
+import re
 import zipfile
 from dataclasses import dataclass
 from datetime import UTC
@@ -27,6 +27,8 @@ import torch
 from . import __version__
 from .errors import MemoryFileError
 from .hashing import sha256_file
+from .outputs import atomic_path
+from .preflight import check_memory_file
 from .winclip import ReferenceMemory
 
 FORMAT_VERSION = 1
@@ -149,100 +151,207 @@ def build_metadata(
 
 
 def save_memory(path: Path, metadata: dict[str, Any], patches: np.ndarray, windows: dict[int, np.ndarray]) -> None:
-    """Write atomically: a temporary file in the same folder, fsync'ed, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically: a temporary file in the same folder, fsync'ed, then renamed over ``path``; the
+    file gets the mode the umask gives any new file (readable by a cron user, like the CSVs)."""
     arrays = {"metadata": np.array(json.dumps(metadata, ensure_ascii=False)), "patches": patches.astype(np.float32)}
     for scale, array in windows.items():
         arrays[f"windows_{scale}"] = array.astype(np.float32)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+# The arrays a memory may hold, by member name; anything else in the archive is refused.
+_MEMBER_NAME = re.compile(r"(metadata|patches|windows_[0-9]{1,4})\.npy")
+# np.savez stores arrays uncompressed; a member that expands far beyond the file's own size is a zip bomb.
+_MAX_EXPANSION = 4
+_MAX_METADATA_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One array of the archive as its zip directory and npy header declare it (nothing read yet)."""
+
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _declared_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
+    """Shape and dtype from the npy header, checked against the size the zip directory declares."""
+    with archive.open(info) as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise MemoryFileError(f"{path}: {info.filename} has npy format {version}, which winclip does not read")
+        header_bytes = handle.tell()
+    if dtype.hasobject:
+        raise MemoryFileError(f"{path} contains pickled objects; refusing to load it")
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if info.file_size != header_bytes + data_bytes:
+        raise MemoryFileError(
+            f"{path}: {info.filename} declares {info.file_size} bytes but its header describes "
+            f"{header_bytes + data_bytes} ({dtype} {shape}); the file is corrupt or crafted"
+        )
+    return _Member(info, tuple(shape), dtype)
+
+
+def _read_member(archive: zipfile.ZipFile, member: _Member) -> np.ndarray:
+    with archive.open(member.info) as handle:
+        return np.lib.format.read_array(handle, allow_pickle=False)
 
 
 def load_memory(path: Path) -> MemoryFile:
-    """Read and validate a memory file; every problem is a MemoryFileError with one line."""
+    """Read and validate a memory file; every problem is a MemoryFileError with one line.
+
+    Nothing is decompressed before the archive's directory, every npy header and the metadata agree
+    on every array's shape and size: a crafted archive (a zip bomb, a lying header) is refused before
+    it can take memory.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise MemoryFileError(f"reference memory not found: {path} (create one with `winclip build-refs`)")
+    check_memory_file(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            names = set(data.files)
-            if "metadata" not in names or "patches" not in names:
-                raise MemoryFileError(f"{path} is not a winclip reference memory (no metadata/patches arrays)")
-            arrays = {name: data[name] for name in names}
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise MemoryFileError(f"{path} is not a winclip reference memory (not an .npz archive)") from None
+    except OSError as err:
+        raise MemoryFileError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        with archive:
+            metadata, patches, windows = _read_archive(path, archive)
     except MemoryFileError:
         raise
     except ValueError as err:
-        if "allow_pickle" in str(err) or "pickle" in str(err).lower():
+        if "pickle" in str(err).lower():
             raise MemoryFileError(f"{path} contains pickled objects; refusing to load it") from None
         raise MemoryFileError(f"{path} is corrupt or not a reference memory: {err}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
+    except (OSError, EOFError, KeyError, NotImplementedError, RuntimeError, zipfile.BadZipFile) as err:
+        # NotImplementedError: a compression method zipfile lacks; RuntimeError: an encrypted member
         raise MemoryFileError(f"{path} is corrupt or truncated ({type(err).__name__}: {err})") from None
-
-    try:
-        metadata = _parse_metadata(path, arrays.pop("metadata"))
-        patches = _float_array(path, arrays.pop("patches"), "patches")
-        scales = tuple(int(s) for s in metadata["scales"])
-        windows = {}
-        for scale in scales:
-            name = f"windows_{scale}"
-            if name not in arrays:
-                raise MemoryFileError(f"{path} lacks the window embeddings of scale {scale}")
-            windows[scale] = _float_array(path, arrays[name], name)
-        k = patches.shape[0]
-        grid = metadata["grid_size"]
-        if patches.shape[1] != grid[0] * grid[1] or patches.shape[2] != metadata["patch_dim"]:
-            raise MemoryFileError(f"{path}: patches array has shape {patches.shape}, inconsistent with its metadata")
-        for scale, array in windows.items():
-            expected_windows = (grid[0] - scale + 1) * (grid[1] - scale + 1)
-            if array.shape != (k, expected_windows, metadata["embed_dim"]):
-                raise MemoryFileError(
-                    f"{path}: windows_{scale} has shape {array.shape}, inconsistent with its metadata"
-                )
-        entries = sum(int(ref.get("entries", 1)) for ref in metadata["references"])
-        if entries != k:
-            raise MemoryFileError(f"{path}: metadata lists {entries} embedded images or tiles but holds {k}")
-    except MemoryFileError:
-        raise
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
-        # a crafted or foreign metadata document: refuse it in one line, whatever shape it has
-        raise MemoryFileError(f"{path}: metadata is malformed ({type(err).__name__}: {err})") from None
     return MemoryFile(path=path, sha256=sha256_file(path), metadata=metadata, patches=patches, windows=windows)
 
 
+def _read_archive(path: Path, archive: zipfile.ZipFile) -> tuple[dict[str, Any], np.ndarray, dict[int, np.ndarray]]:
+    infos = archive.infolist()
+    names = [info.filename for info in infos]
+    unexpected = sorted({name for name in names if not _MEMBER_NAME.fullmatch(name)})
+    if unexpected:
+        shown = ", ".join(repr(name[:60]) for name in unexpected[:3])
+        raise MemoryFileError(f"{path} is not a winclip reference memory (unexpected member {shown})")
+    if len(set(names)) != len(names):
+        raise MemoryFileError(f"{path} holds the same array twice; the file is corrupt or crafted")
+    if "metadata.npy" not in names or "patches.npy" not in names:
+        raise MemoryFileError(f"{path} is not a winclip reference memory (no metadata/patches arrays)")
+    declared = sum(info.file_size for info in infos)
+    on_disk = path.stat().st_size
+    if declared > _MAX_EXPANSION * on_disk + 2**20:
+        raise MemoryFileError(
+            f"{path} declares {declared} bytes of arrays in a file of {on_disk} bytes; refusing it (a zip bomb?)"
+        )
+    members = {info.filename[: -len(".npy")]: _declared_member(path, archive, info) for info in infos}
+
+    meta_member = members["metadata"]
+    if meta_member.dtype.kind != "U" or meta_member.shape != () or meta_member.info.file_size > _MAX_METADATA_BYTES:
+        raise MemoryFileError(f"{path}: metadata is not a JSON string of at most {_MAX_METADATA_BYTES} bytes")
+    metadata = _parse_metadata(path, _read_member(archive, meta_member))
+
+    entries = sum(int(ref.get("entries", 1)) for ref in metadata["references"])
+    grid = metadata["grid_size"]
+    expected = {"patches": (entries, grid[0] * grid[1], metadata["patch_dim"])}
+    for scale in metadata["scales"]:
+        expected[f"windows_{scale}"] = (entries, (grid[0] - scale + 1) * (grid[1] - scale + 1), metadata["embed_dim"])
+    for name, shape in expected.items():
+        member = members.get(name)
+        if member is None:
+            raise MemoryFileError(f"{path} lacks the window embeddings of scale {name[len('windows_') :]}")
+        if member.dtype != np.float32 or len(member.shape) != 3:
+            raise MemoryFileError(
+                f"{path}: array {name!r} must be float32 with 3 dimensions, got {member.dtype} {member.shape}"
+            )
+        if member.shape[0] != entries:
+            raise MemoryFileError(
+                f"{path}: metadata lists {entries} embedded images or tiles but {name} holds {member.shape[0]}"
+            )
+        if member.shape != shape:
+            raise MemoryFileError(f"{path}: {name} array has shape {member.shape}, inconsistent with its metadata")
+    patches = _float_array(path, _read_member(archive, members["patches"]), "patches")
+    windows = {
+        scale: _float_array(path, _read_member(archive, members[f"windows_{scale}"]), f"windows_{scale}")
+        for scale in metadata["scales"]
+    }
+    return metadata, patches, windows
+
+
+def _whole(value: Any, what: str, minimum: int = 1) -> int:
+    """A JSON integer >= minimum (not a bool, not a float, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= 2**31:
+        raise TypeError(f"{what} must be an integer of at least {minimum}, got {str(value)[:40]!r}")
+    return value
+
+
 def _parse_metadata(path: Path, raw: np.ndarray) -> dict[str, Any]:
-    if raw.dtype.kind != "U" or raw.shape != ():
-        raise MemoryFileError(f"{path}: metadata is not a JSON string")
+    from .calibration import Calibration
+    from .errors import SetupError
+
     try:
         metadata = json.loads(str(raw))
-    except json.JSONDecodeError:
-        raise MemoryFileError(f"{path}: metadata is not valid JSON") from None
+    except RecursionError:
+        raise MemoryFileError(f"{path}: metadata is nested too deeply") from None
+    except ValueError as err:  # invalid JSON, or a number too long to convert
+        reason = "a number with too many digits" if "digits" in str(err) else str(err)[:80]
+        raise MemoryFileError(f"{path}: metadata is not valid JSON ({reason})") from None
     if not isinstance(metadata, dict):
         raise MemoryFileError(f"{path}: metadata is not a JSON object")
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise MemoryFileError(f"{path}: metadata lacks {', '.join(missing)}")
-    if metadata["format_version"] != FORMAT_VERSION:
+    version = metadata["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int):
         raise MemoryFileError(
-            f"{path}: memory format {metadata['format_version']} is not supported (this winclip reads {FORMAT_VERSION})"
+            f"{path}: metadata format_version must be the number {FORMAT_VERSION}, got {version!r:.40}"
         )
+    if version != FORMAT_VERSION:
+        raise MemoryFileError(f"{path}: memory format {version} is not supported (this winclip reads {FORMAT_VERSION})")
     try:
-        metadata["scales"] = [int(s) for s in metadata["scales"]]
-        metadata["grid_size"] = [int(s) for s in metadata["grid_size"]]
-        metadata["input_size"] = [int(s) for s in metadata["input_size"]]
-        metadata["patch_dim"] = int(metadata["patch_dim"])
-        metadata["embed_dim"] = int(metadata["embed_dim"])
-        if not isinstance(metadata["references"], list):
-            raise TypeError("references")
-    except (TypeError, ValueError):
-        raise MemoryFileError(f"{path}: metadata has fields of the wrong type") from None
+        for key in ("architecture", "weights_sha256"):
+            if not isinstance(metadata[key], str):
+                raise TypeError(f"{key} must be text")
+        for key in ("scales", "grid_size", "input_size"):
+            if not isinstance(metadata[key], list) or not metadata[key] or len(metadata[key]) > 16:
+                raise TypeError(f"{key} must be a short non-empty list")
+            metadata[key] = [_whole(value, key) for value in metadata[key]]
+        if len(metadata["grid_size"]) != 2 or len(metadata["input_size"]) != 2:
+            raise TypeError("grid_size and input_size must hold two numbers")
+        if max(metadata["scales"]) > min(metadata["grid_size"]):
+            raise ValueError("a scale is larger than the patch grid")
+        metadata["patch_dim"] = _whole(metadata["patch_dim"], "patch_dim")
+        metadata["embed_dim"] = _whole(metadata["embed_dim"], "embed_dim")
+        references = metadata["references"]
+        if not isinstance(references, list):
+            raise TypeError("references must be a list")
+        if not references:
+            raise ValueError("references is empty (k = 0): the memory holds no reference image")
+        for number, ref in enumerate(references, start=1):
+            if not isinstance(ref, dict) or not isinstance(ref.get("sha256"), str) or not ref["sha256"]:
+                raise TypeError(f"reference {number} has no sha256")
+            if "entries" in ref:
+                _whole(ref["entries"], f"entries of reference {number}")
+    except (TypeError, ValueError) as err:
+        raise MemoryFileError(f"{path}: metadata has fields of the wrong type or range ({err})") from None
+    stored = metadata.get("calibration")
+    if stored is not None:
+        if not (
+            isinstance(stored, dict)
+            and isinstance(stored.get("fingerprint"), dict)
+            and isinstance(stored.get("calibration"), dict)
+        ):
+            raise MemoryFileError(f"{path}: its stored calibration is malformed; recalibrate with `winclip calibrate`")
+        try:
+            Calibration.from_dict(stored["calibration"])
+        except SetupError as err:
+            raise MemoryFileError(f"{path}: its stored calibration is invalid ({err}); recalibrate") from None
     return metadata
 
 

@@ -18,14 +18,18 @@ from typing import Any
 from . import __version__
 from .errors import SetupError
 from .outputs import (
+    HEATMAP_DIR,
+    LinkInOutputError,
     ResultRow,
+    confined_path,
     heatmap_relpath,
-    map_relpath,
+    map_relpath_of_heatmap,
     read_results_csv,
     write_results_csv_atomic,
     write_text_atomic,
 )
-from .report import thumbnail_relpaths
+from .report import thumbnail_relpaths_of_heatmap
+from .state import refuse_links
 
 # run.json keys that must agree for rows to be comparable
 CONFIG_KEYS = (
@@ -41,6 +45,37 @@ CONFIG_KEYS = (
     "threshold",
     "pixel_threshold",
 )
+
+
+# run.json keys that describe one run (its timing and counts): recomputed for the merged folder
+DURATION_KEYS = ("seconds", "setup_seconds", "scan_seconds")
+PER_RUN_KEYS = frozenset(
+    {
+        "started",
+        "finished",
+        *DURATION_KEYS,
+        "images",
+        "scored",
+        "anomalies",
+        "errors",
+        "unchanged",
+        "total_rows",
+        "total_anomalies",
+        "total_errors",
+        "interrupted",
+        "unlisted_dirs",
+    }
+)
+
+
+def _summed(runs: list[dict[str, Any]], key: str) -> float:
+    total = 0.0
+    for run in runs:
+        try:
+            total += float(run.get(key) or 0)
+        except (TypeError, ValueError):
+            pass  # a hand-edited run.json: its figure is left out rather than failing the merge
+    return round(total, 3)
 
 
 @dataclass
@@ -77,8 +112,8 @@ def _read_run(folder: Path) -> dict[str, Any]:
         info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SetupError(f"{folder} is not a winclip output folder (no run.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SetupError(f"cannot read {folder / 'run.json'}: {err}") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON, an endless number
+        raise SetupError(f"cannot read {folder / 'run.json'}: {str(err)[:120] or 'nested too deeply'}") from None
     if not isinstance(info, dict):
         raise SetupError(f"{folder / 'run.json'} is not a winclip run record")
     return info
@@ -86,9 +121,8 @@ def _read_run(folder: Path) -> dict[str, Any]:
 
 def _place(source: Path, target: Path) -> None:
     """Hard link (cheap, same bytes) or copy ``source`` to ``target``, replacing what is there."""
-    if target.exists() and os.path.samefile(source, target):
+    if target.exists() and not target.is_symlink() and os.path.samefile(source, target):
         return  # merged before: os.replace between two links of one file would leave the temporary
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.merge.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -109,6 +143,19 @@ def _own_file(folder: Path, relpath: str) -> Path | None:
     except OSError:
         return None
     return path
+
+
+def _is_own_heatmap(folder: Path, relpath: str) -> bool:
+    """Whether ``relpath`` names a heatmap file that winclip could have written in ``folder``."""
+    parts = relpath.split("/")
+    return (
+        len(parts) >= 2
+        and parts[0] == HEATMAP_DIR
+        and relpath.endswith(".png")
+        and not any(part in ("", ".", "..") for part in parts)
+        and "\\" not in relpath
+        and _own_file(folder, relpath) is not None
+    )
 
 
 def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
@@ -145,33 +192,49 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
             merged[row.path] = row
             origin[row.path] = folder
     out.mkdir(parents=True, exist_ok=True)
+    refuse_links(out)
     for path, row in merged.items():
         folder = origin[path]
         if not row.heatmap:
             continue
-        # Paths are derived from the image path, never taken from the CSV: a crafted scores.csv
-        # cannot make merge read or write anything outside the folders it merges.
-        heatmap = heatmap_relpath(row.path)
+        # Paths are derived from the image path, or are the CSV's own heatmap name when that is one
+        # winclip writes (a name with bytes that are not UTF-8 cannot be derived again from the CSV's
+        # text): a crafted scores.csv cannot make merge read or write anything outside its folders.
+        heatmap = row.heatmap if _is_own_heatmap(folder, row.heatmap) else heatmap_relpath(row.path)
         merged[path] = replace(row, heatmap=heatmap)
-        for relpath in (heatmap, map_relpath(row.path), *thumbnail_relpaths(row.path)):
+        for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap)):
             source = _own_file(folder, relpath)
             if source is not None:
-                _place(source, out / relpath)
+                try:
+                    _place(source, confined_path(out, relpath))
+                except LinkInOutputError as err:
+                    raise SetupError(err.strerror) from None
     rows = sorted(merged.values(), key=lambda row: row.path)
     write_results_csv_atomic(out / "scores.csv", rows)
-    info = {key: reference.get(key) for key in reference if key not in ("started", "finished", "seconds")}
+    info = {key: value for key, value in reference.items() if key not in PER_RUN_KEYS}
+    counts = {
+        "images": len(rows),
+        "scored": sum(r.status == "ok" for r in rows),
+        "anomalies": sum(r.label == "anomalous" for r in rows),
+        "errors": sum(bool(r.error) for r in rows),  # as a scan counts them: unreadable, or outputs unwritten
+    }
     info.update(
         tool="winclip",
         version=__version__,
         merged_from=[str(folder) for folder in sources],
         merged=datetime.now(UTC).isoformat(timespec="seconds"),
         shard=None,
-        images=len(rows),
-        scored=sum(r.status == "ok" for r in rows),
-        anomalies=sum(r.label == "anomalous" for r in rows),
-        errors=sum(r.status == "error" for r in rows),
-        seconds=round(sum(float(run.get("seconds") or 0) for run in runs), 3),
-        total_rows=len(rows),
+        **counts,
+        # the merged scores.csv is the whole result: its totals are the counts above
+        total_rows=counts["images"],
+        total_anomalies=counts["anomalies"],
+        total_errors=counts["errors"],
+        # Durations are summed over the merged scans: the compute they took together. Shards that ran
+        # in parallel took less wall-clock time; each shard's own run.json keeps its figures.
+        durations="summed over the merged scans",
+        **{key: _summed(runs, key) for key in DURATION_KEYS},
+        interrupted=any(bool(run.get("interrupted")) for run in runs),
+        unlisted_dirs=[folder for run in runs for folder in run.get("unlisted_dirs") or []],
     )
     write_text_atomic(out / "run.json", json.dumps(info, indent=2) + "\n")
     return MergeResult(rows=rows, duplicates=duplicates, sources=sources, warnings=completeness_warnings(sources, runs))

@@ -7,9 +7,12 @@ knows nothing about the CLI.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import io
 import math
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -28,7 +31,9 @@ __all__ = [
     "CsvResultWriter",
     "ResultRow",
     "atomic_path",
+    "LinkInOutputError",
     "colorize",
+    "confined_path",
     "heatmap_relpath",
     "overlay",
     "read_results_csv",
@@ -42,6 +47,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "score",
     "label",
     "threshold",
+    "threshold_source",
     "max_pixel_score",
     "heatmap",
     "width",
@@ -54,7 +60,6 @@ CSV_COLUMNS: tuple[str, ...] = (
     "refs",
     "refs_sha256",
     "vocabulary_sha256",
-    "threshold_source",
     "anomalous_area",
     "bbox",
     "tiles",
@@ -174,6 +179,32 @@ _FLOAT_FIELDS = frozenset({"score", "threshold", "max_pixel_score", "anomalous_a
 _INT_FIELDS = frozenset({"width", "height", "k_shot", "tiles"})
 
 
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+# Free-text columns that a spreadsheet program could take for a formula. `path` (and `heatmap`) are left
+# exactly as they are: they are the keys scripts join on (see README, "scores.csv").
+_TEXT_COLUMNS = frozenset({"error", "note"})
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def format_csv_line(values: list[str]) -> str:
+    """One CSV record ending in '\\n', quoted like the csv module does, and also when a field holds a
+    carriage return (with lineterminator '\\n' the csv module leaves a lone CR unquoted, which
+    splits the record for every reader)."""
+    buffer = io.StringIO()
+    # '\r\n' as terminator makes the writer quote fields with either character; then end with '\n'.
+    csv.writer(buffer, lineterminator="\r\n").writerow(values)
+    return buffer.getvalue()[:-2] + "\n"
+
+
+def spreadsheet_safe(values: dict[str, str]) -> dict[str, str]:
+    """The row with free-text cells that start like a formula prefixed by an apostrophe."""
+    return {
+        name: "'" + value if name in _TEXT_COLUMNS and value.startswith(_FORMULA_START) else value
+        for name, value in values.items()
+    }
+
+
 class CsvResultWriter:
     """Writes scores.csv row by row; every row is flushed and fsync'ed at once, so a crash loses nothing
     already written. Use as a context manager; the file is created (with its header) on construction."""
@@ -186,9 +217,14 @@ class CsvResultWriter:
         # backslashreplace: undecodable file names (surrogate-escaped on POSIX) must not crash the scan
         # and must not make the whole CSV invalid UTF-8 for pandas/Excel.
         exists = append and self.path.is_file() and self.path.stat().st_size > 0
-        mode = "a" if exists else "w"
-        self._fh = open(self.path, mode, newline="", encoding="utf-8", errors="backslashreplace")
-        self._writer = csv.writer(self._fh, lineterminator="\n")
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if exists else os.O_TRUNC) | _O_NOFOLLOW
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # a planted link must not make a (root) cron job write elsewhere
+                raise LinkInOutputError(self.path) from None
+            raise
+        self._fh = open(fd, "w", newline="", encoding="utf-8", errors="backslashreplace")
         # Rows may come from worker threads; interleaved half-rows would corrupt the file.
         self._lock = threading.Lock()
         self._closed = False
@@ -204,14 +240,14 @@ class CsvResultWriter:
         with self._lock:
             if self._closed:
                 raise ValueError(f"write to closed CsvResultWriter ({self.path})")
-            self._writer.writerow(values)
+            self._fh.write(format_csv_line(values))
             self._fh.flush()
             if self._fsync:
                 os.fsync(self._fh.fileno())
 
     def write(self, row: ResultRow) -> None:
         """Append one row and make it durable before returning."""
-        values = row.as_csv_dict()
+        values = spreadsheet_safe(row.as_csv_dict())
         self._write_line([values[col] for col in CSV_COLUMNS])
 
     def write_many(self, rows: list[ResultRow]) -> None:
@@ -220,8 +256,8 @@ class CsvResultWriter:
             if self._closed:
                 raise ValueError(f"write to closed CsvResultWriter ({self.path})")
             for row in rows:
-                values = row.as_csv_dict()
-                self._writer.writerow([values[col] for col in CSV_COLUMNS])
+                values = spreadsheet_safe(row.as_csv_dict())
+                self._fh.write(format_csv_line([values[col] for col in CSV_COLUMNS]))
             self._fh.flush()
             if self._fsync:
                 os.fsync(self._fh.fileno())
@@ -286,12 +322,29 @@ def _fit_name(name: str) -> str:
     return head + tail
 
 
+def _portable_part(part: str) -> str:
+    """A name part that is valid UTF-8: bytes that were not (surrogate-escaped in Python, e.g. b'\\xff' ->
+    '\\udcff') become '%FF', plus a short hash of the original so a name that really holds '%FF' stays
+    distinct. The same text is then the file's name on disk and the CSV's `heatmap` cell."""
+    if not any("\ud800" <= char <= "\udfff" for char in part):
+        return part
+    escaped = "".join(
+        (f"%{ord(char) - 0xDC00:02X}" if "\udc80" <= char <= "\udcff" else f"%u{ord(char):04X}")
+        if "\ud800" <= char <= "\udfff"
+        else char
+        for char in part
+    )
+    digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{escaped}~{digest}"
+
+
 def heatmap_relpath(image_relpath: str) -> str:
     """'good/001.jpg' -> 'heatmaps/good/001.jpg.png' (POSIX separators, relative to the output folder).
 
     Subfolders are mirrored and the full file name is kept, so 'a.jpg' and 'a.png' never collide. The
     result always stays inside the output folder: empty, '.' and root parts are dropped and '..' becomes
-    '__'. Only NUL (invalid everywhere) is replaced; unicode, spaces and newlines are kept.
+    '__'. Only NUL (invalid everywhere) is replaced; unicode, spaces and newlines are kept; bytes that are
+    not UTF-8 are written as '%XX' (see ``_portable_part``), so the name in scores.csv is the name on disk.
     """
     parts: list[str] = []
     for part in _split_parts(image_relpath):
@@ -299,7 +352,7 @@ def heatmap_relpath(image_relpath: str) -> str:
             continue  # absolute paths and doubled slashes: the root/empty parts simply vanish
         if part == "..":
             part = "__"  # neutralised rather than dropped so '../a.jpg' and 'a.jpg' do not collide
-        parts.append(part.replace("\x00", "_"))
+        parts.append(_portable_part(part.replace("\x00", "_")))
     if not parts:
         raise ValueError(f"cannot derive a heatmap name from {image_relpath!r}")
     parts[-1] = _fit_name(parts[-1] + ".png")
@@ -342,7 +395,12 @@ LUT.flags.writeable = False  # shared module state: nobody should be able to rep
 
 def map_relpath(image_relpath: str) -> str:
     """'good/001.jpg' -> 'maps/good/001.jpg.tiff': the raw float map, beside the heatmap's naming."""
-    return "maps/" + heatmap_relpath(image_relpath)[len(HEATMAP_DIR) + 1 : -len(".png")] + ".tiff"
+    return map_relpath_of_heatmap(heatmap_relpath(image_relpath))
+
+
+def map_relpath_of_heatmap(heatmap: str) -> str:
+    """'heatmaps/good/001.jpg.png' -> 'maps/good/001.jpg.tiff'."""
+    return "maps/" + heatmap[len(HEATMAP_DIR) + 1 : -len(".png")] + ".tiff"
 
 
 _ROWS_PER_CHUNK = 256  # colour a large map a band of rows at a time: temporaries stay small
@@ -385,6 +443,51 @@ def overlay(image_rgb: np.ndarray, score_map: np.ndarray, alpha: float = 0.5) ->
         blended = (1.0 - alpha) * image[rows].astype(np.float32) + alpha * colours.astype(np.float32)
         out[rows] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Confinement to the output folder
+# --------------------------------------------------------------------------------------------------------
+
+
+class LinkInOutputError(OSError):
+    """A symbolic link where winclip writes inside its output folder: following it could make a (root)
+    cron job write, truncate or delete files anywhere, so it is refused instead."""
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__(
+            errno.ELOOP,
+            f"{path} is a symbolic link; winclip never writes through links inside its output folder "
+            "(remove the link or choose another --out)",
+        )
+
+
+def confined_path(root: Path, relpath: str) -> Path:
+    """``root/relpath`` for writing, after making sure that every folder between ``root`` and the file is a
+    real folder of ``root`` (created when missing), never a symbolic link.
+
+    Raises :class:`LinkInOutputError` (an OSError) naming the first link found. The file itself may be a
+    link: atomic writes rename over it, which replaces the link and never touches its target.
+    """
+    parts = [part for part in relpath.split("/") if part not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ValueError(f"not a plain relative path: {relpath!r}")
+    current = Path(root)
+    for part in parts[:-1]:
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            try:
+                os.mkdir(current)
+            except FileExistsError:
+                pass  # another writer thread made it a moment ago
+            info = os.lstat(current)
+        if stat.S_ISLNK(info.st_mode):
+            raise LinkInOutputError(current)
+        if not stat.S_ISDIR(info.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, f"{current} is not a folder")
+    return current / parts[-1]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from .errors import ImageDecodeError
 from .hashing import sha256_file
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess, unreadable_reason
+from .options import check_tile_size
 from .outputs import (
     ResultRow,
+    confined_path,
     heatmap_relpath,
     map_relpath,
     overlay,
@@ -107,6 +109,7 @@ class InputOptions:
     tile_overlap: float = 0.25
 
     def preprocessing(self, backbone) -> Preprocessing:
+        check_tile_size(self.tile, backbone.image_size)  # the CLI checks it earlier when the config is readable
         return Preprocessing.for_backbone(backbone, self.max_pixels, self.tile, self.tile_overlap)
 
 
@@ -605,9 +608,11 @@ class ResultWriter:
             heat = overlay(display, score_map)
             # No fsync per file: the scan syncs the file system once per group of rows, before it
             # commits them (see scanjob). Level 1: heatmaps of textured parts barely compress anyway.
-            write_png_atomic(self.out_dir / heatmap, heat, fsync=False, compress_level=1)
+            # confined_path: no planted symlink inside OUT can redirect a write outside it
+            write_png_atomic(confined_path(self.out_dir, heatmap), heat, fsync=False, compress_level=1)
             if self.save_maps:
-                write_float_tiff_atomic(self.out_dir / map_relpath(item.relpath), score_map, fsync=False)
+                target = confined_path(self.out_dir, map_relpath(item.relpath))
+                write_float_tiff_atomic(target, score_map, fsync=False)
             if self.thumbnails:
                 from .report import write_thumbnails
 

@@ -23,7 +23,8 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from .outputs import atomic_path, heatmap_relpath, write_text_atomic
+from .outputs import HEATMAP_DIR, atomic_path, confined_path, heatmap_relpath, write_text_atomic
+from .state import refuse_link
 
 __all__ = [
     "REPORT_NAME",
@@ -76,7 +77,11 @@ def thumbnail_relpaths(image_relpath: str) -> tuple[str, str]:
     Derived from :func:`heatmap_relpath`, so the same safe naming applies ('..' neutralised, never outside
     OUT, long names shortened with a hash).
     """
-    heat = heatmap_relpath(image_relpath)
+    return thumbnail_relpaths_of_heatmap(heatmap_relpath(image_relpath))
+
+
+def thumbnail_relpaths_of_heatmap(heat: str) -> tuple[str, str]:
+    """The thumbnails that belong to the heatmap ``heat`` ('heatmaps/good/001.jpg.png')."""
     parts = heat.split("/")[1:]  # drop the 'heatmaps' folder
     stem = parts[-1][: -len(".png")] if parts[-1].endswith(".png") else parts[-1]
     stem = _fit_stem(stem)
@@ -115,8 +120,8 @@ def write_thumbnails(
     image = _as_rgb_image(image_rgb, "image")
     heat = _as_rgb_image(heatmap_rgb, "heatmap")
     out_dir = Path(out_dir)
-    _save_thumbnail(image, out_dir / image_rel)
-    _save_thumbnail(heat, out_dir / heat_rel)
+    _save_thumbnail(image, confined_path(out_dir, image_rel))
+    _save_thumbnail(heat, confined_path(out_dir, heat_rel))
     return image_rel, heat_rel
 
 
@@ -185,8 +190,8 @@ def _read_run(run_path: Path) -> tuple[dict[str, object], str]:
         data = json.loads(run_path.read_text(encoding="utf-8", errors="replace"))
     except FileNotFoundError:
         return {}, "run.json is missing"
-    except (OSError, ValueError) as exc:
-        return {}, f"run.json could not be read: {exc}"
+    except (OSError, ValueError, RecursionError) as exc:
+        return {}, f"run.json could not be read: {str(exc)[:120] or 'nested too deeply'}"
     if not isinstance(data, dict):
         return {}, "run.json does not hold an object"
     return data, ""
@@ -251,14 +256,17 @@ def _prepare_card(out: _Confined, row: _Row) -> _Card:
             heatmap, heatmap_path = candidate, found
             break
     try:
-        image_rel, heat_rel = thumbnail_relpaths(row.path)
+        # from the heatmap found: its name is the one on disk even where the CSV's path is not (bytes
+        # that are not UTF-8 read back as '\\udcff' text)
+        own = heatmap.startswith(HEATMAP_DIR + "/") and heatmap.endswith(".png")
+        image_rel, heat_rel = thumbnail_relpaths_of_heatmap(heatmap) if own else thumbnail_relpaths(row.path)
     except ValueError:
         return _Card(row, heatmap, "", "")
     image_path, heat_path = out.path(image_rel), out.path(heat_rel)
     if heat_path is not None and heatmap_path is not None and not _nonempty_file(heat_path):
         try:
             with Image.open(heatmap_path) as img:
-                _save_thumbnail(img, heat_path)
+                _save_thumbnail(img, confined_path(out.root, heat_rel))
         except (OSError, ValueError, Image.DecompressionBombError):
             pass  # a broken heatmap: the card simply shows less
     return _Card(
@@ -409,7 +417,9 @@ def _histogram_svg(cards: list[_Card], threshold: float | None) -> str:
     for card in cards:
         if card.row.score is None:
             continue
-        idx = min(_HIST_BINS - 1, max(0, int(math.floor(card.row.score * _HIST_BINS))))
+        # clamped first: a score far outside 0..1 (1e308 in an edited CSV) lands in an end bin, not in inf
+        score = min(1.0, max(0.0, card.row.score))
+        idx = min(_HIST_BINS - 1, int(math.floor(score * _HIST_BINS)))
         (anomalous if card.row.label == "anomalous" else normal)[idx] += 1
     width, height, left, bottom, top = 640, 180, 40, 24, 10
     plot_w, plot_h = width - left - 10, height - bottom - top
@@ -639,6 +649,8 @@ def build_report(out_dir: Path, title: str | None = None) -> Path:
     has several CSV rows (incremental runs append), the last one wins.
     """
     out_dir = Path(out_dir)
+    for written in (REPORT_NAME, THUMB_DIR):
+        refuse_link(out_dir / written)  # never write through a link planted in OUT
     rows = _read_rows(out_dir / "scores.csv")
     run, run_problem = _read_run(out_dir / "run.json")
     failures = [row for row in rows if row.status == "error"]

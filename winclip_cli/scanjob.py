@@ -18,18 +18,19 @@ from typing import Any, Protocol
 from . import __version__
 from .engine import Engine, ModelOptions, build_engine
 from .errors import SetupError
+from .options import parse_threshold
 from .outputs import (
     CSV_COLUMNS,
     CsvResultWriter,
     ResultRow,
     heatmap_relpath,
-    map_relpath,
+    map_relpath_of_heatmap,
     sync_filesystem,
     write_results_csv_atomic,
     write_text_atomic,
 )
 from .pipeline import InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
-from .state import OWN_FOLDERS, FileStamp, OutputLock, RunState, clean_stale_temporaries
+from .state import OWN_FOLDERS, FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -67,20 +68,6 @@ class SilentReporter:
 # --------------------------------------------------------------------------------------------------- shards
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'K/N' with 1 <= K <= N -> (K, N)."""
-    if text is None:
-        return None
-    try:
-        k_text, n_text = text.split("/")
-        k, n = int(k_text), int(n_text)
-    except ValueError:
-        raise SetupError(f"--shard takes K/N such as 2/4, not {text!r}") from None
-    if not 1 <= k <= n:
-        raise SetupError(f"--shard {text}: K must be between 1 and N")
-    return k, n
-
-
 def shard_of(relpath: str, count: int) -> int:
     """1-based shard of a file: a hash of its relative path, so it never moves when files are added."""
     digest = hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).digest()
@@ -112,19 +99,6 @@ def calibration_fingerprint(engine: Engine, memory_id: str, prep: Preprocessing)
     }
 
 
-def parse_threshold(text: str) -> float | None:
-    """'auto' -> None, else a number in [0, 1]; checked before anything slow happens."""
-    if text == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise SetupError(f"--threshold takes a number between 0 and 1 or 'auto', not {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise SetupError(f"--threshold must be between 0 and 1, got {text}")
-    return value
-
-
 def choose_threshold(
     requested: float | None,
     calibration: dict[str, Any] | None,
@@ -132,6 +106,7 @@ def choose_threshold(
     explicit: bool,
     fingerprint: dict[str, Any],
     reporter: Reporter,
+    class_name: str = "",
 ) -> ThresholdChoice:
     """--threshold VALUE, else a matching calibration, else the default 0.5 (and say which).
 
@@ -148,6 +123,12 @@ def choose_threshold(
                 f"{calibration_origin} holds a malformed calibration; recalibrate with `winclip calibrate`"
             )
         differences = sorted(key for key in fingerprint if stored.get(key) != fingerprint[key])
+        calibrated_for = calibration.get("class_name")
+        if "vocabulary_sha256" in differences and class_name and calibrated_for and calibrated_for != class_name:
+            # the prompts differ because the class does: say that, not which hash differs
+            differences[differences.index("vocabulary_sha256")] = (
+                f"class ('{calibrated_for}'; this run scores class '{class_name}')"
+            )
         if differences:
             message = (
                 f"the calibration in {calibration_origin} was made with another {', '.join(differences)}; "
@@ -175,10 +156,21 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SetupError(f"calibration file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SetupError(f"cannot read calibration file {path}: {err}") from None
-    if not isinstance(data, dict) or "calibration" not in data or "fingerprint" not in data:
+    except RecursionError:
+        raise SetupError(f"cannot read calibration file {path}: it is nested too deeply") from None
+    except (OSError, ValueError) as err:  # ValueError: bad UTF-8, bad JSON, a number too long to convert
+        reason = "it holds a number with too many digits" if "digits" in str(err) else str(err)[:120]
+        raise SetupError(f"cannot read calibration file {path}: {reason}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("calibration"), dict):
         raise SetupError(f"{path} is not a winclip calibration file")
+    if not isinstance(data.get("fingerprint"), dict):
+        raise SetupError(f"{path} holds a malformed calibration; recalibrate with `winclip calibrate`")
+    from .calibration import Calibration
+
+    try:
+        Calibration.from_dict(data["calibration"])  # refused now, whether or not its fingerprint matches
+    except SetupError as err:
+        raise SetupError(f"{path}: {err}") from None
     return data
 
 
@@ -211,6 +203,11 @@ class ScanResult:
     run_info: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     unlisted: list[str] = field(default_factory=list)  # folders that could not be listed
+    # scores.csv after the run (with --incremental: kept rows too); errors as in ScanSummary: rows with a
+    # reason in `error` (unreadable input, or outputs that could not be written)
+    total_anomalies: int = 0
+    total_normal: int = 0
+    total_errors: int = 0
 
 
 def discover(directory: Path, out: Path, reporter: Reporter, unlisted: list[str] | None = None) -> list[Path]:
@@ -262,6 +259,7 @@ def run_scan_job(
         calibration, origin = memory.metadata["calibration"], str(options.refs)
 
     options.out.mkdir(parents=True, exist_ok=True)
+    refuse_links(options.out)
     with OutputLock(options.out) as lock:
         if lock.previous_holder:
             reporter.warn(f"took over a stale lock in {options.out} ({lock.previous_holder})")
@@ -283,7 +281,13 @@ def run_scan_job(
         prep = options.preprocessing(backbone)
         fingerprint = calibration_fingerprint(engine, memory_id, prep)
         choice = choose_threshold(
-            requested_threshold, calibration, origin, options.calibration is not None, fingerprint, reporter
+            requested_threshold,
+            calibration,
+            origin,
+            options.calibration is not None,
+            fingerprint,
+            reporter,
+            class_name=engine.ensemble.class_name,
         )
         context.threshold, context.threshold_source, context.pixel_threshold = choice.value, choice.source, choice.pixel
 
@@ -298,7 +302,9 @@ def run_scan_job(
         }
         state = RunState(options.out)
         if state.recovered_from:
-            reporter.warn(f"the run state was damaged and was moved to {state.recovered_from}; starting afresh")
+            reporter.warn(
+                f"the run state was damaged ({state.damage}) and was moved to {state.recovered_from}; starting afresh"
+            )
         try:
             todo, skipped, rows_changed = _select(
                 state, config, context, inputs, options.incremental, reporter, bool(unlisted)
@@ -316,12 +322,15 @@ def run_scan_job(
             csv_path = options.out / "scores.csv"
             # The CSV is rebuilt from the state first unless it is exactly what the last run left: a run
             # killed mid-line (or a user's edit) leaves nothing half-written or stale behind.
-            if rows_changed or state.meta("csv") != _stamp_of(csv_path):
+            if rows_changed or state.meta("csv") != _stamp_of(csv_path) or not _current_header(csv_path):
                 write_results_csv_atomic(csv_path, state.rows())
             reporter.start("scanning", len(todo))
             with CsvResultWriter(csv_path, append=True) as live_csv:
+                tile_notice = TileCountNotice(prep, reporter)
 
                 def on_rows(group: list[tuple[ResultRow, FileStamp | None]]) -> None:
+                    if prep.tile is not None:
+                        group = [(tile_notice.seen(row), stamp) for row, stamp in group]
                     sync_filesystem(options.out)  # the group's heatmaps are on disk before its rows
                     state.record_many(group)  # one durable commit: the state is the source of truth
                     live_csv.write_many([row for row, _ in group])
@@ -364,7 +373,7 @@ def run_scan_job(
                 unchanged=skipped,
                 total_rows=len(rows),
                 total_anomalies=sum(r.label == "anomalous" for r in rows),
-                total_errors=sum(r.status == "error" for r in rows),
+                total_errors=sum(bool(r.error) for r in rows),  # counted as `errors` is
                 interrupted=bool(should_stop()),
                 unlisted_dirs=unlisted,
             )
@@ -372,8 +381,55 @@ def run_scan_job(
         finally:
             state.close()
     return ScanResult(
-        summary, len(rows), skipped, seconds, run_info, interrupted=bool(should_stop()), unlisted=unlisted
+        summary,
+        len(rows),
+        skipped,
+        seconds,
+        run_info,
+        interrupted=bool(should_stop()),
+        unlisted=unlisted,
+        total_anomalies=run_info["total_anomalies"],
+        total_normal=sum(r.label == "normal" for r in rows),
+        total_errors=run_info["total_errors"],
     )
+
+
+def _current_header(path: Path) -> bool:
+    """Whether the CSV starts with this version's columns: rows are only ever appended under them."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            return handle.readline().rstrip("\r\n") == ",".join(CSV_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+MANY_TILES = 64  # per image: said once, since each tile costs as much as a whole image
+
+
+class TileCountNotice:
+    """With tiling on, every scored row says how many model inputs its image took (1: left whole by
+    --tile auto), and the first image cut into many tiles is named with its count, once."""
+
+    def __init__(self, prep: Preprocessing, reporter: Reporter) -> None:
+        self.prep = prep
+        self.reporter = reporter
+        self.said = False
+
+    def seen(self, row: ResultRow) -> ResultRow:
+        if row.status != "ok":
+            return row
+        if row.tiles is None:
+            from dataclasses import replace
+
+            return replace(row, tiles=1)
+        if row.tiles > MANY_TILES and not self.said:
+            self.said = True
+            size = f" of {self.prep.tile} px" if isinstance(self.prep.tile, int) else ""
+            self.reporter.warn(
+                f"{row.path} ({row.width}x{row.height}) is cut into {row.tiles} tiles{size}, "
+                f"each scored like a whole image; a larger --tile (or --tile auto) is faster"
+            )
+        return row
 
 
 def _stamp_of(path: Path) -> list[int] | None:
@@ -449,12 +505,20 @@ def _select(
 
 
 def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
-    from .report import thumbnail_relpaths
+    from .report import thumbnail_relpaths_of_heatmap
 
     for row in rows:
         if not row.heatmap:
             continue
-        for relpath in (heatmap_relpath(row.path), map_relpath(row.path), *thumbnail_relpaths(row.path)):
+        # row.heatmap too: a row written by an older winclip may name its heatmap differently
+        heatmaps = {heatmap_relpath(row.path), row.heatmap}
+        relpaths = [
+            relpath
+            for heatmap in heatmaps
+            if heatmap.startswith("heatmaps/") and heatmap.endswith(".png") and ".." not in heatmap.split("/")
+            for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap))
+        ]
+        for relpath in relpaths:
             target = out_dir / relpath
             if target.resolve().is_relative_to(out_dir.resolve()):  # never outside OUT, whatever the CSV says
                 target.unlink(missing_ok=True)

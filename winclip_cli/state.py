@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SetupError, WinclipError
-from .outputs import ResultRow
+from .outputs import LinkInOutputError, ResultRow
 
 STATE_DIR = ".winclip"
 EXIT_BUSY = 4
@@ -45,11 +47,27 @@ class FileStamp:
         return self.size == other.size and self.mtime_ns == other.mtime_ns
 
 
+_LOCK_TEXT = re.compile(r"pid ([0-9]{1,10}) on ([A-Za-z0-9._-]{1,253}) since ([0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8})\n?")
+_LOCK_READ_LIMIT = 512
+
+
+def describe_lock(text: str) -> str:
+    """Who held a lock, from what winclip wrote in it ("pid N on HOST since DATE"); anything else is only
+    called an unreadable lock: the file could hold anything, and its contents are not ours to print."""
+    found = _LOCK_TEXT.fullmatch(text)
+    if found is None:
+        return "unreadable lock"
+    return f"pid {found[1]} on {found[2]} since {found[3]}"
+
+
 class OutputLock:
     """An exclusive lock on an output folder, held for the whole run.
 
     ``fcntl.flock`` is released by the kernel when its holder dies, so a lock left by a killed
     process is simply free: the next run takes it over and says whose it was.
+
+    The lock file is opened without following links and must be a plain file of the folder (one hard
+    link), so a planted link cannot make the run truncate a file elsewhere.
     """
 
     def __init__(self, out_dir: Path) -> None:
@@ -57,9 +75,27 @@ class OutputLock:
         self._fh: Any = None
         self.previous_holder: str = ""
 
-    def acquire(self) -> OutputLock:
+    def _open(self) -> Any:
+        refuse_link(self.path.parent)  # before mkdir, which a dangling link would make fail
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+", encoding="utf-8")
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise SetupError(LinkInOutputError(self.path).strerror) from None
+            raise SetupError(f"cannot open the lock {self.path}: {err.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise SetupError(
+                f"{self.path} is not a plain file of the output folder (a link or special file); "
+                "remove it or choose another --out"
+            )
+        return os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
+
+    def acquire(self) -> OutputLock:
+        fh = self._open()
         try:
             import fcntl
         except ImportError:  # not POSIX: no kernel lock; one writer is then the user's responsibility
@@ -74,14 +110,16 @@ class OutputLock:
                     f"cannot lock {self.path} ({err.strerror}); use an --out on a local file system"
                 ) from None
             fh.seek(0)
-            holder = fh.read().strip() or "another process"
+            holder = fh.read(_LOCK_READ_LIMIT).strip()
             fh.close()
+            holder = describe_lock(holder) if holder else "another process"
             raise OutputBusyError(
                 f"another winclip scan is writing to {self.path.parent.parent} ({holder}); "
                 "wait for it or use another --out"
             ) from None
         fh.seek(0)
-        self.previous_holder = fh.read().strip()
+        previous = fh.read(_LOCK_READ_LIMIT)
+        self.previous_holder = describe_lock(previous) if previous.strip() else ""
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -124,15 +162,25 @@ class RunState:
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / STATE_DIR / "state.sqlite"
+        refuse_link(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in _SQLITE_SUFFIXES:
+            refuse_link(Path(f"{self.path}{suffix}"))  # SQLite follows links: one would make it write elsewhere
         # One connection used from the scan's writer thread and the main thread, never at once.
         self._lock = threading.Lock()
         self.recovered_from = ""
+        self.damage = ""
+        self._checked_rows: list[ResultRow] | None = None
         try:
             self._db = self._open()
-        except sqlite3.DatabaseError:
+            self.damage = self._damage()
+        except sqlite3.DatabaseError as err:
+            self._db, self.damage = None, f"not a readable database: {err}"
+        if self.damage:
             # A damaged state must not stop every later cron run: keep it aside, start afresh
             # (the next scan scores everything again, which is always correct).
+            if self._db is not None:
+                self._db.close()
             aside = self.path.with_name(f"state.corrupt-{int(time.time())}.sqlite")
             os.replace(self.path, aside)
             for suffix in ("-wal", "-shm"):
@@ -152,6 +200,44 @@ class RunState:
         )
         db.execute("SELECT COUNT(*) FROM results").fetchone()  # a damaged file fails here, not mid-scan
         return db
+
+    def _damage(self) -> str:
+        """What is wrong with the stored contents ('' when nothing): a file SQLite reads fine can still
+        hold another layout or values no winclip wrote (an edit, another tool, a bug of an old version)."""
+        db = self._db
+        for table, columns in _SCHEMA.items():
+            found = tuple(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
+            if found != columns:
+                return f"table {table} has another layout"  # (its column names are not shown: any text)
+        for key, value in db.execute("SELECT key, value FROM meta"):
+            try:
+                parsed = json.loads(value)
+            except (TypeError, ValueError, RecursionError):
+                return "a meta entry is not JSON"
+            if key == "config" and not isinstance(parsed, dict):
+                return "the stored configuration is not a JSON object"
+        rows = []
+        query = "SELECT path, size, mtime_ns, sha256, row FROM results ORDER BY path"
+        for key, size, mtime_ns, sha, text in db.execute(query):
+            try:
+                if not isinstance(key, bytes):
+                    raise TypeError("path is not a BLOB")
+                for number in (size, mtime_ns):
+                    if number is not None and (not isinstance(number, int) or number < 0):
+                        raise ValueError("size or mtime is not a count")
+                if sha is not None and not isinstance(sha, str):
+                    raise TypeError("sha256 is not text")
+                values = json.loads(text)
+                if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+                    raise TypeError("row is not an object of strings")
+                row = ResultRow.from_csv_dict(values)
+                if row.path != _path(key):
+                    raise ValueError("row path differs from its key")
+                rows.append(row)
+            except (TypeError, ValueError, RecursionError) as err:
+                return f"a stored row is invalid ({str(err)[:80]})"
+        self._checked_rows = rows  # the first rows() needs no second parse
+        return ""
 
     def close(self) -> None:
         with self._lock:
@@ -174,6 +260,7 @@ class RunState:
     def reset(self, config: dict[str, Any]) -> None:
         """Forget every stored row and record the configuration the new rows will have."""
         with self._lock:
+            self._checked_rows = None
             with _Transaction(self._db) as db:
                 db.execute("DELETE FROM results")
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, sort_keys=True),))
@@ -192,28 +279,62 @@ class RunState:
             size, mtime_ns, sha = (stamp.size, stamp.mtime_ns, stamp.sha256) if stamp else (None, None, None)
             values.append((_key(row.path), size, mtime_ns, sha, json.dumps(row.as_csv_dict())))
         with self._lock:
+            self._checked_rows = None
             with _Transaction(self._db) as db:
                 db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", values)
 
     def forget(self, paths: list[str]) -> None:
         with self._lock:
+            self._checked_rows = None
             with _Transaction(self._db) as db:
                 db.executemany("DELETE FROM results WHERE path = ?", [(_key(p),) for p in paths])
 
     def rows(self) -> list[ResultRow]:
         """All stored rows, sorted by path."""
         with self._lock:
+            if self._checked_rows is not None:  # parsed by the check at open, nothing written since
+                return list(self._checked_rows)
             found = self._db.execute("SELECT row FROM results ORDER BY path").fetchall()
         return [ResultRow.from_csv_dict(json.loads(text)) for (text,) in found]
 
     def replace_rows(self, rows: list[ResultRow]) -> None:
         """Rewrite stored rows in place (e.g. relabelled after a threshold change), keeping the stamps."""
         with self._lock:
+            self._checked_rows = None
             with _Transaction(self._db) as db:
                 db.executemany(
                     "UPDATE results SET row = ? WHERE path = ?",
                     [(json.dumps(r.as_csv_dict()), _key(r.path)) for r in rows],
                 )
+
+
+_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+_SCHEMA = {
+    "meta": ("key", "value"),
+    "results": ("path", "size", "mtime_ns", "sha256", "row"),
+}
+
+
+def refuse_link(path: Path) -> None:
+    """SetupError when ``path`` is a symbolic link (a missing path is fine)."""
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise SetupError(LinkInOutputError(path).strerror)
+    except FileNotFoundError:
+        pass
+
+
+def refuse_links(out_dir: Path) -> None:
+    """Refuse (exit 2, naming it) a symbolic link anywhere winclip writes, deletes or locks in ``out_dir``:
+    a (root) cron job must never follow one out of the output folder. ``out_dir`` itself may be a link."""
+    state = out_dir / STATE_DIR
+    for path in (
+        state,
+        state / "lock",
+        *(Path(f"{state / 'state.sqlite'}{suffix}") for suffix in _SQLITE_SUFFIXES),
+        *(out_dir / name for name in (*OWN_FOLDERS, *OWN_FILES)),
+    ):
+        refuse_link(path)
 
 
 def _key(path: str) -> bytes:
@@ -232,12 +353,20 @@ def clean_stale_temporaries(out_dir: Path) -> int:
     """Remove the temporary files (``.NAME.*.tmp``) of atomic writes that a killed run left behind.
 
     Only winclip's own files are touched: its folders, and temporaries of its top-level files,
-    so an output folder shared with other tools keeps their files.
+    so an output folder shared with other tools keeps their files. Links are never followed (a
+    linked folder is not searched; a link named like a temporary is removed, not its target).
     """
     removed = 0
     candidates = [p for name in OWN_FILES for p in out_dir.glob(f".{name}.*.tmp")]
     for folder in OWN_FOLDERS:
-        candidates += list((out_dir / folder).rglob(".*.tmp"))
+        top = out_dir / folder
+        try:
+            if not stat.S_ISDIR(os.lstat(top).st_mode):
+                continue
+        except OSError:
+            continue
+        for parent, _dirs, files in os.walk(top, followlinks=False):
+            candidates += [Path(parent) / name for name in files if name.startswith(".") and name.endswith(".tmp")]
     for path in candidates:
         try:
             path.unlink()

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import DEFAULT_SCALES
+
 TEMPERATURE = 0.07  # softmax temperature of the zero-shot class scores (WinCLIP paper)
-DEFAULT_SCALES = (2, 3)  # window sizes in patches
 
 
 # --------------------------------------------------------------------------------------- masks and aggregation

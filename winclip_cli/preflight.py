@@ -1,0 +1,144 @@
+"""Checks of paths that need no model: inputs exist, outputs can be written, the output folder is free.
+
+The CLI runs them before torch is imported, so a mistyped folder or an unwritable ``--out`` fails in a
+fraction of a second instead of after the model has loaded and the images were scored. Like
+``options``, this module must not import torch. The jobs keep their own checks (they run without the
+CLI too); these only make the common mistakes fail first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import MemoryFileError, SetupError
+
+# ``state`` (and with it numpy, PIL) is imported only where an output folder already exists: the
+# checks that fail most often stay as light as Python's own start-up.
+
+
+def check_input(path: Path, what: str = "input") -> None:
+    if not path.exists():
+        raise SetupError(f"{what} not found: {path}")
+
+
+def check_input_file(option: str, path: Path | None) -> None:
+    if path is None:
+        return
+    if not path.exists():
+        raise SetupError(f"{option} file not found: {path}")
+    if not path.is_file():
+        raise SetupError(f"{option} {path} is not a file")
+
+
+def check_memory_file(path: Path | None) -> None:
+    """Exists and is an .npz (a zip archive: anything else np.load would try as a pickle, and refuse
+    with a misleading message); its contents are validated when the memory is loaded."""
+    if path is None:
+        return
+    if not path.is_file():
+        raise MemoryFileError(f"reference memory not found: {path} (create one with `winclip build-refs`)")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as err:
+        raise MemoryFileError(f"cannot read {path}: {err.strerror or err}") from None
+    if magic != b"PK\x03\x04":
+        raise MemoryFileError(f"{path} is not a winclip memory (not an .npz file from `winclip build-refs`)")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_can_create_in(option: str, path: Path) -> None:
+    """``path`` does not exist yet: its nearest existing ancestor must be a writable folder."""
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise SetupError(f"{option} {path}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SetupError(f"{option} {path}: cannot write in {ancestor} (permission denied)")
+
+
+def check_output_file(option: str, path: Path) -> None:
+    """A file that will be written (atomically, next to itself): its folder must be writable."""
+    if path.is_dir():
+        raise SetupError(f"{option} {path} is a folder; give a file name")
+    if path.exists():
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise SetupError(f"{option} {path}: cannot write in {path.parent} (permission denied)")
+        return
+    _check_can_create_in(option, path)
+
+
+def check_output_folder(option: str, path: Path) -> None:
+    if path.exists():
+        if not path.is_dir():
+            raise SetupError(f"{option} {path} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SetupError(f"{option} {path}: cannot write in it (permission denied)")
+        return
+    _check_can_create_in(option, path)
+
+
+def check_not_busy(out: Path) -> None:
+    """Exit 4 at once when another scan holds the output folder's lock (the job takes the lock itself)."""
+    if not out.is_dir():
+        return
+    from .state import STATE_DIR, OutputBusyError
+
+    lock = out / STATE_DIR / "lock"
+    try:
+        handle = open(lock, encoding="utf-8", errors="replace")
+    except OSError:
+        return  # no lock file: nobody holds it (or the job will say why it cannot create one)
+    try:
+        import fcntl
+    except ImportError:
+        handle.close()
+        return
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise OutputBusyError(
+                f"another winclip scan is writing to {out} ({holder}); wait for it or use another --out"
+            ) from None
+        except OSError:
+            return  # e.g. no locks on this file system: the job reports it
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def removed_if_unused(out: Path) -> Iterator[None]:
+    """A run that fails before writing any result leaves no output folder behind that it created itself
+    (a folder holding only the lock and the run state would look like an empty result)."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and _only_run_state(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _only_run_state(out: Path) -> bool:
+    from .state import STATE_DIR
+
+    try:
+        names = [entry.name for entry in out.iterdir()]
+        if not names:
+            return True
+        if names != [STATE_DIR]:
+            return False
+        state = out / STATE_DIR
+        return not state.is_symlink() and all(item.is_file() and not item.is_symlink() for item in state.iterdir())
+    except OSError:
+        return False
