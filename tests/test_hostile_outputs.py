@@ -498,7 +498,7 @@ def test_a_plain_npy_as_memory_gets_a_specific_message(tmp_path, tiny_args):
     np.save(plain, np.zeros((2, 3), np.float32))
     result = cli(["scan", images, "--refs", plain, "--out", tmp_path / "o", *tiny_args])
     assert result.exit_code == 2, result.output
-    assert "not an .npz archive" in one_line_error(result)
+    assert "is not a winclip memory (not an .npz file" in one_line_error(result)
 
 
 CALIBRATION = {

@@ -215,7 +215,7 @@ def load_memory(path: Path) -> MemoryFile:
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
-        raise MemoryFileError(f"{path} is not a winclip reference memory (not an .npz archive)") from None
+        raise MemoryFileError(f"{path} is not a winclip memory (not an .npz file from `winclip build-refs`)") from None
     except OSError as err:
         raise MemoryFileError(f"cannot read {path}: {err.strerror or err}") from None
     try:
