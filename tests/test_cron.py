@@ -354,15 +354,17 @@ def build_hostile_corpus(root: Path, elsewhere: Path) -> tuple[dict[str, str], d
     if Path("/proc/self/mem").exists():
         # unreadable even for root with every capability: reading at offset 0 gives EIO
         os.symlink("/proc/self/mem", error("proc-mem.png", "cannot read file"))
-    # not discovered: hidden, other extensions, broken or looping links, not regular files
+    # links named like images that lead nowhere are reported, not skipped silently
+    os.symlink("does-not-exist.png", error("broken-link.png", "broken symbolic link"))
+    os.symlink("self-loop.png", error("self-loop.png", "symbolic link loop"))
+    # not discovered: hidden, other extensions, links that are no image files, not regular files
     base.save(root / "..png", format="PNG")
     base.save(root / ".hidden.png")
     (root / ".hidden-dir").mkdir()
     base.save(root / ".hidden-dir" / "secret.png")
     (root / "notes.txt").write_text("not an image\n")
     frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:])  # .gif is not a scanned type
-    os.symlink("does-not-exist.png", root / "broken-link.png")
-    os.symlink("self-loop.png", root / "self-loop.png")
+    os.symlink("does-not-exist", root / "broken-link-without-extension")
     os.symlink("..", root / "sub" / "loop")  # directory link to its parent
     os.mkfifo(root / "fifo.png")
     return expected, detail, chmodded

@@ -7,7 +7,9 @@ turned into a tensor.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import stat
 import threading
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from winclip_cli.errors import ImageDecodeError, SetupError
+from winclip_cli.library_messages import captured_library_messages
 from winclip_cli.options import DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -36,7 +39,8 @@ _PILLOW_FORMATS: tuple[str, ...] = (
 
 # tifffile logs every odd tag of a damaged file at WARNING level; with logging unconfigured those
 # lines would go to stderr via logging's last-resort handler and clutter the CLI output.  A
-# NullHandler only silences that fallback: an application that configures logging still sees them.
+# NullHandler only silences that fallback.  While winclip decodes a file, those records (and Pillow's
+# warnings) go to the file's note instead, whatever logging configuration is in place (library_messages).
 logging.getLogger("tifffile").addHandler(logging.NullHandler())
 
 _ORIENTATION_TAG = 0x0112  # EXIF/TIFF Orientation
@@ -75,8 +79,9 @@ def discover_images(root: Path, exclude: Sequence[Path] = ()) -> Discovery:
       would hide everything the user asked to scan.
     - Symlinked directories are followed when they point outside ``root``; links to directories
       inside ``root`` are not followed because those files are listed under their real path
-      anyway.  Each resolved directory is visited once, so link cycles terminate.  Broken links
-      are ignored.
+      anyway.  Each resolved directory is visited once, so link cycles terminate.
+    - Links named like images that lead nowhere (broken, or a loop) are listed, so that the
+      caller reports them like any unreadable file (see :func:`unreadable_reason`).
 
     Raises :class:`SetupError` if ``root`` does not exist or cannot be examined.
     """
@@ -120,10 +125,13 @@ def discover_images(root: Path, exclude: Sequence[Path] = ()) -> Discovery:
             path = directory / entry.name
             try:
                 is_link = entry.is_symlink()
-                is_dir = entry.is_dir()  # follows links; False for broken ones
-                is_file = not is_dir and entry.is_file()
             except OSError:
                 continue
+            try:
+                is_dir = entry.is_dir()  # follows links; False for broken ones
+                is_file = not is_dir and entry.is_file()
+            except OSError:  # e.g. a link loop (ELOOP)
+                is_dir = is_file = False
             if is_dir:
                 real = Path(os.path.realpath(path)) if is_link else real_dir / entry.name
                 if is_link and real.is_relative_to(real_root):
@@ -134,6 +142,8 @@ def discover_images(root: Path, exclude: Sequence[Path] = ()) -> Discovery:
                 if is_link and excluded and is_excluded(Path(os.path.realpath(path))):
                     continue
                 files.append(path)
+            elif is_link and path.suffix.lower() in IMAGE_EXTENSIONS and _leads_nowhere(path):
+                files.append(path)  # a broken link or a link loop: listed so that its row says so
         # Reversed so that popping visits siblings in name order (decides which path a
         # directory reached twice through links is listed under).
         stack.extend(reversed(subdirs))
@@ -146,6 +156,26 @@ def discover_images(root: Path, exclude: Sequence[Path] = ()) -> Discovery:
 def find_images(root: Path, exclude: Sequence[Path] = ()) -> list[Path]:
     """Image files under ``root``; see :func:`discover_images` (this drops the skipped-dir report)."""
     return discover_images(root, exclude).files
+
+
+def _leads_nowhere(path: Path) -> bool:
+    """True for a symbolic link whose target cannot be reached (missing, or a loop of links)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def unreadable_reason(path: Path, exc: OSError) -> str:
+    """Why ``path`` cannot be opened, in a few words: broken links and link loops said as such."""
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop (too many levels of symbolic links)"
+    if isinstance(exc, FileNotFoundError):
+        return "broken symbolic link (its target does not exist)" if path.is_symlink() else "file not found"
+    return f"cannot read file: {_os_reason(exc)}"
 
 
 def _os_reason(exc: OSError) -> str:
@@ -266,28 +296,26 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     path = Path(path)
     fh = _open_image_file(path)
     try:
-        with fh:
-            return _decode(fh, max_pixels)
+        with fh, captured_library_messages() as library_messages:
+            image = _decode(fh, max_pixels)
     except MemoryError:
         raise ImageDecodeError("not enough memory to decode the image") from None
+    if library_messages:  # e.g. Pillow's "Corrupt EXIF data": the file's note, not stderr
+        image = LoadedImage(image.rgb, _join_notes([image.note, *map(_one_line, library_messages)]))
+    return image
 
 
 def _open_image_file(path: Path) -> BinaryIO:
     """Open ``path`` for reading or raise ImageDecodeError saying why it cannot be an image file."""
     try:
         st = path.stat()
-    except FileNotFoundError:
-        reason = "file not found (broken symbolic link)" if path.is_symlink() else "file not found"
-        raise ImageDecodeError(reason) from None
     except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {_os_reason(exc)}") from None
+        raise ImageDecodeError(unreadable_reason(path, exc)) from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageDecodeError("is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
         # FIFOs and devices could block forever or never end.
         raise ImageDecodeError("not a regular file")
-    if st.st_size == 0:
-        raise ImageDecodeError("empty file (0 bytes)")
     try:
         return open(path, "rb")  # closed by the caller's ``with``
     except OSError as exc:
@@ -301,6 +329,8 @@ def _decode(fh: BinaryIO, max_pixels: int) -> LoadedImage:
         fh.seek(0)
     except OSError as exc:  # e.g. an I/O error on a failing disk or network share
         raise ImageDecodeError(f"cannot read file: {_os_reason(exc)}") from None
+    if not head:  # said after the read: a special file such as /proc/self/mem has size 0 and fails to read
+        raise ImageDecodeError("empty file (0 bytes)")
     kind = _sniff(head)
     if kind != "TIFF":
         return _decode_pillow(fh, max_pixels, kind)
@@ -538,11 +568,14 @@ def _decode_tiff(fh: BinaryIO, max_pixels: int) -> LoadedImage:
             axes = str(page.axes)
             extrasamples = tuple(int(x) for x in page.extrasamples)
             orientation = page.tags.valueof(_ORIENTATION_TAG, 1)
+            page_shape = tuple(int(n) for n in page.shape)
+            itemsize = np.dtype(page.dtype).itemsize if page.dtype is not None else max(1, (bits + 7) // 8)
         except MemoryError:
             raise
         except Exception as exc:
             raise _TiffFallback(_exc_reason(exc)) from None
         _check_size(width, height, max_pixels)
+        _check_tiff_page_bytes(width, height, page_shape, axes, itemsize)
         if photometric not in _TIFF_BASE_SAMPLES:
             raise _TiffFallback(f"photometric {photometric} is left to Pillow", bits)
         try:
@@ -562,6 +595,29 @@ def _decode_tiff(fh: BinaryIO, max_pixels: int) -> LoadedImage:
     if not 1 <= orientation <= 8:
         orientation = 1
     return LoadedImage(_apply_orientation(rgb, orientation), _join_notes(notes))
+
+
+# Of one page's values per pixel at most 5 are used (CMYK + alpha); a page may hold this much more
+# (extra channels, a depth stack in one page) before it is refused: tifffile reads a page whole.
+_TIFF_MAX_VALUES_USED = 5
+_TIFF_MAX_UNUSED_BYTES = 64 << 20
+
+
+def _check_tiff_page_bytes(width: int, height: int, shape: tuple[int, ...], axes: str, itemsize: int) -> None:
+    """Refuse, from the page's metadata, a page whose data would take far more memory than the image
+    needs (e.g. a 256x256 page holding a 4000-deep float64 volume: 2 GB for a 64 kP image)."""
+    values = math.prod(shape)
+    per_pixel = values // max(1, width * height)
+    unused = (values - width * height * min(per_pixel, _TIFF_MAX_VALUES_USED)) * itemsize
+    if unused > _TIFF_MAX_UNUSED_BYTES:
+        raise ImageDecodeError(
+            f"TIFF page holds {per_pixel} values per pixel (shape {'x'.join(map(str, shape))}, axes {axes}, "
+            f"{_format_bytes(values * itemsize)}); at most {_TIFF_MAX_VALUES_USED} are used, so it is not read"
+        )
+
+
+def _format_bytes(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 def _tiff_to_rgb(

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .errors import ImageDecodeError
 from .hashing import sha256_file
-from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess
+from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess, unreadable_reason
 from .options import check_tile_size
 from .outputs import (
     ResultRow,
@@ -40,7 +40,7 @@ from .outputs import (
     write_png_atomic,
 )
 from .state import FileStamp
-from .tiling import Tile, TileBlender, auto_tile_size, crop, tile_grid
+from .tiling import Tile, TileBlender, auto_tile_size, crop, tile_count, tile_grid
 from .winclip import WinClipScorer
 
 
@@ -58,7 +58,11 @@ def default_workers() -> int:
 # ------------------------------------------------------------------------------------------ preprocessing
 
 
-MAX_TILES = 4096  # per image: their model inputs are all held at once
+# Per image: its model inputs are built together (0.7 MB each at 240 px, so 512 tiles take 0.35 GB, and
+# at most two such files are held at once: one being scored, the next being built). More tiles than this
+# are refused for the file (a 350000 x 1 strip cut into 1945 tiles of 240 x 1); an 80 MP image needs
+# --tile 480 or more.
+MAX_TILES = 512
 
 
 @dataclass(frozen=True)
@@ -85,13 +89,13 @@ class Preprocessing:
         size = auto_tile_size(height, width, min(self.size)) if self.tile == "auto" else int(self.tile)
         if size is None:
             return None
-        tiles = tile_grid(height, width, size, self.tile_overlap)
-        if len(tiles) > MAX_TILES:
+        count = tile_count(height, width, size, self.tile_overlap)  # refused before the grid is built
+        if count > MAX_TILES:
             raise ImageDecodeError(
-                f"{len(tiles)} tiles of {size} px for a {width}x{height} image "
-                f"(more than {MAX_TILES}); use a larger --tile"
+                f"{count} tiles of {size} px for a {width}x{height} image "
+                f"(more than {MAX_TILES}); use a larger --tile or a smaller --tile-overlap"
             )
-        return tiles
+        return tile_grid(height, width, size, self.tile_overlap)
 
 
 @dataclass(kw_only=True)
@@ -117,42 +121,137 @@ class Decoded:
     relpath: str
     stamp: FileStamp | None = None
     image: LoadedImage | None = None
-    inputs: torch.Tensor | None = None  # (T, 3, h, w), T = 1 without tiling
+    inputs: list[torch.Tensor | None] | None = None  # one (3, h, w) per tile (one without tiling); freed once batched
     tiles: list[Tile] | None = None
     error: str = ""
     outputs: list = field(default_factory=list)  # what the model made of each input, filled by processed_stream
+    inputs_taken: int = 0  # model inputs this file holds of the decode stream's budget
 
     @property
     def num_inputs(self) -> int:
-        return 0 if self.inputs is None else int(self.inputs.shape[0])
+        return 0 if self.inputs is None else len(self.inputs)
 
 
-def decode_file(path: Path, relpath: str, prep: Preprocessing, with_stamp: bool = True) -> Decoded:
-    """Read, hash, decode and preprocess one file; any failure becomes ``Decoded.error``."""
+def decode_file(
+    path: Path,
+    relpath: str,
+    prep: Preprocessing,
+    with_stamp: bool = True,
+    take_inputs: Callable[[int], None] = lambda count: None,
+) -> Decoded:
+    """Decode, hash and preprocess one file; any failure becomes ``Decoded.error``, never an exception.
+
+    The header is checked and the pixels decoded before the file is hashed, so a file that is no
+    usable image (a 20 GB sparse ``x.png``) costs no full read. ``take_inputs(n)`` is called with
+    the number of model inputs before they are built; it may wait (see :class:`OrderedBudget`).
+    """
     try:
         stat = path.stat()
-        if not S_ISREG(stat.st_mode):  # a FIFO or device would block or never end when read
-            return Decoded(path, relpath, error="not a regular file")
-        stamp = FileStamp(stat.st_size, stat.st_mtime_ns, sha256_file(path) if with_stamp else "")
     except OSError as err:
-        reason = err.strerror or type(err).__name__
-        return Decoded(path, relpath, error=f"cannot read file: {reason.lower()}")
+        return Decoded(path, relpath, error=unreadable_reason(path, err))
+    if not S_ISREG(stat.st_mode):  # a FIFO or device would block or never end when read
+        return Decoded(path, relpath, error="not a regular file")
+    stamp = FileStamp(stat.st_size, stat.st_mtime_ns)
+    step = "decoding"
     try:
         image = load_image(path, max_pixels=prep.max_pixels)
+        if with_stamp:  # only a file that will be scored is read whole
+            step = "reading"
+            stamp = FileStamp(stat.st_size, stat.st_mtime_ns, sha256_file(path))
+        step = "tiling"
         tiles = prep.tiles_for(image.height, image.width)
+        take_inputs(1 if tiles is None else len(tiles))
+        step = "preprocessing"
         if tiles is None:
-            inputs = preprocess(image, prep.size, prep.mean, prep.std)[None]
+            inputs: list[torch.Tensor | None] = [preprocess(image, prep.size, prep.mean, prep.std)]
         else:
-            inputs = torch.stack([preprocess(_cropped(image, tile), prep.size, prep.mean, prep.std) for tile in tiles])
+            inputs = [preprocess(_cropped(image, tile), prep.size, prep.mean, prep.std) for tile in tiles]
     except ImageDecodeError as err:
         return Decoded(path, relpath, stamp=stamp, error=str(err))
-    except MemoryError:
-        return Decoded(path, relpath, stamp=stamp, error="out of memory while decoding (see --max-pixels)")
+    except Exception as err:  # anything else one file can cause (torch "can't allocate", ...) is that file's error
+        return Decoded(path, relpath, stamp=stamp, error=failure_reason(step, err))
     return Decoded(path, relpath, stamp=stamp, image=image, inputs=inputs, tiles=tiles)
+
+
+def failure_reason(step: str, err: BaseException) -> str:
+    """One line for an unexpected per-file failure; running out of memory said as such."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, MemoryError) or "can't allocate" in text or "out of memory" in text.lower():
+        return f"out of memory while {step} (see --max-pixels and --tile)"
+    if isinstance(err, OSError) and step == "reading":
+        return f"cannot read file: {(err.strerror or text).lower()}"
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"failed while {step}: {type(err).__name__}: {text}"
 
 
 def _cropped(image: LoadedImage, tile: Tile) -> LoadedImage:
     return LoadedImage(np.ascontiguousarray(crop(image.rgb, tile)), image.note)
+
+
+class BudgetClosed(BaseException):
+    """The decode stream stopped while a file waited for its turn (not a failure of that file)."""
+
+
+class OrderedBudget:
+    """A capacity taken in ticket order (0, 1, 2, ...) and given back later.
+
+    Decoding threads take what a file's model inputs need before building them. A file waits for
+    its turn, so capacity never goes to a later file while an earlier one waits for it: the consumer
+    takes files in order, and a later file holding the capacity would deadlock it. A file larger than
+    the capacity goes through alone. ``close`` wakes every waiter (they raise :class:`BudgetClosed`).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._turn = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def take(self, ticket: int, amount: int) -> None:
+        with self._cond:
+            self._cond.wait_for(
+                lambda: (
+                    self._closed or (self._turn == ticket and (self.used == 0 or self.used + amount <= self.capacity))
+                )
+            )
+            if self._closed:
+                raise BudgetClosed
+            self.used += amount
+            self._turn += 1
+            self._cond.notify_all()
+
+    def give_back(self, amount: int) -> None:
+        with self._cond:
+            self.used -= amount
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+INPUTS_IN_FLIGHT = 256  # model inputs decoded ahead of the model (0.7 MB each at 240 px)
+
+
+def _decode_in_turn(
+    path: Path, name: str, prep: Preprocessing, with_stamp: bool, budget: OrderedBudget, ticket: int
+) -> Decoded:
+    taken: list[int] = []
+
+    def take(count: int) -> None:
+        budget.take(ticket, count)
+        taken.append(count)
+
+    try:
+        item = decode_file(path, name, prep, with_stamp, take_inputs=take)
+    finally:
+        if not taken:  # failed before its inputs: its turn still passes, in order
+            budget.take(ticket, 0)
+    item.inputs_taken = taken[0] if taken else 0
+    return item
 
 
 def decode_stream(
@@ -162,20 +261,33 @@ def decode_stream(
     lookahead: int = 16,
     with_stamp: bool = True,
 ) -> Iterator[Decoded]:
-    """(path, name) inputs decoded in order by worker threads, at most ``lookahead`` files ahead."""
+    """(path, name) inputs decoded in order by worker threads, at most ``lookahead`` files ahead.
+
+    Memory ahead of the consumer is bounded three ways: by file count, by decoded pixels, and by
+    model inputs (tiles): a file's inputs are built only once :data:`INPUTS_IN_FLIGHT` has room.
+    """
     pending: deque[Future[Decoded]] = deque()
+    budget = OrderedBudget(INPUTS_IN_FLIGHT)
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="winclip-decode") as pool:
+
+        def next_item() -> Decoded:
+            item = pending.popleft().result()
+            budget.give_back(item.inputs_taken)  # the consumer holds them from here on
+            item.inputs_taken = 0
+            return item
+
         try:
-            for path, name in inputs:
-                pending.append(pool.submit(decode_file, path, name, prep, with_stamp))
+            for ticket, (path, name) in enumerate(inputs):
+                pending.append(pool.submit(_decode_in_turn, path, name, prep, with_stamp, budget, ticket))
                 # a count bound for ordinary images, a pixel bound for huge ones
                 while pending and (len(pending) >= lookahead or _decoded_pixels(pending) > PIXELS_IN_FLIGHT):
-                    yield pending.popleft().result()
+                    yield next_item()
             while pending:
-                yield pending.popleft().result()
+                yield next_item()
         finally:  # a consumer that stops early must not wait for the whole look-ahead to decode
             for future in pending:
                 future.cancel()
+            budget.close()  # files waiting for their turn give up
 
 
 def _decoded_pixels(pending: deque[Future[Decoded]]) -> int:
@@ -200,7 +312,9 @@ def processed_stream(
     queued: list[tuple[Decoded, int]] = []  # (file, input index) not yet processed
 
     def run_batch(entries: list[tuple[Decoded, int]]) -> None:
-        batch = torch.stack([item.inputs[i] for item, i in entries])  # type: ignore[index]
+        batch = torch.stack([item.inputs[i] for item, i in entries])  # type: ignore[index,misc]
+        for item, i in entries:
+            item.inputs[i] = None  # type: ignore[index]  # a tile's input is freed as soon as it is batched
         for (item, _), output in zip(entries, process(batch, [item for item, _ in entries]), strict=True):
             item.outputs.append(output)
 
@@ -464,6 +578,10 @@ class ResultWriter:
         self._gate.acquire(pixels)
         try:
             return self.make_row(item)
+        except Exception as err:  # one file's failure is that file's row, not the end of the scan
+            sha = item.stamp.sha256 if item.stamp else ""
+            error = failure_reason("scoring", err)
+            return ResultRow(path=item.relpath, status="error", error=error, sha256=sha, **self.context.common())
         finally:
             self._gate.release(pixels)
 
@@ -475,16 +593,17 @@ class ResultWriter:
         image = item.image
         assert image is not None
         score, best_tile = image_score(item)
-        score_map = full_resolution_map(item)
         heatmap = heatmap_relpath(item.relpath)
-        area, bbox = None, ""
-        if ctx.pixel_threshold is not None:
-            from .calibration import anomalous_area
-
-            area, box = anomalous_area(score_map, ctx.pixel_threshold)
-            bbox = box_text(*box) if box else ""
+        area, bbox, max_pixel_score = None, "", None
         problem = ""
         try:
+            score_map = full_resolution_map(item)
+            max_pixel_score = float(score_map.max())
+            if ctx.pixel_threshold is not None:
+                from .calibration import anomalous_area
+
+                area, box = anomalous_area(score_map, ctx.pixel_threshold)
+                bbox = box_text(*box) if box else ""
             display = image.to_display_uint8()
             heat = overlay(display, score_map)
             # No fsync per file: the scan syncs the file system once per group of rows, before it
@@ -501,15 +620,17 @@ class ResultWriter:
         except OSError as err:
             # The score stands (an anomaly must still be reported); the missing file is said in `error`.
             problem = f"cannot write outputs: {err.strerror or err}"
-            if not (self.out_dir / heatmap).is_file():
-                heatmap = ""
+        except Exception as err:  # e.g. out of memory for the full-size map: the score stands too
+            problem = f"cannot write outputs: {failure_reason('making the heatmap', err)}"
+        if problem and not (self.out_dir / heatmap).is_file():
+            heatmap = ""
         return ResultRow(
             path=item.relpath,
             status="ok",
             score=score,
             label=ctx.label(score),
             threshold=ctx.threshold,
-            max_pixel_score=float(score_map.max()),
+            max_pixel_score=max_pixel_score,
             heatmap=heatmap,
             width=image.width,
             height=image.height,

@@ -30,7 +30,7 @@ from .outputs import (
     write_text_atomic,
 )
 from .pipeline import InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
-from .state import FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
+from .state import OWN_FOLDERS, FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -217,7 +217,14 @@ def discover(directory: Path, out: Path, reporter: Reporter, unlisted: list[str]
 
     if not directory.exists():
         raise SetupError(f"input not found: {directory}")
-    found = discover_images(directory, exclude=[out])
+    # OUT is never scanned, whatever its relation to the input: a separate folder or one inside the
+    # input is left out whole; when OUT is the input (or holds it), winclip's own folders in OUT are.
+    own = [out / folder for folder in OWN_FOLDERS]
+    real_input = directory.resolve()
+    for folder in own:
+        if real_input.is_relative_to(folder.resolve()):
+            raise SetupError(f"the input {directory} lies inside winclip's own outputs in {folder}; use another --out")
+    found = discover_images(directory, exclude=[out, *own])
     for folder, reason in found.skipped_dirs:
         reporter.warn(f"cannot list {folder}: {reason}")
         if unlisted is not None:
@@ -489,7 +496,8 @@ def _select(
         if known is None or not known.same_file(current):
             todo.append((path, name))
     # files whose last result was an error are tried again: the cause may be gone
-    errors = {row.path for row in rows if row.status == "error"}
+    # and so are files whose outputs could not be written (disk full...): their heatmaps are missing
+    errors = {row.path for row in rows if row.status == "error" or row.error}
     todo_names = {name for _, name in todo}
     todo += [(path, name) for path, name in inputs if name in errors and name not in todo_names]
     todo.sort(key=lambda entry: entry[1])

@@ -60,6 +60,17 @@ def _axis_starts(length: int, size: int, stride: int) -> list[int]:
     return [int(s) for s in starts]
 
 
+def tile_count(height: int, width: int, size: int, overlap: float = 0.25) -> int:
+    """``len(tile_grid(height, width, size, overlap))``, without building the grid (a 1 x 80,000,000 strip
+    would need hundreds of thousands of ``Tile`` objects just to be refused)."""
+    stride = max(1, round(size * (1.0 - float(overlap))))
+
+    def along(length: int) -> int:
+        return 1 if length <= size else math.ceil((length - size) / stride) + 1
+
+    return along(height) * along(width)
+
+
 def tile_grid(height: int, width: int, size: int, overlap: float = 0.25) -> list[Tile]:
     """Overlapping ``size`` x ``size`` tiles covering every pixel of a ``height`` x ``width`` image.
 
