@@ -395,6 +395,125 @@ def scan(
     raise typer.Exit(EXIT_OK)
 
 
+# ----------------------------------------------------------------------------------------------------- watch
+
+WATCH_EXIT_CODES_HELP = """
+Exit codes: 0 stopped by SIGTERM or Ctrl-C after committing the current batch; 2 usage, setup or
+environment error; 4 another scan or watch is writing to the same output folder.
+"""
+
+
+class _WatchReporter(ConsoleReporter):
+    """A watch has no end to show progress towards: messages and rows only."""
+
+    def start(self, description: str, total: int) -> None:
+        pass
+
+
+@app.command(epilog=WATCH_EXIT_CODES_HELP)
+def watch(
+    directory: Annotated[Path, typer.Argument(help="Folder to watch (searched recursively).")],
+    class_name: ClassOpt = DEFAULT_CLASS,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for scores.csv and heatmaps.")] = Path(
+        "winclip-out"
+    ),
+    threshold: Annotated[
+        str,
+        typer.Option("--threshold", help="Image score above which an image is anomalous, or 'auto' (as in scan)."),
+    ] = "auto",
+    refs: Annotated[
+        Path | None, typer.Option("--refs", help="Few-shot reference memory (.npz) from `winclip build-refs`.")
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option("--calibration", help="Calibration file from `winclip calibrate`.")
+    ] = None,
+    poll: Annotated[
+        float | None,
+        typer.Option(
+            "--poll",
+            help="List the folder every SECONDS instead of using file-system events (network shares, "
+            "where events do not arrive); a file is scored once two listings agree on its size and mtime.",
+        ),
+    ] = None,
+    on_anomaly: Annotated[
+        str | None,
+        typer.Option(
+            "--on-anomaly",
+            help="Shell command run for each anomalous image, with its row as JSON on stdin "
+            "(and WINCLIP_PATH, WINCLIP_SCORE, WINCLIP_LABEL, WINCLIP_HEATMAP in its environment).",
+        ),
+    ] = None,
+    hook_timeout: Annotated[
+        float, typer.Option("--hook-timeout", min=0.1, help="Seconds an --on-anomaly command may run.")
+    ] = 10.0,
+    tile: TileOpt = None,
+    tile_overlap: TileOverlapOpt = 0.25,
+    save_maps: Annotated[bool, typer.Option("--save-maps", help="Also write raw float32 maps as TIFF.")] = False,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per scored image on stdout, as it happens.")
+    ] = False,
+    model: ModelOpt = "ViT-B-16-plus-240",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    scales: ScalesOpt = "2,3",
+    prompts: PromptsOpt = None,
+    no_cache: NoCacheOpt = False,
+    batch_size: BatchOpt = 8,
+    max_pixels: MaxPixelsOpt = 80_000_000,
+    workers: WorkersOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score images the moment they arrive in DIRECTORY, with the model loaded once.
+
+    Scores what is in DIRECTORY and not yet in OUT (as `scan --incremental`), then every new or
+    changed file once it is complete (closed by its writer, renamed into place, or unchanged over
+    two listings). Same outputs, run state and lock as `scan`: stop the watch, and `scan
+    --incremental`, `report` and `merge` work on OUT. SIGHUP, or a changed --refs, --calibration or
+    --prompts file, reloads them without restarting.
+
+    Examples:
+
+      winclip watch /data/camera1 --class bottle --refs bottle.npz --out /data/results/camera1
+
+      winclip watch /mnt/share/camera2 --class screw --poll 2 --out /data/results/camera2
+
+      winclip watch /data/camera1 --class bottle --json --on-anomaly 'logger -t winclip'
+    """
+    from .scanjob import ScanOptions
+    from .watch import WatchOptions, run_watch
+
+    with user_errors():
+        scan_options = ScanOptions(
+            directory=directory,
+            out=out,
+            model=_model_options(model, weights, device, precision, scales),
+            class_name=class_name,
+            threshold=threshold,
+            refs=refs,
+            calibration=calibration,
+            prompts=prompts,
+            use_cache=not no_cache,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            workers=workers or None,
+            save_maps=save_maps,
+            incremental=True,
+            tile=_tile_option(tile),
+            tile_overlap=_tile_overlap(tile_overlap),
+        )
+        options = WatchOptions(scan_options, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
+        stop = StopFlag()
+        with _WatchReporter(quiet, json_lines) as reporter, stop.installed():
+            result = run_watch(options, reporter, should_stop=stop)
+    if not quiet:
+        stderr.print(
+            f"watch stopped: [bold]{result.scored}[/] scored, [bold]{result.anomalies}[/] anomalous, "
+            f"[bold]{result.errors}[/] errors -> {_escape(str(out / 'scores.csv'))}"
+        )
+    raise typer.Exit(EXIT_OK)
+
+
 # ------------------------------------------------------------------------------------------------ build-refs
 
 
