@@ -227,8 +227,11 @@ def test_watch_with_events_waits_for_a_slow_writer_and_scores_a_broken_file_once
     folder, out = tmp_path / "camera", tmp_path / "out"
     folder.mkdir()
     hook_log = tmp_path / "hook.jsonl"
+    vocabulary = tmp_path / "defects.toml"
+    vocabulary.write_text('mode = "extend"\nanomalous = ["{} with a scratch"]\n')
     # --threshold 0: every image is anomalous, so the hook receives each scored row
-    watch = Watch(folder, out, tiny_args, "--threshold", "0", "--on-anomaly", f"cat >> {hook_log}")
+    hook = ["--threshold", "0", "--on-anomaly", f"cat >> {hook_log}"]
+    watch = Watch(folder, out, tiny_args, *hook, "--prompts", str(vocabulary))
     watches.append(watch)
     watch.wait_watching()
     assert any("(file-system events)" in m for m in watch.messages)
@@ -257,14 +260,31 @@ def test_watch_with_events_waits_for_a_slow_writer_and_scores_a_broken_file_once
     watch.wait_rows(4)
     fixed = put_by_rename(folder, "broken.png", 10)  # ...until it changes
     watch.wait_rows(5)
-    assert watch.stop() == 0
     assert [row["path"] for row in watch.rows] == ["meanwhile.png", "slow.png", "broken.png", "later.png", "broken.png"]
     assert watch.rows[4]["status"] == "ok" and watch.rows[4]["sha256"] == sha256(fixed)
+    names = ["broken.png", "later.png", "meanwhile.png", "slow.png"]
+
+    # a new vocabulary is picked up without a restart: every file is scored again with it
+    first_vocabulary = watch.rows[0]["vocabulary_sha256"]
+    replacement = tmp_path / ".defects.toml.new"
+    replacement.write_text('mode = "extend"\nanomalous = ["{} with a dent"]\n')
+    os.replace(replacement, vocabulary)
+    watch.wait_rows(9)
+    assert sorted(row["path"] for row in watch.rows[5:]) == names
+    new_vocabulary = {row["vocabulary_sha256"] for row in watch.rows[5:]}
+    assert len(new_vocabulary) == 1 and first_vocabulary not in new_vocabulary
+    # a broken one is refused and the watch goes on with the last good one
+    vocabulary.write_text("mode = \"extend\"\nanomalous = ['no placeholder']\n")
+    wait_until(lambda: any("cannot reload" in m for m in watch.messages), "the reload to be refused", watch.proc)
+    assert watch.stop() == 0
+    assert len(watch.rows) == 9
     rows = {row["path"]: row for row in csv_rows(out)}
-    assert sorted(rows) == ["broken.png", "later.png", "meanwhile.png", "slow.png"]  # one row per file
+    assert sorted(rows) == names  # one row per file
     assert rows["broken.png"]["status"] == "ok"
-    hooked = [json.loads(line) for line in hook_log.read_text().splitlines()]
-    assert [row["path"] for row in hooked] == ["meanwhile.png", "slow.png", "later.png", "broken.png"]
+    assert {row["vocabulary_sha256"] for row in rows.values()} == new_vocabulary
+    hooked = [json.loads(line)["path"] for line in hook_log.read_text().splitlines()]
+    assert hooked[:4] == ["meanwhile.png", "slow.png", "later.png", "broken.png"]
+    assert sorted(hooked[4:]) == names
 
 
 # ---------------------------------------------------------------------------------- arrival logic and hooks

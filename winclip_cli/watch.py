@@ -51,6 +51,7 @@ DEFAULT_SETTLE = 0.5  # seconds a file must stay unchanged when no event says it
 SAFETY_LISTING = 30.0  # seconds between full listings when events are used (events can be lost)
 WRITE_GRACE = 60.0  # a file seen written but never closed is scored once unchanged this long
 EVENT_DEBOUNCE = 0.05  # after an event, wait this long for the rest of a burst before listing
+SETTINGS_CHECK = 1.0  # seconds between looks at the memory, calibration and vocabulary files
 MAX_FILES_PER_RUN = 256  # a large backlog is scored in parts, committing and checking for a stop in between
 
 Stamp = tuple[int, int]  # (size, mtime_ns)
@@ -426,6 +427,8 @@ class _Watch:
             self.session.open()
             self.settings_seen = [_file_stamp(p) for p in self.settings_files]
             self.settings_changed_since: float | None = None
+            self.settings_due = False
+            self.next_settings_check = 0.0
             self._start_session()
             how = "file-system events" if self.events else f"polling every {poll:g} s"
             self.reporter.info(f"watching {scan.directory} ({how}); stop with Ctrl-C or SIGTERM")
@@ -434,9 +437,8 @@ class _Watch:
                 self._wait(next_listing)
                 if self.should_stop():
                     break
-                now = time.monotonic()
-                if self.reload.requested or self._settings_changed(now):
-                    self.reload.requested = False
+                if self.reload.requested or self.settings_due:
+                    self.reload.requested = self.settings_due = False
                     self._reload()
                 self._tick(time.monotonic())
                 next_listing = time.monotonic() + poll
@@ -468,6 +470,11 @@ class _Watch:
         """Sleep until the next listing is due, a waiting file may be complete, or an event arrives."""
         while not self.should_stop() and not self.reload.requested:
             now = time.monotonic()
+            if self.settings_files and now >= self.next_settings_check:
+                self.next_settings_check = now + SETTINGS_CHECK
+                if self._settings_changed(now):
+                    self.settings_due = True
+                    return
             due = self.tracker.next_due(now)
             deadline = next_listing if due is None else min(next_listing, due)
             if now >= deadline:
@@ -567,7 +574,7 @@ class _Watch:
     # ---------------------------------------------------------------------------------------- reload
 
     def _settings_changed(self, now: float) -> bool:
-        """The memory, calibration or vocabulary file changed and has been unchanged for ``settle``."""
+        """The memory, calibration or vocabulary file changed, and was the same at the next look."""
         current = [_file_stamp(p) for p in self.settings_files]
         if current == self.settings_seen:
             self.settings_changed_since = None
@@ -576,7 +583,7 @@ class _Watch:
             self._settings_candidate = current
             self.settings_changed_since = now
             return False
-        return now - self.settings_changed_since >= self.tracker.settle
+        return now > self.settings_changed_since
 
     def _reload(self) -> None:
         """Open a new session with the same model (memory, calibration and vocabulary read again);
