@@ -273,6 +273,13 @@ def test_watch_with_events_waits_for_a_slow_writer_and_scores_a_broken_file_once
     assert sorted(row["path"] for row in watch.rows[5:]) == names
     new_vocabulary = {row["vocabulary_sha256"] for row in watch.rows[5:]}
     assert len(new_vocabulary) == 1 and first_vocabulary not in new_vocabulary
+    # a file that leaves the folder leaves scores.csv, and its heatmap goes too
+    heatmap = out / watch.rows[3]["heatmap"]
+    assert heatmap.is_file()
+    (folder / "later.png").unlink()
+    wait_until(lambda: "later.png" not in {row["path"] for row in csv_rows(out)}, "later.png's row to go", watch.proc)
+    assert not heatmap.exists()
+    names.remove("later.png")
     # a broken one is refused and the watch goes on with the last good one
     vocabulary.write_text("mode = \"extend\"\nanomalous = ['no placeholder']\n")
     wait_until(lambda: any("cannot reload" in m for m in watch.messages), "the reload to be refused", watch.proc)
@@ -284,7 +291,7 @@ def test_watch_with_events_waits_for_a_slow_writer_and_scores_a_broken_file_once
     assert {row["vocabulary_sha256"] for row in rows.values()} == new_vocabulary
     hooked = [json.loads(line)["path"] for line in hook_log.read_text().splitlines()]
     assert hooked[:4] == ["meanwhile.png", "slow.png", "later.png", "broken.png"]
-    assert sorted(hooked[4:]) == names
+    assert sorted(hooked[4:]) == sorted([*names, "later.png"])
 
 
 # ---------------------------------------------------------------------------------- arrival logic and hooks
@@ -316,6 +323,20 @@ def test_a_file_deleted_before_it_was_complete_is_forgotten() -> None:
     assert tracker.next_due(now=0.0) == 1.0
     assert tracker.observe({}, now=0.5) == ([], ["a.png"])
     assert tracker.pending == {} and tracker.next_due(now=0.5) is None
+
+
+def test_a_look_at_the_files_events_named_leaves_the_others_as_listed() -> None:
+    tracker = ArrivalTracker(settle=1.0)
+    tracker.observe(listing(a_png=(1, 1), b_png=(2, 2)), now=0.0)
+    assert tracker.observe(listing(a_png=(1, 1), b_png=(2, 2)), now=1.0) == (["a.png", "b.png"], [])
+    # events named b.png (rewritten and closed) and c.png (gone before the look); a.png is not looked at
+    assert tracker.observe(listing(b_png=(3, 3)), now=2.0, closed={"b.png"}, only={"b.png", "c.png"}) == (
+        ["b.png"],
+        [],
+    )
+    assert tracker.stamps == {"a.png": (1, 1), "b.png": (3, 3)}
+    assert tracker.observe({}, now=3.0, only={"a.png"}) == ([], ["a.png"])
+    assert tracker.stamps == {"b.png": (3, 3)}
 
 
 def anomalous_row() -> ResultRow:

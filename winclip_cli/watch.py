@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from .errors import SetupError, WinclipError
 from .outputs import ResultRow
@@ -116,26 +117,40 @@ class ArrivalTracker:
                 self.pending[name] = (listing[name][1], now)
 
     def observe(
-        self, listing: Listing, now: float, closed: set[str] | None = None, writing: set[str] | None = None
+        self,
+        listing: Listing,
+        now: float,
+        closed: set[str] | None = None,
+        writing: set[str] | None = None,
+        only: set[str] | None = None,
     ) -> tuple[list[str], list[str]]:
-        """Take a new listing; returns (files complete now, in name order; files gone since the last listing).
+        """Take a new listing; returns (files complete now, in name order; files gone since the last look).
 
         ``closed``: files an event said are complete (closed after writing, renamed into place);
         ``writing``: files written to since their last close, which are not complete, however still.
+        ``only``: the listing covers just these names (the files events named, and the waiting ones,
+        which must be among them); the rest of the folder is as last listed.
         """
         closed, writing = closed or set(), writing or set()
         self.last_observed = now
-        gone = [name for name in self.stamps if name not in listing]
+        looked = self.stamps.keys() if only is None else only
+        gone = sorted(name for name in looked if name in self.stamps and name not in listing)
         for name, (_, stamp) in listing.items():
             if self.stamps.get(name) != stamp:
                 seen = self.pending.get(name)
                 if seen is None or seen[0] != stamp:
                     self.pending[name] = (stamp, now)
-        self.stamps = {name: stamp for name, (_, stamp) in listing.items()}
+        if only is None:
+            self.stamps = {name: stamp for name, (_, stamp) in listing.items()}
+        else:
+            for name in gone:
+                del self.stamps[name]
+            self.stamps.update((name, stamp) for name, (_, stamp) in listing.items())
         ready = []
         for name, (stamp, since) in list(self.pending.items()):
             if name not in listing:
-                del self.pending[name]  # deleted or renamed away before it was complete
+                if only is None or name in only:
+                    del self.pending[name]  # deleted or renamed away before it was complete
                 continue
             if listing[name][1] != stamp:
                 continue
@@ -150,8 +165,8 @@ class ArrivalTracker:
         return sorted(ready), gone
 
     def next_due(self, now: float) -> float | None:
-        """When the next waiting file will have been unchanged for ``settle`` seconds. Files that had been
-        by the last listing and were still not complete (being written) wait for an event or a listing."""
+        """When the next waiting file will have been unchanged for ``settle`` seconds. Files that were due
+        at the last look and still not complete (being written) wait for an event or the next listing."""
         due = [since + self.settle for _, since in self.pending.values() if since + self.settle > self.last_observed]
         return max(now, min(due)) if due else None
 
@@ -170,6 +185,8 @@ class FolderEvents:
         self._lock = threading.Lock()
         self._closed: set[str] = set()
         self._writing: set[str] = set()
+        self._touched: set[str] = set()  # files named by events since the last look
+        self._relist = False  # a folder changed: list the whole folder
         self._observer = None
 
     def start(self) -> str:
@@ -200,11 +217,14 @@ class FolderEvents:
             self._observer.join(timeout=5)
             self._observer = None
 
-    def take(self) -> tuple[set[str], set[str]]:
-        """(files closed or renamed in since the last call, files being written now)."""
+    def take(self) -> tuple[set[str], set[str], set[str] | None]:
+        """(files closed or renamed in since the last call, files being written now, files events
+        named since the last call, or None when a folder changed and the whole folder must be listed)."""
         with self._lock:
             closed, self._closed = self._closed, set()
-            return closed, set(self._writing)
+            touched, self._touched = self._touched, set()
+            relist, self._relist = self._relist, False
+            return closed, set(self._writing), None if relist else touched
 
     def forget(self, names: set[str]) -> None:
         """Drop files that are no longer listed (so the sets stay bounded by what exists)."""
@@ -229,8 +249,12 @@ class FolderEvents:
         dest = self._name(event.dest_path) if kind == "moved" and event.dest_path else None
         if src is None and dest is None:
             return
-        if not event.is_directory:
-            with self._lock:
+        with self._lock:
+            if event.is_directory:
+                if kind != "modified":  # a folder created, moved or deleted: its files with it
+                    self._relist = True
+            else:
+                self._touched.update(name for name in (src, dest) if name is not None)
                 if kind == "modified" and src is not None:
                     self._writing.add(src)  # written to: complete only once closed
                     self._closed.discard(src)
@@ -440,8 +464,10 @@ class _Watch:
                 if self.reload.requested or self.settings_due:
                     self.reload.requested = self.settings_due = False
                     self._reload()
-                self._tick(time.monotonic())
-                next_listing = time.monotonic() + poll
+                full = time.monotonic() >= next_listing
+                self._tick(time.monotonic(), full)
+                if full:
+                    next_listing = time.monotonic() + poll
         finally:
             if self.events is not None:
                 self.events.stop()
@@ -505,18 +531,43 @@ class _Watch:
                 self.reporter.info(f"{self.scan.directory} can be listed again")
         self.problems = problems
 
-    def _tick(self, now: float) -> None:
-        listing = self._list()
+    def _tick(self, now: float, full: bool) -> None:
+        """Look at the folder: all of it (``full``, or when polling), else only the files events named
+        and the waiting ones, which keeps a look cheap in a folder of many files."""
+        closed: set[str] = set()
+        writing: set[str] = set()
+        touched: set[str] | None = None
+        if self.events is not None:
+            closed, writing, touched = self.events.take()
+        only = None if full or touched is None else touched | self.tracker.pending.keys()
+        listing = self._list() if only is None else self._stat_some(only)
         if listing is None:
             return
-        closed, writing = self.events.take() if self.events is not None else (set(), set())
-        ready, gone = self.tracker.observe(listing, now, closed, writing)
+        ready, gone = self.tracker.observe(listing, now, closed, writing, only=only)
         if self.events is not None and gone:
             self.events.forget(set(gone))
         if gone and not self.problems:
             self._forget(gone)
         if ready:
             self._score([(listing[name][0], name) for name in ready])
+
+    def _stat_some(self, names: set[str]) -> Listing:
+        """The listing entries of these files, with the rules of a full listing (images, no hidden parts)."""
+        from .images import IMAGE_EXTENSIONS
+
+        directory = self.scan.directory
+        listing: Listing = {}
+        for name in names:
+            path = directory / name
+            if any(part.startswith(".") for part in Path(name).parts) or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if S_ISREG(stat.st_mode):
+                listing[name] = (path, (stat.st_size, stat.st_mtime_ns))
+        return listing
 
     def _forget(self, gone: list[str]) -> None:
         """Files that left the folder leave scores.csv too, as with ``scan --incremental``."""
