@@ -283,6 +283,8 @@ def test_watch_with_events_waits_for_a_slow_writer_and_scores_a_broken_file_once
     # a broken one is refused and the watch goes on with the last good one
     vocabulary.write_text("mode = \"extend\"\nanomalous = ['no placeholder']\n")
     wait_until(lambda: any("cannot reload" in m for m in watch.messages), "the reload to be refused", watch.proc)
+    watch.proc.send_signal(signal.SIGHUP)  # asks for a reload too (refused again: the file is still broken)
+    wait_until(lambda: sum("cannot reload" in m for m in watch.messages) == 2, "SIGHUP's reload", watch.proc)
     assert watch.stop() == 0
     assert len(watch.rows) == 9
     rows = {row["path"]: row for row in csv_rows(out)}
