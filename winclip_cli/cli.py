@@ -189,6 +189,28 @@ PromptsOpt = Annotated[
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the text-embedding cache.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary (errors still print).")]
 
+# scan and watch write the same output folder from the same options
+OutFolderOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for scores.csv and heatmaps.")]
+DEFAULT_OUT = Path("winclip-out")
+ThresholdOpt = Annotated[
+    str,
+    typer.Option(
+        "--threshold",
+        help="Image score above which an image is anomalous, or 'auto': the calibrated threshold when one is "
+        "available (--calibration, or stored in --refs), else 0.5.",
+    ),
+]
+RefsOpt = Annotated[
+    Path | None,
+    typer.Option("--refs", help="Few-shot reference memory (.npz) from `winclip build-refs`.", show_default=False),
+]
+CalibrationOpt = Annotated[
+    Path | None,
+    typer.Option("--calibration", help="Calibration file from `winclip calibrate`.", show_default=False),
+]
+SaveMapsOpt = Annotated[bool, typer.Option("--save-maps", help="Also write raw float32 maps as TIFF.")]
+JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per image on stdout.")]
+
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """'1 image', '3 images'."""
@@ -294,25 +316,10 @@ def scan(
     input_args: InputArgs,
     tile_args: TileArgs,
     class_name: ClassOpt = DEFAULT_CLASS,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for scores.csv and heatmaps.")] = Path(
-        "winclip-out"
-    ),
-    threshold: Annotated[
-        str,
-        typer.Option(
-            "--threshold",
-            help="Image score above which an image is anomalous, or 'auto': the calibrated threshold when one is "
-            "available (--calibration, or stored in --refs), else 0.5.",
-        ),
-    ] = "auto",
-    refs: Annotated[
-        Path | None,
-        typer.Option("--refs", help="Few-shot reference memory (.npz) from `winclip build-refs`.", show_default=False),
-    ] = None,
-    calibration: Annotated[
-        Path | None,
-        typer.Option("--calibration", help="Calibration file from `winclip calibrate`.", show_default=False),
-    ] = None,
+    out: OutFolderOpt = DEFAULT_OUT,
+    threshold: ThresholdOpt = "auto",
+    refs: RefsOpt = None,
+    calibration: CalibrationOpt = None,
     fail_on_anomaly: Annotated[
         bool,
         typer.Option(
@@ -332,9 +339,9 @@ def scan(
         str | None,
         typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.", show_default=False),
     ] = None,
-    save_maps: Annotated[bool, typer.Option("--save-maps", help="Also write raw float32 maps as TIFF.")] = False,
+    save_maps: SaveMapsOpt = False,
     report: Annotated[bool, typer.Option("--report", help="Write OUT/report.html after the scan.")] = False,
-    json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per image on stdout.")] = False,
+    json_lines: JsonLinesOpt = False,
     prompts: PromptsOpt = None,
     no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
@@ -416,6 +423,122 @@ def scan(
         raise typer.Exit(EXIT_ANOMALY)
     if result.total_errors or result.unlisted:
         raise typer.Exit(EXIT_UNREADABLE)
+    raise typer.Exit(EXIT_OK)
+
+
+# ----------------------------------------------------------------------------------------------------- watch
+
+WATCH_EXIT_CODES_HELP = """
+Exit codes: 0 stopped by SIGTERM or Ctrl-C after committing the current batch; 2 usage, setup or
+environment error; 4 another scan or watch is writing to the same output folder.
+"""
+
+
+class _WatchReporter(ConsoleReporter):
+    """A watch has no end to show progress towards: messages and rows only."""
+
+    def start(self, description: str, total: int) -> None:
+        pass
+
+
+@app.command(epilog=WATCH_EXIT_CODES_HELP)
+@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
+def watch(
+    directory: Annotated[
+        Path, typer.Argument(help="Folder to watch (searched recursively).", show_default=False)
+    ],
+    model_args: ModelArgs,
+    input_args: InputArgs,
+    tile_args: TileArgs,
+    class_name: ClassOpt = DEFAULT_CLASS,
+    out: OutFolderOpt = DEFAULT_OUT,
+    threshold: ThresholdOpt = "auto",
+    refs: RefsOpt = None,
+    calibration: CalibrationOpt = None,
+    poll: Annotated[
+        float | None,
+        typer.Option(
+            "--poll",
+            help="List the folder every SECONDS instead of using file-system events (network shares, "
+            "where events do not arrive); a file is scored once two listings agree on its size and mtime.",
+            show_default=False,
+        ),
+    ] = None,
+    on_anomaly: Annotated[
+        str | None,
+        typer.Option(
+            "--on-anomaly",
+            help="Shell command run for each anomalous image, with its row as JSON on stdin "
+            "(and WINCLIP_PATH, WINCLIP_SCORE, WINCLIP_LABEL, WINCLIP_HEATMAP in its environment).",
+            show_default=False,
+        ),
+    ] = None,
+    hook_timeout: Annotated[
+        float, typer.Option("--hook-timeout", min=0.1, help="Seconds an --on-anomaly command may run.")
+    ] = 10.0,
+    save_maps: SaveMapsOpt = False,
+    json_lines: JsonLinesOpt = False,
+    prompts: PromptsOpt = None,
+    no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score images the moment they arrive in DIRECTORY, with the model loaded once.
+
+    Scores what is in DIRECTORY and not yet in OUT (as `scan --incremental`), then every new or
+    changed file once it is complete (closed by its writer, renamed into place, or unchanged over
+    two listings). Same outputs, run state and lock as `scan`: stop the watch, and `scan
+    --incremental`, `report` and `merge` work on OUT. SIGHUP, or a changed --refs, --calibration or
+    --prompts file, reloads them without restarting.
+
+    Examples:
+
+      winclip watch /data/camera1 --class bottle --refs bottle.npz --out /data/results/camera1
+
+      winclip watch /mnt/share/camera2 --class screw --poll 2 --out /data/results/camera2
+
+      winclip watch /data/camera1 --class bottle --json --on-anomaly 'logger -t winclip'
+    """
+    with user_errors():
+        # as in scan: everything that needs no model is checked before torch is imported
+        model_options = model_args.parse()
+        parse_threshold(threshold)
+        tiling = tile_args.parse(model_args.model)
+        if poll is not None and poll <= 0:
+            raise SetupError(f"--poll takes a positive number of seconds, not {poll:g}")
+        preflight.check_input(directory)
+        preflight.check_output_folder("--out", out)
+        preflight.check_memory_file(refs)
+        preflight.check_input_file("--calibration", calibration)
+        load_vocabulary(prompts)
+        preflight.check_not_busy(out)
+
+        from .scanjob import ScanOptions
+        from .watch import WatchOptions, run_watch
+
+        scan_options = ScanOptions(
+            directory=directory,
+            out=out,
+            model=model_options,
+            class_name=class_name,
+            threshold=threshold,
+            refs=refs,
+            calibration=calibration,
+            prompts=prompts,
+            use_cache=not no_cache,
+            save_maps=save_maps,
+            incremental=True,
+            **input_args.parse(),
+            **tiling,
+        )
+        options = WatchOptions(scan_options, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
+        stop = StopFlag()
+        with _WatchReporter(quiet, json_lines) as reporter, stop.installed():
+            result = run_watch(options, reporter, should_stop=stop)
+    if not quiet:
+        stderr.print(
+            f"watch stopped: [bold]{result.scored}[/] scored, [bold]{result.anomalies}[/] anomalous, "
+            f"[bold]{result.errors}[/] errors -> {_escape(str(out / 'scores.csv'))}"
+        )
     raise typer.Exit(EXIT_OK)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__
+from .backbone import Backbone
 from .engine import Engine, ModelOptions, build_engine
 from .errors import SetupError
 from .options import parse_threshold
@@ -235,14 +236,9 @@ def discover(directory: Path, out: Path, reporter: Reporter, unlisted: list[str]
 def run_scan_job(
     options: ScanOptions, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False
 ) -> ScanResult:
-    from .memory import load_memory
-    from .prompts import load_vocabulary
-
     started = time.perf_counter()
     requested_threshold = parse_threshold(options.threshold)  # bad options fail before anything slow
-    load_vocabulary(options.prompts)
-    if options.out.exists() and not options.out.is_dir():
-        raise SetupError(f"--out {options.out} exists and is not a folder")
+    check_output_options(options)
     unlisted: list[str] = []
     files = discover(options.directory, options.out, reporter, unlisted)
     if not files and not options.incremental:
@@ -251,135 +247,35 @@ def run_scan_job(
     if options.shard is not None:
         k, n = options.shard
         inputs = [(path, name) for path, name in inputs if shard_of(name, n) == k]
-    memory = load_memory(options.refs) if options.refs is not None else None  # refuse a broken memory early
-    calibration, origin = None, ""
-    if options.calibration is not None:
-        calibration, origin = load_calibration_file(options.calibration), str(options.calibration)
-    elif memory is not None and memory.metadata.get("calibration"):
-        calibration, origin = memory.metadata["calibration"], str(options.refs)
 
-    options.out.mkdir(parents=True, exist_ok=True)
-    refuse_links(options.out)
-    with OutputLock(options.out) as lock:
-        if lock.previous_holder:
-            reporter.warn(f"took over a stale lock in {options.out} ({lock.previous_holder})")
-        clean_stale_temporaries(options.out)
-        engine = build_engine(options.model, options.class_name, options.prompts, use_cache=options.use_cache)
-        backbone = engine.backbone
-        context = RowContext(
-            threshold=DEFAULT_THRESHOLD, threshold_source="", mode="zero-shot", vocabulary_sha256=engine.ensemble.sha256
-        )
-        memory_id = ""
-        if memory is not None:
-            from .memory import attach_memory
-
-            for warning in attach_memory(engine, memory, tile=options.tile, tile_overlap=options.tile_overlap):
-                reporter.warn(warning)
-            context.mode, context.k_shot = "few-shot", memory.k
-            context.refs, context.refs_sha256 = str(options.refs), memory.sha256
-            memory_id = memory.content_id
-        prep = options.preprocessing(backbone)
-        fingerprint = calibration_fingerprint(engine, memory_id, prep)
-        choice = choose_threshold(
-            requested_threshold,
-            calibration,
-            origin,
-            options.calibration is not None,
-            fingerprint,
-            reporter,
-            class_name=engine.ensemble.class_name,
-        )
-        context.threshold, context.threshold_source, context.pixel_threshold = choice.value, choice.source, choice.pixel
-
-        config = {
-            **fingerprint,
-            "class_name": engine.ensemble.class_name,
-            "pixel_threshold": choice.pixel,
-            "max_pixels": options.max_pixels,
-            # another folder or shard in the same OUT must never mix with (or delete) the stored rows
-            "input": str(options.directory.resolve()),
-            "shard": list(options.shard) if options.shard else None,
-        }
-        state = RunState(options.out)
-        if state.recovered_from:
-            reporter.warn(
-                f"the run state was damaged ({state.damage}) and was moved to {state.recovered_from}; starting afresh"
-            )
+    with ScanSession(options, reporter, requested_threshold) as session:
+        todo, skipped = session.start(inputs, listing_incomplete=bool(unlisted))
+        reporter.start("scanning", len(todo))
+        scan_started = time.perf_counter()
         try:
-            todo, skipped, rows_changed = _select(
-                state, config, context, inputs, options.incremental, reporter, bool(unlisted)
-            )
-            mode = f"few-shot k={context.k_shot}" if memory is not None else "zero-shot"
-            shard = f", shard {options.shard[0]}/{options.shard[1]}" if options.shard else ""
-            reporter.info(
-                f"winclip {__version__}: {len(todo)} images to score"
-                + (f" ({skipped} unchanged)" if skipped else "")
-                + f"{shard}, {backbone.architecture} ({backbone.weights}) on {backbone.device} {backbone.precision}, "
-                f"{mode}, class '{engine.ensemble.class_name}', threshold {choice.value:g} ({choice.source})"
-            )
-            run_info = _run_info(options, engine, context, choice, memory_id)
-            write_text_atomic(options.out / "run.json", json.dumps(run_info, indent=2) + "\n")
-            csv_path = options.out / "scores.csv"
-            # The CSV is rebuilt from the state first unless it is exactly what the last run left: a run
-            # killed mid-line (or a user's edit) leaves nothing half-written or stale behind.
-            if rows_changed or state.meta("csv") != _stamp_of(csv_path) or not _current_header(csv_path):
-                write_results_csv_atomic(csv_path, state.rows())
-            reporter.start("scanning", len(todo))
-            with CsvResultWriter(csv_path, append=True) as live_csv:
-                tile_notice = TileCountNotice(prep, reporter)
-
-                def on_rows(group: list[tuple[ResultRow, FileStamp | None]]) -> None:
-                    if prep.tile is not None:
-                        group = [(tile_notice.seen(row), stamp) for row, stamp in group]
-                    sync_filesystem(options.out)  # the group's heatmaps are on disk before its rows
-                    state.record_many(group)  # one durable commit: the state is the source of truth
-                    live_csv.write_many([row for row, _ in group])
-                    for row, _ in group:
-                        reporter.advance()
-                        reporter.row(row)
-
-                scan_started = time.perf_counter()
-                try:
-                    summary = run_scan(
-                        engine.scorer,
-                        todo,
-                        options.out,
-                        context,
-                        prep,
-                        device=backbone.device,
-                        dtype=backbone.dtype,
-                        batch_size=options.batch_size,
-                        save_maps=options.save_maps,
-                        thumbnails=options.thumbnails,
-                        workers=options.workers,
-                        on_rows=on_rows,
-                        should_stop=should_stop,
-                    )
-                finally:
-                    scan_seconds = time.perf_counter() - scan_started
-                    rows = state.rows()
-                    write_results_csv_atomic(csv_path, rows)
-                    state.set_meta("csv", _stamp_of(csv_path))
-            seconds = time.perf_counter() - started
-            run_info.update(
-                finished=datetime.now(UTC).isoformat(timespec="seconds"),
-                seconds=round(seconds, 3),
-                setup_seconds=round(seconds - scan_seconds, 3),  # model load, text embeddings, state
-                scan_seconds=round(scan_seconds, 3),  # decoding, model and outputs, overlapped
-                images=summary.images,
-                scored=summary.scored,
-                anomalies=summary.anomalies,
-                errors=summary.errors,
-                unchanged=skipped,
-                total_rows=len(rows),
-                total_anomalies=sum(r.label == "anomalous" for r in rows),
-                total_errors=sum(bool(r.error) for r in rows),  # counted as `errors` is
-                interrupted=bool(should_stop()),
-                unlisted_dirs=unlisted,
-            )
-            write_text_atomic(options.out / "run.json", json.dumps(run_info, indent=2) + "\n")
+            summary = session.score(todo, should_stop)
         finally:
-            state.close()
+            scan_seconds = time.perf_counter() - scan_started
+            rows = session.rewrite_csv()
+        seconds = time.perf_counter() - started
+        session.run_info.update(
+            finished=datetime.now(UTC).isoformat(timespec="seconds"),
+            seconds=round(seconds, 3),
+            setup_seconds=round(seconds - scan_seconds, 3),  # model load, text embeddings, state
+            scan_seconds=round(scan_seconds, 3),  # decoding, model and outputs, overlapped
+            images=summary.images,
+            scored=summary.scored,
+            anomalies=summary.anomalies,
+            errors=summary.errors,
+            unchanged=skipped,
+            total_rows=len(rows),
+            total_anomalies=sum(r.label == "anomalous" for r in rows),
+            total_errors=sum(bool(r.error) for r in rows),  # counted as `errors` is
+            interrupted=bool(should_stop()),
+            unlisted_dirs=unlisted,
+        )
+        session.write_run_info()
+    run_info = session.run_info
     return ScanResult(
         summary,
         len(rows),
@@ -392,6 +288,210 @@ def run_scan_job(
         total_normal=sum(r.label == "normal" for r in rows),
         total_errors=run_info["total_errors"],
     )
+
+
+def check_output_options(options: ScanOptions) -> None:
+    """The cheap checks of a scan's options, done before anything slow."""
+    from .prompts import load_vocabulary
+
+    load_vocabulary(options.prompts)
+    if options.out.exists() and not options.out.is_dir():
+        raise SetupError(f"--out {options.out} exists and is not a folder")
+
+
+class ScanSession:
+    """A scan's setup held open: the output lock, the engine with its memory, the threshold, the run
+    state and scores.csv. ``scan`` scores one list of files with it; ``watch`` scores many lists,
+    one after the other, with the model loaded once.
+
+    ``hold_lock=False`` when the caller already holds OUT's lock (a watch re-opening its session
+    to pick up a new memory keeps the folder locked throughout); ``backbone`` reuses a loaded model.
+    """
+
+    def __init__(
+        self,
+        options: ScanOptions,
+        reporter: Reporter,
+        requested_threshold: float | None,
+        *,
+        hold_lock: bool = True,
+        backbone: Backbone | None = None,
+    ) -> None:
+        self.options = options
+        self.reporter = reporter
+        self.requested_threshold = requested_threshold
+        self.csv_path = options.out / "scores.csv"
+        self.run_info: dict[str, Any] = {}
+        self._hold_lock = hold_lock
+        self._backbone = backbone
+        self._lock: OutputLock | None = None
+        self.state: RunState | None = None
+
+    def __enter__(self) -> ScanSession:
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        from .memory import load_memory
+
+        options, reporter = self.options, self.reporter
+        memory = load_memory(options.refs) if options.refs is not None else None  # refuse a broken memory early
+        calibration, origin = None, ""
+        if options.calibration is not None:
+            calibration, origin = load_calibration_file(options.calibration), str(options.calibration)
+        elif memory is not None and memory.metadata.get("calibration"):
+            calibration, origin = memory.metadata["calibration"], str(options.refs)
+
+        options.out.mkdir(parents=True, exist_ok=True)
+        refuse_links(options.out)
+        if self._hold_lock:
+            self._lock = OutputLock(options.out).acquire()
+            if self._lock.previous_holder:
+                reporter.warn(f"took over a stale lock in {options.out} ({self._lock.previous_holder})")
+        clean_stale_temporaries(options.out)
+        engine = build_engine(
+            options.model, options.class_name, options.prompts, use_cache=options.use_cache, backbone=self._backbone
+        )
+        self.engine = engine
+        context = RowContext(
+            threshold=DEFAULT_THRESHOLD, threshold_source="", mode="zero-shot", vocabulary_sha256=engine.ensemble.sha256
+        )
+        memory_id = ""
+        if memory is not None:
+            from .memory import attach_memory
+
+            for warning in attach_memory(engine, memory, tile=options.tile, tile_overlap=options.tile_overlap):
+                reporter.warn(warning)
+            context.mode, context.k_shot = "few-shot", memory.k
+            context.refs, context.refs_sha256 = str(options.refs), memory.sha256
+            memory_id = memory.content_id
+        self.memory = memory
+        self.prep = options.preprocessing(engine.backbone)
+        fingerprint = calibration_fingerprint(engine, memory_id, self.prep)
+        choice = choose_threshold(
+            self.requested_threshold,
+            calibration,
+            origin,
+            options.calibration is not None,
+            fingerprint,
+            reporter,
+            class_name=engine.ensemble.class_name,
+        )
+        context.threshold, context.threshold_source, context.pixel_threshold = choice.value, choice.source, choice.pixel
+        self.context, self.choice, self.memory_id = context, choice, memory_id
+        self.config = {
+            **fingerprint,
+            "class_name": engine.ensemble.class_name,
+            "pixel_threshold": choice.pixel,
+            "max_pixels": options.max_pixels,
+            # another folder or shard in the same OUT must never mix with (or delete) the stored rows
+            "input": str(options.directory.resolve()),
+            "shard": list(options.shard) if options.shard else None,
+        }
+        self.state = RunState(options.out)
+        if self.state.recovered_from:
+            reporter.warn(
+                f"the run state was damaged ({self.state.damage}) and was moved to {self.state.recovered_from}; "
+                "starting afresh"
+            )
+
+    def close(self) -> None:
+        if self.state is not None:
+            self.state.close()
+            self.state = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def start(
+        self, inputs: list[tuple[Path, str]], listing_incomplete: bool = False
+    ) -> tuple[list[tuple[Path, str]], int]:
+        """Select what to score among ``inputs`` (all, or with --incremental the new, changed and failed
+        files), say so, write run.json and bring scores.csv in line with the state. Returns (todo, unchanged)."""
+        assert self.state is not None
+        options, backbone, context, choice = self.options, self.engine.backbone, self.context, self.choice
+        todo, skipped, rows_changed = _select(
+            self.state, self.config, context, inputs, options.incremental, self.reporter, listing_incomplete
+        )
+        mode = f"few-shot k={context.k_shot}" if self.memory is not None else "zero-shot"
+        shard = f", shard {options.shard[0]}/{options.shard[1]}" if options.shard else ""
+        self.reporter.info(
+            f"winclip {__version__}: {len(todo)} images to score"
+            + (f" ({skipped} unchanged)" if skipped else "")
+            + f"{shard}, {backbone.architecture} ({backbone.weights}) on {backbone.device} {backbone.precision}, "
+            f"{mode}, class '{self.engine.ensemble.class_name}', threshold {choice.value:g} ({choice.source})"
+        )
+        self.run_info = _run_info(options, self.engine, context, choice, self.memory_id)
+        self.write_run_info()
+        # The CSV is rebuilt from the state first unless it is exactly what the last run left: a run
+        # killed mid-line (or a user's edit) leaves nothing half-written or stale behind.
+        if rows_changed or self.state.meta("csv") != _stamp_of(self.csv_path) or not _current_header(self.csv_path):
+            write_results_csv_atomic(self.csv_path, self.state.rows())
+        return todo, skipped
+
+    def score(
+        self,
+        todo: list[tuple[Path, str]],
+        should_stop: Callable[[], bool] = lambda: False,
+        on_committed: Callable[[list[ResultRow]], None] = lambda rows: None,
+    ) -> ScanSummary:
+        """Score ``todo``; each group of rows is committed to the state, then appended to scores.csv
+        (which may then hold an older row of a re-scored file until ``rewrite_csv``)."""
+        state, options = self.state, self.options
+        assert state is not None
+        with CsvResultWriter(self.csv_path, append=True) as live_csv:
+            tile_notice = TileCountNotice(self.prep, self.reporter)
+
+            def on_rows(group: list[tuple[ResultRow, FileStamp | None]]) -> None:
+                if self.prep.tile is not None:
+                    group = [(tile_notice.seen(row), stamp) for row, stamp in group]
+                sync_filesystem(options.out)  # the group's heatmaps are on disk before its rows
+                state.record_many(group)  # one durable commit: the state is the source of truth
+                live_csv.write_many([row for row, _ in group])
+                for row, _ in group:
+                    self.reporter.advance()
+                    self.reporter.row(row)
+                on_committed([row for row, _ in group])
+
+            backbone = self.engine.backbone
+            return run_scan(
+                self.engine.scorer,
+                todo,
+                options.out,
+                self.context,
+                self.prep,
+                device=backbone.device,
+                dtype=backbone.dtype,
+                batch_size=options.batch_size,
+                save_maps=options.save_maps,
+                thumbnails=options.thumbnails,
+                workers=options.workers,
+                on_rows=on_rows,
+                should_stop=should_stop,
+            )
+
+    def rewrite_csv(self) -> list[ResultRow]:
+        """scores.csv rewritten atomically from the state (one row per file, sorted); returns the rows."""
+        assert self.state is not None
+        rows = self.state.rows()
+        write_results_csv_atomic(self.csv_path, rows)
+        self.mark_csv_current()
+        return rows
+
+    def mark_csv_current(self) -> None:
+        """Record scores.csv's size and mtime: the next run rewrites it only if it differs."""
+        assert self.state is not None
+        self.state.set_meta("csv", _stamp_of(self.csv_path))
+
+    def write_run_info(self) -> None:
+        write_text_atomic(self.options.out / "run.json", json.dumps(self.run_info, indent=2) + "\n")
 
 
 def _current_header(path: Path) -> bool:
@@ -505,13 +605,16 @@ def _select(
 
 
 def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
+    remove_outputs_of(out_dir, [(row.path, row.heatmap) for row in rows if row.heatmap])
+
+
+def remove_outputs_of(out_dir: Path, entries: list[tuple[str, str]]) -> None:
+    """Delete the heatmaps, maps and thumbnails of these (input file, heatmap cell) entries from OUT;
+    the heatmap cell may be empty, or name an output of an older winclip that named it differently."""
     from .report import thumbnail_relpaths_of_heatmap
 
-    for row in rows:
-        if not row.heatmap:
-            continue
-        # row.heatmap too: a row written by an older winclip may name its heatmap differently
-        heatmaps = {heatmap_relpath(row.path), row.heatmap}
+    for name, heatmap_cell in entries:
+        heatmaps = {heatmap_relpath(name), heatmap_cell} - {""}
         relpaths = [
             relpath
             for heatmap in heatmaps

@@ -272,6 +272,19 @@ class RunState:
             found = self._db.execute("SELECT path, size, mtime_ns, sha256 FROM results").fetchall()
         return {_path(key): FileStamp(size, mtime_ns, sha256 or "") for key, size, mtime_ns, sha256 in found}
 
+    def stamps_of(self, paths: list[str]) -> dict[str, FileStamp | None]:
+        """The stored stamps of those of ``paths`` that have a row (None: a row stored without one)."""
+        found: dict[str, FileStamp | None] = {}
+        with self._lock:
+            for path in paths:
+                hit = self._db.execute(
+                    "SELECT size, mtime_ns, sha256 FROM results WHERE path = ?", (_key(path),)
+                ).fetchone()
+                if hit is not None:
+                    size, mtime_ns, sha = hit
+                    found[path] = None if size is None else FileStamp(size, mtime_ns, sha or "")
+        return found
+
     def record_many(self, group: list[tuple[ResultRow, FileStamp | None]]) -> None:
         """Insert or replace several rows in one transaction: one disk sync for the whole group."""
         values = []
