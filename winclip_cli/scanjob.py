@@ -28,7 +28,7 @@ from .outputs import (
     write_results_csv_atomic,
     write_text_atomic,
 )
-from .pipeline import InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
+from .pipeline import HEATMAP_FORMATS, InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
 from .state import FileStamp, OutputLock, RunState, clean_stale_temporaries
 
 DEFAULT_THRESHOLD = 0.5
@@ -198,6 +198,7 @@ class ScanOptions(InputOptions):
     use_cache: bool = True
     save_maps: bool = False
     thumbnails: bool = True
+    heatmaps: str = "png"  # png, jpg or none
     incremental: bool = False
     shard: tuple[int, int] | None = None
 
@@ -236,6 +237,8 @@ def run_scan_job(
 
     started = time.perf_counter()
     requested_threshold = parse_threshold(options.threshold)  # bad options fail before anything slow
+    if options.heatmaps not in HEATMAP_FORMATS:
+        raise SetupError(f"--heatmaps takes {', '.join(HEATMAP_FORMATS)}, not {options.heatmaps!r}")
     load_vocabulary(options.prompts)
     if options.out.exists() and not options.out.is_dir():
         raise SetupError(f"--out {options.out} exists and is not a folder")
@@ -336,6 +339,7 @@ def run_scan_job(
                         save_maps=options.save_maps,
                         thumbnails=options.thumbnails,
                         workers=options.workers,
+                        heatmaps=options.heatmaps,
                         on_rows=on_rows,
                         should_stop=should_stop,
                     )
@@ -488,6 +492,7 @@ def _run_info(
         "tile": options.tile,
         "tile_overlap": options.tile_overlap if options.tile is not None else None,
         "incremental": options.incremental,
+        "heatmaps": options.heatmaps,
         "shard": f"{options.shard[0]}/{options.shard[1]}" if options.shard else None,
         "columns": list(CSV_COLUMNS),
     }
