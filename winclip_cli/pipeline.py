@@ -509,7 +509,7 @@ class ResultWriter:
         assert image is not None
         score, best_tile = image_score(item)
         on_device = self.device is not None and item.tiles is None
-        needs_map = self.save_maps or ctx.pixel_threshold is not None or (self.heatmaps == "none" and self.thumbnails)
+        needs_map = self.save_maps or ctx.pixel_threshold is not None or (self.thumbnails and item.tiles is not None)
         device_map = None
         if on_device:
             device_map = upsample_grid_tensor(item.outputs[0][1].to(self.device), image.height, image.width)
@@ -545,9 +545,7 @@ class ResultWriter:
             if self.thumbnails:
                 from .report import write_thumbnails
 
-                if heat is None:  # no full-size heatmap: colour the map at thumbnail size only
-                    display, heat = _small_overlay(display, score_map)
-                write_thumbnails(self.out_dir, item.relpath, display, heat)
+                write_thumbnails(self.out_dir, item.relpath, *_small_overlay(display, item, score_map))
         except OSError as err:
             # The score stands (an anomaly must still be reported); the missing file is said in `error`.
             problem = f"cannot write outputs: {err.strerror or err}"
@@ -574,16 +572,25 @@ class ResultWriter:
         )
 
 
-def _small_overlay(display: np.ndarray, score_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The image shrunk to thumbnail size and its heatmap overlay made at that size (for --heatmaps none)."""
+def _small_overlay(display: np.ndarray, item: Decoded, score_map: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The image shrunk to thumbnail size, and its heatmap overlay coloured at that size.
+
+    Why not shrink the full-size heatmap: that is a second full-size resize per image (the costliest
+    step after decoding), and the map is smooth (upsampled from the patch grid), so colouring it at
+    thumbnail size looks the same.
+    """
     from PIL import Image
 
     from .report import THUMB_SIZE
 
     small = Image.fromarray(display)
     small.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
-    scores = Image.fromarray(np.ascontiguousarray(score_map, dtype=np.float32), mode="F")
-    small_map = np.asarray(scores.resize(small.size, Image.Resampling.BILINEAR))
+    width, height = small.size
+    if item.tiles is None:
+        small_map = upsample_grid(item.outputs[0][1], height, width)
+    else:
+        scores = Image.fromarray(np.ascontiguousarray(score_map, dtype=np.float32), mode="F")
+        small_map = np.asarray(scores.resize((width, height), Image.Resampling.BILINEAR))
     small_rgb = np.asarray(small)
     return small_rgb, overlay(small_rgb, small_map)
 

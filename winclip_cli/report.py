@@ -97,9 +97,11 @@ def _as_rgb_image(array: np.ndarray, what: str) -> Image.Image:
     raise ValueError(f"{what} must be (H, W) or (H, W, 3) uint8, got shape {arr.shape}")
 
 
-def _save_thumbnail(image: Image.Image, path: Path) -> None:
-    """Shrink (never enlarge) to THUMB_SIZE on the longest side and write a JPEG atomically."""
-    thumb = image.convert("RGB") if image.mode != "RGB" else image.copy()
+def _save_thumbnail(image: Image.Image, path: Path, owned: bool = False) -> None:
+    """Shrink (never enlarge) to THUMB_SIZE on the longest side and write a JPEG atomically.
+
+    ``owned``: the caller's image may be shrunk in place (saves copying a full-size image)."""
+    thumb = image.convert("RGB") if image.mode != "RGB" else image if owned else image.copy()
     thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
     # No fsync: thumbnails can be regenerated, and a scan writes thousands. An empty file left by a power
     # cut is treated as missing by build_report.
@@ -115,8 +117,8 @@ def write_thumbnails(
     image = _as_rgb_image(image_rgb, "image")
     heat = _as_rgb_image(heatmap_rgb, "heatmap")
     out_dir = Path(out_dir)
-    _save_thumbnail(image, out_dir / image_rel)
-    _save_thumbnail(heat, out_dir / heat_rel)
+    _save_thumbnail(image, out_dir / image_rel, owned=True)  # both made from the arrays just above
+    _save_thumbnail(heat, out_dir / heat_rel, owned=True)
     return image_rel, heat_rel
 
 
