@@ -326,3 +326,20 @@ def test_sample_data_scores_and_maps_match_the_torch_resize(tmp_path, tiny_args,
         for r in new_rows
     )
     assert worst < 1e-5
+
+
+def test_sharded_jpg_scans_merge_with_their_heatmaps(tmp_path, tiny_args):
+    shards = []
+    for k in (1, 2):
+        shards.append(tmp_path / f"shard{k}")
+        result = scan(shards[-1], tiny_args, "--heatmaps", "jpg", "--shard", f"{k}/2")
+        assert result.exit_code == 0, result.output
+    merged = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", *map(str, shards), "--out", str(merged)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = read_results_csv(merged / "scores.csv")
+    assert len(rows) == 6
+    for row in rows:
+        assert row["heatmap"] == f"heatmaps/{row['path']}.jpg"
+        with Image.open(merged / row["heatmap"]) as heat:
+            assert heat.format == "JPEG"

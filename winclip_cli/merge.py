@@ -147,13 +147,14 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
     out.mkdir(parents=True, exist_ok=True)
     for path, row in merged.items():
         folder = origin[path]
-        if not row.heatmap:
+        if row.status != "ok":
             continue
         # Paths are derived from the image path, never taken from the CSV: a crafted scores.csv
-        # cannot make merge read or write anything outside the folders it merges.
-        heatmap = heatmap_relpath(row.path)
+        # cannot make merge read or write anything outside the folders it merges. The CSV only says
+        # which format the heatmap has (--heatmaps png or jpg), or that there is none.
+        heatmap = heatmap_relpath(row.path, ".jpg" if row.heatmap.endswith(".jpg") else ".png") if row.heatmap else ""
         merged[path] = replace(row, heatmap=heatmap)
-        for relpath in (heatmap, map_relpath(row.path), *thumbnail_relpaths(row.path)):
+        for relpath in ([heatmap] if heatmap else []) + [map_relpath(row.path), *thumbnail_relpaths(row.path)]:
             source = _own_file(folder, relpath)
             if source is not None:
                 _place(source, out / relpath)

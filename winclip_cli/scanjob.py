@@ -448,9 +448,10 @@ def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
     from .report import thumbnail_relpaths
 
     for row in rows:
-        if not row.heatmap:
+        if row.status != "ok":
             continue
-        for relpath in (heatmap_relpath(row.path), map_relpath(row.path), *thumbnail_relpaths(row.path)):
+        heatmaps = (heatmap_relpath(row.path), heatmap_relpath(row.path, ".jpg"))  # --heatmaps png or jpg
+        for relpath in (*heatmaps, map_relpath(row.path), *thumbnail_relpaths(row.path)):
             target = out_dir / relpath
             if target.resolve().is_relative_to(out_dir.resolve()):  # never outside OUT, whatever the CSV says
                 target.unlink(missing_ok=True)
