@@ -293,9 +293,9 @@ def overlay_tensor(image: torch.Tensor, score_map: torch.Tensor) -> torch.Tensor
         lut = _LUTS.setdefault(image.device, torch.from_numpy(LUT.copy()).to(image.device))
     scaled = torch.nan_to_num(score_map.double() * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
     index = torch.round(scaled.clamp_(0.0, 255.0)).long()
-    total = image.to(torch.int16) + lut[index]
-    half = total >> 1
-    return (half + (total & half & 1)).to(torch.uint8)
+    colours = lut[index]
+    k = (image >> 1) + (colours >> 1) + (image & colours & 1)  # as outputs._mean_half_to_even
+    return k + ((image ^ colours) & k & 1)
 
 
 def full_resolution_map(item: Decoded) -> np.ndarray:
