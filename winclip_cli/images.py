@@ -245,6 +245,8 @@ def preprocess(
     rgb = image.rgb
     pixels = torch.from_numpy(rgb)
     if device is not None and torch.device(device).type != "cpu":
+        if rgb.dtype == np.uint16:  # accelerators have few kernels for uint16: send exact int32 values
+            pixels = torch.from_numpy(rgb.astype(np.int32))
         pixels = pixels.to(device)  # the 8-bit image crosses the bus, not a 4x larger float copy
     x = resize_bicubic_aa(pixels, size)
     if rgb.dtype != np.float32:
