@@ -254,7 +254,7 @@ def preprocess(
         x /= 255.0 if rgb.dtype == np.uint8 else 65535.0
     mean_t = torch.tensor(list(mean), dtype=torch.float32, device=x.device)[:, None, None]
     std_t = torch.tensor(list(std), dtype=torch.float32, device=x.device)[:, None, None]
-    return (x - mean_t) / std_t
+    return ((x - mean_t) / std_t).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------

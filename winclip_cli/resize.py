@@ -5,8 +5,9 @@
 here (the same kernel, support and normalisation as torch's and Pillow's antialiased bicubic) and
 applying them as sparse matrix products gives the same values within float rounding at a fraction
 of the cost, straight from the 8- or 16-bit pixels: no full-size float copy of the image is made.
-Inputs are converted to float a bounded block at a time, so a 1 x 80,000,000 image needs megabytes
-of temporaries, not the hundreds of gigabytes a dense formulation would.
+Inputs are converted to float a bounded block at a time and the weights of a very long axis are
+made a group of outputs at a time, so a 1 x 80,000,000 image needs tens of megabytes of
+temporaries, not the hundreds of gigabytes a dense formulation would.
 """
 
 from __future__ import annotations
