@@ -7,6 +7,10 @@ Measures, for the default architecture with random weights (or --weights):
   end-to-end `winclip scan` images/s with every output written, a cron-style run (fresh process,
   cached text, N images), peak RSS of a 50- and a 500-image scan (small model: the pipeline's
   memory, not the weights'), and the drift of scores in reduced precision against fp32.
+  Section "throughput" (benchmarks/throughput.py, tiny model): the per-image CPU cost of each step of
+  a scan on 2 MP JPEGs (decode, preprocess, upsample, overlay, encode, thumbnails) for each heatmap
+  format, and whole-scan marginal rates with --heatmaps png/jpg/none against plain Pillow decoding
+  of the same files on 2 threads.
 
 Prints a table and writes a JSON file. Nothing is asserted: these are measurements, and the
 ratios between them (taken in the same run) are what to compare across machines.
@@ -15,6 +19,7 @@ Examples:
   python benchmarks/bench.py                      # CPU, fp32 (+ bf16 where the CPU has native bf16)
   python benchmarks/bench.py --device cuda --precisions fp32,bf16,fp16 --images 32
   python benchmarks/bench.py --quick              # a short smoke run of every measurement
+  python benchmarks/bench.py --only throughput    # only the CPU side of a scan on 2 MP frames
 """
 
 from __future__ import annotations
@@ -45,9 +50,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cron-images", type=int, default=20, help="images in the cron-style run")
     parser.add_argument("--rss-counts", default="50,500", help="image counts for the peak-RSS comparison")
     parser.add_argument(
-        "--skip", default="", help="comma list of sections to skip: load,text,compute,fewshot,scan,cron,rss,drift"
+        "--skip",
+        default="",
+        help="comma list of sections to skip: throughput,load,text,compute,fewshot,scan,cron,rss,drift",
     )
     parser.add_argument("--quick", action="store_true", help="tiny counts everywhere (smoke test of the script)")
+    parser.add_argument("--only", choices=["throughput"], help="run only this section")
+    parser.add_argument("--throughput-images", type=int, default=40, help="2 MP frames in the large scan")
+    parser.add_argument("--throughput-repeats", type=int, default=3, help="interleaved rounds of scans")
     parser.add_argument("--json", dest="json_path", default="benchmarks/results.json", help="output JSON file")
     return parser.parse_args()
 
@@ -138,6 +148,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="winclip-bench-"))
     env["WINCLIP_CACHE_DIR"] = str(work / "cache")
     os.environ["WINCLIP_CACHE_DIR"] = env["WINCLIP_CACHE_DIR"]
+
+    if "throughput" not in skip:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from throughput import measure  # noqa: E402
+
+        images, repeats = (12, 1) if args.quick else (args.throughput_images, args.throughput_repeats)
+        results["throughput"] = measure(images, small=min(8, images // 2), repeats=repeats)
+    if args.only == "throughput":
+        import torch  # noqa: E402
+
+        results["machine"].update(torch=torch.__version__, device="cpu", cpu=_cpu_name())
+        return finish(results, args)
 
     # --------------------------------------------------------------------------------------- imports
     t_help, _ = run_cli(["--help"], env)
@@ -451,6 +473,20 @@ def main() -> int:
                 }
         results["drift_vs_fp32"] = drift or {"skipped": "no reduced precision measured on this device"}
 
+    return finish(results, args)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def finish(results: dict, args: argparse.Namespace) -> int:
     results["peak_rss_of_benchmark_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_path).write_text(json.dumps(results, indent=2) + "\n")

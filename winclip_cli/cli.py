@@ -37,6 +37,7 @@ from .options import (
     InputArgs,
     ModelArgs,
     TileArgs,
+    check_heatmaps,
     check_rate,
     parse_shard,
     parse_threshold,
@@ -340,6 +341,14 @@ def scan(
         typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.", show_default=False),
     ] = None,
     save_maps: SaveMapsOpt = False,
+    heatmaps: Annotated[
+        str,
+        typer.Option(
+            "--heatmaps",
+            help="Heatmap files: png, jpg (a tenth of the size, much faster: for high-rate lines) or none "
+            "(scores only; the report still shows a small heatmap thumbnail).",
+        ),
+    ] = "png",
     report: Annotated[bool, typer.Option("--report", help="Write OUT/report.html after the scan.")] = False,
     json_lines: JsonLinesOpt = False,
     prompts: PromptsOpt = None,
@@ -366,6 +375,7 @@ def scan(
         # Everything that needs no model is checked before torch is imported: mistakes fail at once.
         model_options = model_args.parse()
         parse_threshold(threshold)
+        check_heatmaps(heatmaps)
         shard_of = parse_shard(shard)
         tiling = tile_args.parse(model_args.model)
         preflight.check_input(directory)
@@ -388,6 +398,7 @@ def scan(
             prompts=prompts,
             use_cache=not no_cache,
             save_maps=save_maps,
+            heatmaps=heatmaps,
             incremental=incremental,
             shard=shard_of,
             **input_args.parse(),

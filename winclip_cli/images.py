@@ -22,7 +22,6 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from winclip_cli.errors import ImageDecodeError, SetupError
@@ -259,20 +258,33 @@ def preprocess(
     size: tuple[int, int],
     mean: Sequence[float],
     std: Sequence[float],
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """(3, h, w) float32 model input: resize the whole image to ``size`` = (h, w), then normalise.
 
-    The resize is antialiased bicubic without cropping (aspect ratio not kept), identical to
-    torchvision's ``Resize((h, w), BICUBIC, antialias=True)`` on a float tensor.  The result is not
-    clamped, so bicubic overshoot is kept, as in that pipeline.
+    The resize is antialiased bicubic without cropping (aspect ratio not kept): torchvision's
+    ``Resize((h, w), BICUBIC, antialias=True)`` on the [0, 1] float image, within float rounding
+    (see :mod:`winclip_cli.resize`; it reads the 8/16-bit pixels directly, in bounded memory).  The
+    result is not clamped, so bicubic overshoot is kept, as in that pipeline.  It is computed on
+    ``device`` (default: the CPU) and returned there.
     """
+    from .resize import resize_bicubic_aa
+
     if len(mean) != 3 or len(std) != 3:
         raise ValueError("mean and std need one value per RGB channel")
-    x = to_unit_tensor(image)
-    x = F.interpolate(x[None], size=tuple(size), mode="bicubic", antialias=True, align_corners=False)[0]
-    mean_t = torch.tensor(list(mean), dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(list(std), dtype=torch.float32)[:, None, None]
-    return (x - mean_t) / std_t
+    rgb = image.rgb
+    pixels = torch.from_numpy(rgb)
+    if device is not None and torch.device(device).type != "cpu":
+        if rgb.dtype == np.uint16:  # accelerators have few kernels for uint16: send exact int32 values
+            pixels = torch.from_numpy(rgb.astype(np.int32))
+        pixels = pixels.to(device)  # the 8-bit image crosses the bus, not a 4x larger float copy
+    x = resize_bicubic_aa(pixels, size)
+    if rgb.dtype != np.float32:
+        # The resize is linear: scaling its output to [0, 1] equals resizing the scaled image.
+        x /= 255.0 if rgb.dtype == np.uint8 else 65535.0
+    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=x.device)[:, None, None]
+    std_t = torch.tensor(list(std), dtype=torch.float32, device=x.device)[:, None, None]
+    return ((x - mean_t) / std_t).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------

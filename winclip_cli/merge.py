@@ -23,12 +23,13 @@ from .outputs import (
     ResultRow,
     confined_path,
     heatmap_relpath,
+    map_relpath,
     map_relpath_of_heatmap,
     read_results_csv,
     write_results_csv_atomic,
     write_text_atomic,
 )
-from .report import thumbnail_relpaths_of_heatmap
+from .report import thumbnail_relpaths, thumbnail_relpaths_of_heatmap
 from .state import refuse_links
 
 # run.json keys that must agree for rows to be comparable
@@ -151,7 +152,7 @@ def _is_own_heatmap(folder: Path, relpath: str) -> bool:
     return (
         len(parts) >= 2
         and parts[0] == HEATMAP_DIR
-        and relpath.endswith(".png")
+        and relpath.endswith((".png", ".jpg"))
         and not any(part in ("", ".", "..") for part in parts)
         and "\\" not in relpath
         and _own_file(folder, relpath) is not None
@@ -195,14 +196,21 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
     refuse_links(out)
     for path, row in merged.items():
         folder = origin[path]
-        if not row.heatmap:
+        if row.status != "ok":
             continue
         # Paths are derived from the image path, or are the CSV's own heatmap name when that is one
         # winclip writes (a name with bytes that are not UTF-8 cannot be derived again from the CSV's
         # text): a crafted scores.csv cannot make merge read or write anything outside its folders.
-        heatmap = row.heatmap if _is_own_heatmap(folder, row.heatmap) else heatmap_relpath(row.path)
+        # The CSV also says which format the heatmap has (--heatmaps png or jpg), or that there is none.
+        if row.heatmap:
+            suffix = ".jpg" if row.heatmap.endswith(".jpg") else ".png"
+            heatmap = row.heatmap if _is_own_heatmap(folder, row.heatmap) else heatmap_relpath(row.path, suffix)
+            relpaths = [heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap)]
+        else:
+            heatmap = ""
+            relpaths = [map_relpath(row.path), *thumbnail_relpaths(row.path)]
         merged[path] = replace(row, heatmap=heatmap)
-        for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap)):
+        for relpath in relpaths:
             source = _own_file(folder, relpath)
             if source is not None:
                 try:

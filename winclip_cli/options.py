@@ -34,6 +34,7 @@ DEFAULT_FPR = 0.01  # calibrate: largest false-alarm rate on good parts
 DEFAULT_CALIBRATION_FILE = Path("winclip-calibration.json")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HEATMAP_FORMATS = ("png", "jpg", "none")  # scan --heatmaps: PNG, JPEG, or scores only
 
 MODEL_PANEL = "Model"
 INPUT_PANEL = "Input"
@@ -112,6 +113,12 @@ def check_rate(option: str, value: float | None) -> float | None:
     if value is not None and not 0.0 <= value < 1.0:
         raise SetupError(f"{option} must be in [0, 1), got {value}")
     return value
+
+
+def check_heatmaps(name: str) -> str:
+    if name not in HEATMAP_FORMATS:
+        raise SetupError(f"--heatmaps takes {', '.join(HEATMAP_FORMATS)}, not {name!r}")
+    return name
 
 
 def check_device(name: str) -> str:

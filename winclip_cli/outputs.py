@@ -13,13 +13,16 @@ import io
 import math
 import os
 import stat
+import struct
 import tempfile
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -38,6 +41,8 @@ __all__ = [
     "overlay",
     "read_results_csv",
     "write_float_tiff_atomic",
+    "write_jpeg_atomic",
+    "write_png",
     "write_png_atomic",
     "write_text_atomic",
 ]
@@ -309,12 +314,12 @@ def _split_parts(relpath: str) -> list[str]:
     return relpath.split("/")
 
 
-def _fit_name(name: str) -> str:
+def _fit_name(name: str, suffix: str = ".png") -> str:
     """Shorten a too-long name (in UTF-8 bytes) and add a hash, so distinct long names stay distinct."""
     if len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX_BYTES:
         return name
     digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    tail = f"~{digest}.png"
+    tail = f"~{digest}{suffix}"
     budget = _NAME_MAX_BYTES - len(tail)
     head = name
     while len(head.encode("utf-8", "surrogateescape")) > budget:
@@ -338,8 +343,9 @@ def _portable_part(part: str) -> str:
     return f"{escaped}~{digest}"
 
 
-def heatmap_relpath(image_relpath: str) -> str:
-    """'good/001.jpg' -> 'heatmaps/good/001.jpg.png' (POSIX separators, relative to the output folder).
+def heatmap_relpath(image_relpath: str, suffix: str = ".png") -> str:
+    """'good/001.jpg' -> 'heatmaps/good/001.jpg.png' (POSIX separators, relative to the output folder);
+    ``suffix`` ".jpg" for JPEG heatmaps.
 
     Subfolders are mirrored and the full file name is kept, so 'a.jpg' and 'a.png' never collide. The
     result always stays inside the output folder: empty, '.' and root parts are dropped and '..' becomes
@@ -355,7 +361,7 @@ def heatmap_relpath(image_relpath: str) -> str:
         parts.append(_portable_part(part.replace("\x00", "_")))
     if not parts:
         raise ValueError(f"cannot derive a heatmap name from {image_relpath!r}")
-    parts[-1] = _fit_name(parts[-1] + ".png")
+    parts[-1] = _fit_name(parts[-1] + suffix, suffix)
     return "/".join([HEATMAP_DIR, *parts])
 
 
@@ -399,11 +405,29 @@ def map_relpath(image_relpath: str) -> str:
 
 
 def map_relpath_of_heatmap(heatmap: str) -> str:
-    """'heatmaps/good/001.jpg.png' -> 'maps/good/001.jpg.tiff'."""
+    """'heatmaps/good/001.jpg.png' (or a JPEG heatmap '... .jpg.jpg') -> 'maps/good/001.jpg.tiff'."""
     return "maps/" + heatmap[len(HEATMAP_DIR) + 1 : -len(".png")] + ".tiff"
 
 
 _ROWS_PER_CHUNK = 256  # colour a large map a band of rows at a time: temporaries stay small
+
+
+def colour_index(score_map: np.ndarray) -> np.ndarray:
+    """(H, W) scores -> (H, W) uint8 index into LUT: round(clip(score, 0, 1) * 255), NaN as 0, +inf as 1.
+
+    The product is taken in float64 so that the rounding is the same for float32 and float64 maps.
+    """
+    scores = np.asarray(score_map)
+    if scores.ndim != 2:
+        raise ValueError(f"score_map must be 2-D (H, W), got shape {scores.shape}")
+    out = np.empty(scores.shape, dtype=np.uint8)
+    for top in range(0, scores.shape[0], _ROWS_PER_CHUNK):
+        band = np.multiply(scores[top : top + _ROWS_PER_CHUNK], 255.0, dtype=np.float64)
+        np.nan_to_num(band, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+        np.clip(band, 0.0, 255.0, out=band)
+        np.rint(band, out=band)
+        out[top : top + _ROWS_PER_CHUNK] = band
+    return out
 
 
 def colorize(score_map: np.ndarray) -> np.ndarray:
@@ -412,22 +436,32 @@ def colorize(score_map: np.ndarray) -> np.ndarray:
     Values are clipped to 0..1 and NaN counts as 0. The scale is never normalised per image: a normal
     image must look calm, not have its noise stretched to full red.
     """
-    scores = np.asarray(score_map)
-    if scores.ndim != 2:
-        raise ValueError(f"score_map must be 2-D (H, W), got shape {scores.shape}")
-    out = np.empty((*scores.shape, 3), dtype=np.uint8)
-    for top in range(0, scores.shape[0], _ROWS_PER_CHUNK):
-        band = np.asarray(scores[top : top + _ROWS_PER_CHUNK], dtype=np.float64)
-        band = np.nan_to_num(band, nan=0.0, posinf=1.0, neginf=0.0)
-        idx = np.rint(np.clip(band, 0.0, 1.0) * 255.0).astype(np.intp)
-        out[top : top + _ROWS_PER_CHUNK] = LUT[idx]
-    return out
+    return np.take(LUT, colour_index(score_map), axis=0)  # take: 5x faster than fancy indexing here
+
+
+def _mean_half_to_even(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """rint((a + b) / 2) of uint8 arrays, halves to even, in uint8 arithmetic (no widening: 5x faster).
+
+    k = a // 2 + b // 2 + (both odd); when exactly one is odd the mean is k + 0.5, which rounds to k
+    if k is even and to k + 1 if it is odd.
+    """
+    k = a >> 1
+    k += b >> 1
+    low = a & b
+    low &= 1
+    k += low
+    np.bitwise_xor(a, b, out=low)
+    low &= k
+    low &= 1
+    k += low
+    return k
 
 
 def overlay(image_rgb: np.ndarray, score_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend colorize(score_map) over the (H, W, 3) uint8 image with weight ``alpha`` -> uint8.
 
-    Works in bands of rows, so a 50-megapixel heatmap needs megabytes of temporaries, not gigabytes.
+    Equal to ``rint((1 - alpha) * image + alpha * colours)`` in float32 (halves to even). Works in
+    bands of rows, so a 50-megapixel heatmap needs megabytes of temporaries, not gigabytes.
     """
     image = np.asarray(image_rgb)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -439,9 +473,12 @@ def overlay(image_rgb: np.ndarray, score_map: np.ndarray, alpha: float = 0.5) ->
     out = np.empty_like(image)
     for top in range(0, image.shape[0], _ROWS_PER_CHUNK):
         rows = slice(top, top + _ROWS_PER_CHUNK)
-        colours = colorize(score_map[rows])
-        blended = (1.0 - alpha) * image[rows].astype(np.float32) + alpha * colours.astype(np.float32)
-        out[rows] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        colours = np.take(LUT, colour_index(score_map[rows]), axis=0)
+        if alpha == 0.5:
+            out[rows] = _mean_half_to_even(image[rows], colours)
+        else:
+            blended = (1.0 - alpha) * image[rows].astype(np.float32) + alpha * colours.astype(np.float32)
+            out[rows] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return out
 
 
@@ -573,15 +610,79 @@ def atomic_path(path: Path, *, fsync: bool = True) -> Iterator[Path]:
         _fsync_dir(path.parent)
 
 
-def write_png_atomic(path: Path, rgb: np.ndarray, *, fsync: bool = True, compress_level: int = 6) -> None:
-    """Write an (H, W, 3) uint8 array as a PNG, atomically (``fsync=False``: the caller syncs in bulk)."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_FILTER_UP = 2  # each byte minus the one above: one vectorised subtraction per band of rows
+_PNG_ROWS_PER_BAND = 64
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
+
+
+def _deflater(level: int):
+    """A zlib-format compressor: ISA-L's (several times faster) for levels 1-3 where installed."""
+    if 1 <= level <= 3:
+        try:
+            from isal import isal_zlib
+        except ImportError:  # optional speed-up; the standard library's zlib writes the same format
+            pass
+        else:
+            return isal_zlib.compressobj(level)
+    return zlib.compressobj(level)
+
+
+def write_png(fh: BinaryIO, rgb: np.ndarray, compress_level: int = 1) -> None:
+    """Encode an (H, W, 3) uint8 array as an 8-bit RGB PNG into ``fh``, a band of rows at a time.
+
+    Why not Pillow: its PNG encoder tries all five row filters on every row (about 100 ms for 2 MP,
+    before any compression) and only has zlib. Here every row gets the Up filter, computed with
+    numpy, and the deflate stream comes from ISA-L where available: the same pixels, a file of about
+    the same size, in a fifth of the time. Memory stays at one band of rows whatever the image size.
+    """
+    height, width = rgb.shape[:2]
+    row_bytes = width * 3
+    fh.write(_PNG_SIGNATURE)
+    fh.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
+    deflater = _deflater(compress_level)
+    previous = np.zeros(row_bytes, dtype=np.uint8)
+    for top in range(0, height, _PNG_ROWS_PER_BAND):
+        band = rgb[top : top + _PNG_ROWS_PER_BAND].reshape(-1, row_bytes)
+        filtered = np.empty((band.shape[0], row_bytes + 1), dtype=np.uint8)
+        filtered[:, 0] = _PNG_FILTER_UP
+        np.subtract(band[0], previous, out=filtered[0, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+        np.subtract(band[1:], band[:-1], out=filtered[1:, 1:])
+        previous = band[-1]
+        data = deflater.compress(filtered.data)
+        if data:
+            fh.write(_png_chunk(b"IDAT", data))
+    fh.write(_png_chunk(b"IDAT", deflater.flush()))
+    fh.write(_png_chunk(b"IEND", b""))
+
+
+def _check_rgb(rgb: np.ndarray, what: str) -> np.ndarray:
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"PNG data must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
-    image = Image.fromarray(np.ascontiguousarray(arr))
+        raise ValueError(f"{what} data must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
+    return np.ascontiguousarray(arr)
+
+
+def write_png_atomic(path: Path, rgb: np.ndarray, *, fsync: bool = True, compress_level: int = 6) -> None:
+    """Write an (H, W, 3) uint8 array as a PNG, atomically (``fsync=False``: the caller syncs in bulk)."""
+    arr = _check_rgb(rgb, "PNG")
+    with atomic_path(path, fsync=fsync) as tmp:
+        with open(tmp, "wb") as fh:
+            write_png(fh, arr, compress_level)
+
+
+JPEG_QUALITY = 90
+
+
+def write_jpeg_atomic(path: Path, rgb: np.ndarray, *, fsync: bool = True, quality: int = JPEG_QUALITY) -> None:
+    """Write an (H, W, 3) uint8 array as a JPEG, atomically (``fsync=False``: the caller syncs in bulk)."""
+    image = Image.fromarray(_check_rgb(rgb, "JPEG"))
     with atomic_path(path, fsync=fsync) as tmp:
         # Explicit format: the temp name ends in .tmp, so Pillow cannot guess it.
-        image.save(tmp, format="PNG", compress_level=compress_level)
+        image.save(tmp, format="JPEG", quality=quality)
 
 
 def write_float_tiff_atomic(path: Path, score_map: np.ndarray, *, fsync: bool = True) -> None:

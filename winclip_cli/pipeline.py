@@ -29,14 +29,16 @@ import torch.nn.functional as F
 from .errors import ImageDecodeError
 from .hashing import sha256_file
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess, unreadable_reason
-from .options import check_tile_size
+from .options import HEATMAP_FORMATS, check_tile_size
 from .outputs import (
+    LUT,
     ResultRow,
     confined_path,
     heatmap_relpath,
     map_relpath,
     overlay,
     write_float_tiff_atomic,
+    write_jpeg_atomic,
     write_png_atomic,
 )
 from .state import FileStamp
@@ -75,13 +77,15 @@ class Preprocessing:
     max_pixels: int = DEFAULT_MAX_PIXELS
     tile: int | str | None = None  # tile size in pixels, "auto", or None for whole images
     tile_overlap: float = 0.25
+    device: str = "cpu"  # where the resize to the model input runs (a CUDA device does it faster)
 
     @classmethod
     def for_backbone(
         cls, backbone, max_pixels: int = DEFAULT_MAX_PIXELS, tile: int | str | None = None, tile_overlap: float = 0.25
     ) -> Preprocessing:
         """The preprocessing every command uses for ``backbone``'s inputs."""
-        return cls(backbone.image_size, backbone.mean, backbone.std, max_pixels, tile, tile_overlap)
+        device = str(backbone.device) if torch.device(backbone.device).type == "cuda" else "cpu"
+        return cls(backbone.image_size, backbone.mean, backbone.std, max_pixels, tile, tile_overlap, device)
 
     def tiles_for(self, height: int, width: int) -> list[Tile] | None:
         if self.tile is None:
@@ -163,9 +167,9 @@ def decode_file(
         take_inputs(1 if tiles is None else len(tiles))
         step = "preprocessing"
         if tiles is None:
-            inputs: list[torch.Tensor | None] = [preprocess(image, prep.size, prep.mean, prep.std)]
+            inputs: list[torch.Tensor | None] = [preprocess(image, prep.size, prep.mean, prep.std, prep.device)]
         else:
-            inputs = [preprocess(_cropped(image, tile), prep.size, prep.mean, prep.std) for tile in tiles]
+            inputs = [preprocess(_cropped(image, tile), prep.size, prep.mean, prep.std, prep.device) for tile in tiles]
     except ImageDecodeError as err:
         return Decoded(path, relpath, stamp=stamp, error=str(err))
     except Exception as err:  # anything else one file can cause (torch "can't allocate", ...) is that file's error
@@ -384,8 +388,29 @@ def embedding_fn(
 
 def upsample_grid(grid_map: torch.Tensor, height: int, width: int) -> np.ndarray:
     """Bilinear upsampling (align_corners=False) of one (gh, gw) map straight to (height, width)."""
+    return upsample_grid_tensor(grid_map, height, width).numpy()
+
+
+def upsample_grid_tensor(grid_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """:func:`upsample_grid` on the grid's own device, as a tensor."""
     up = F.interpolate(grid_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
-    return up[0, 0].numpy()
+    return up[0, 0]
+
+
+_LUTS: dict[torch.device, torch.Tensor] = {}
+
+
+def overlay_tensor(image: torch.Tensor, score_map: torch.Tensor) -> torch.Tensor:
+    """:func:`outputs.overlay` (alpha 0.5) with torch on the tensors' device: (H, W, 3) uint8 image and
+    (H, W) scores -> (H, W, 3) uint8, the same values (quantised in float64, halves rounded to even)."""
+    lut = _LUTS.get(image.device)
+    if lut is None:
+        lut = _LUTS.setdefault(image.device, torch.from_numpy(LUT.copy()).to(image.device))
+    scaled = torch.nan_to_num(score_map.double() * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
+    index = torch.round(scaled.clamp_(0.0, 255.0)).long()
+    colours = lut[index]
+    k = (image >> 1) + (colours >> 1) + (image & colours & 1)  # as outputs._mean_half_to_even
+    return k + ((image ^ colours) & k & 1)
 
 
 def full_resolution_map(item: Decoded) -> np.ndarray:
@@ -502,7 +527,15 @@ class ResultWriter:
         thumbnails: bool = True,
         workers: int | None = None,
         max_queue: int = 4,
+        heatmaps: str = "png",
+        device: torch.device | None = None,
     ) -> None:
+        if heatmaps not in HEATMAP_FORMATS:
+            raise ValueError(f"heatmaps must be one of {HEATMAP_FORMATS}, got {heatmaps!r}")
+        self.heatmaps = heatmaps
+        # Upsampling and colouring run where the model ran when that is a GPU: the CPU keeps to
+        # decoding and encoding.
+        self.device = device if device is not None and torch.device(device).type == "cuda" else None
         self.out_dir = out_dir
         self.context = context
         self.on_rows = on_rows
@@ -593,36 +626,55 @@ class ResultWriter:
         image = item.image
         assert image is not None
         score, best_tile = image_score(item)
-        heatmap = heatmap_relpath(item.relpath)
+        heatmap = heatmap_relpath(item.relpath, "." + self.heatmaps) if self.heatmaps != "none" else ""
         area, bbox, max_pixel_score = None, "", None
         problem = ""
         try:
-            score_map = full_resolution_map(item)
-            max_pixel_score = float(score_map.max())
+            # On an accelerator an untiled map is upsampled and coloured there; it comes back to the
+            # CPU only where something needs its values (a TIFF, the calibrated area, tiled thumbnails).
+            on_device = self.device is not None and item.tiles is None
+            tiled_thumbs = self.thumbnails and item.tiles is not None
+            needs_map = self.save_maps or ctx.pixel_threshold is not None or tiled_thumbs
+            device_map = None
+            if on_device:
+                device_map = upsample_grid_tensor(item.outputs[0][1].to(self.device), image.height, image.width)
+                max_pixel_score = float(device_map.max())
+                score_map = device_map.cpu().numpy() if needs_map else None
+            else:
+                score_map = full_resolution_map(item)
+                max_pixel_score = float(score_map.max())
             if ctx.pixel_threshold is not None:
                 from .calibration import anomalous_area
 
                 area, box = anomalous_area(score_map, ctx.pixel_threshold)
                 bbox = box_text(*box) if box else ""
             display = image.to_display_uint8()
-            heat = overlay(display, score_map)
+            heat = None
+            if self.heatmaps != "none":
+                if device_map is not None:
+                    heat = overlay_tensor(torch.from_numpy(display).to(self.device), device_map).cpu().numpy()
+                else:
+                    heat = overlay(display, score_map)
             # No fsync per file: the scan syncs the file system once per group of rows, before it
             # commits them (see scanjob). Level 1: heatmaps of textured parts barely compress anyway.
             # confined_path: no planted symlink inside OUT can redirect a write outside it
-            write_png_atomic(confined_path(self.out_dir, heatmap), heat, fsync=False, compress_level=1)
+            if self.heatmaps == "png":
+                write_png_atomic(confined_path(self.out_dir, heatmap), heat, fsync=False, compress_level=1)
+            elif self.heatmaps == "jpg":
+                write_jpeg_atomic(confined_path(self.out_dir, heatmap), heat, fsync=False)
             if self.save_maps:
                 target = confined_path(self.out_dir, map_relpath(item.relpath))
                 write_float_tiff_atomic(target, score_map, fsync=False)
             if self.thumbnails:
                 from .report import write_thumbnails
 
-                write_thumbnails(self.out_dir, item.relpath, display, heat)
+                write_thumbnails(self.out_dir, item.relpath, *_small_overlay(display, item, score_map))
         except OSError as err:
             # The score stands (an anomaly must still be reported); the missing file is said in `error`.
             problem = f"cannot write outputs: {err.strerror or err}"
         except Exception as err:  # e.g. out of memory for the full-size map: the score stands too
             problem = f"cannot write outputs: {failure_reason('making the heatmap', err)}"
-        if problem and not (self.out_dir / heatmap).is_file():
+        if problem and heatmap and not (self.out_dir / heatmap).is_file():
             heatmap = ""
         return ResultRow(
             path=item.relpath,
@@ -644,6 +696,28 @@ class ResultWriter:
             **ctx.common(),
         )
 
+def _small_overlay(display: np.ndarray, item: Decoded, score_map: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The image shrunk to thumbnail size, and its heatmap overlay coloured at that size.
+
+    Why not shrink the full-size heatmap: that is a second full-size resize per image (the costliest
+    step after decoding), and the map is smooth (upsampled from the patch grid), so colouring it at
+    thumbnail size looks the same.
+    """
+    from PIL import Image
+
+    from .report import THUMB_SIZE
+
+    small = Image.fromarray(display)
+    small.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
+    width, height = small.size
+    if item.tiles is None:
+        small_map = upsample_grid(item.outputs[0][1], height, width)
+    else:
+        scores = Image.fromarray(np.ascontiguousarray(score_map, dtype=np.float32), mode="F")
+        small_map = np.asarray(scores.resize((width, height), Image.Resampling.BILINEAR))
+    small_rgb = np.asarray(small)
+    return small_rgb, overlay(small_rgb, small_map)
+
 
 def run_scan(
     scorer: WinClipScorer,
@@ -660,11 +734,16 @@ def run_scan(
     workers: int | None = None,
     on_rows: Callable[[RowGroup], None] = lambda rows: None,
     should_stop: Callable[[], bool] = lambda: False,
+    heatmaps: str = "png",
 ) -> ScanSummary:
     """Score ``inputs`` ((path, name) pairs) and write their outputs; rows go to ``on_rows`` in input order."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if workers is None and torch.device(device).type == "cuda":
+        workers = max(1, min(16, os.cpu_count() or 1))  # a GPU consumes what many decoding threads make
     stream = decode_stream(inputs, prep, workers=workers, lookahead=max(2 * batch_size, 4))
-    writer = ResultWriter(out_dir, context, on_rows, save_maps=save_maps, thumbnails=thumbnails)
+    writer = ResultWriter(
+        out_dir, context, on_rows, save_maps=save_maps, thumbnails=thumbnails, heatmaps=heatmaps, device=device
+    )
     try:
         items = processed_stream(stream, scoring_fn(scorer, device, dtype), batch_size, should_stop)
         with closing(items):  # on an error, queued decoding is cancelled rather than awaited

@@ -83,7 +83,7 @@ def thumbnail_relpaths(image_relpath: str) -> tuple[str, str]:
 def thumbnail_relpaths_of_heatmap(heat: str) -> tuple[str, str]:
     """The thumbnails that belong to the heatmap ``heat`` ('heatmaps/good/001.jpg.png')."""
     parts = heat.split("/")[1:]  # drop the 'heatmaps' folder
-    stem = parts[-1][: -len(".png")] if parts[-1].endswith(".png") else parts[-1]
+    stem = parts[-1][: -len(".png")] if parts[-1].endswith((".png", ".jpg")) else parts[-1]  # PNG or JPEG heatmap
     stem = _fit_stem(stem)
     folder = "/".join([THUMB_DIR, *parts[:-1]])
     return f"{folder}/{stem}{_IMAGE_SUFFIX}", f"{folder}/{stem}{_HEAT_SUFFIX}"
@@ -102,9 +102,11 @@ def _as_rgb_image(array: np.ndarray, what: str) -> Image.Image:
     raise ValueError(f"{what} must be (H, W) or (H, W, 3) uint8, got shape {arr.shape}")
 
 
-def _save_thumbnail(image: Image.Image, path: Path) -> None:
-    """Shrink (never enlarge) to THUMB_SIZE on the longest side and write a JPEG atomically."""
-    thumb = image.convert("RGB") if image.mode != "RGB" else image.copy()
+def _save_thumbnail(image: Image.Image, path: Path, owned: bool = False) -> None:
+    """Shrink (never enlarge) to THUMB_SIZE on the longest side and write a JPEG atomically.
+
+    ``owned``: the caller's image may be shrunk in place (saves copying a full-size image)."""
+    thumb = image.convert("RGB") if image.mode != "RGB" else image if owned else image.copy()
     thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
     # No fsync: thumbnails can be regenerated, and a scan writes thousands. An empty file left by a power
     # cut is treated as missing by build_report.
@@ -120,8 +122,8 @@ def write_thumbnails(
     image = _as_rgb_image(image_rgb, "image")
     heat = _as_rgb_image(heatmap_rgb, "heatmap")
     out_dir = Path(out_dir)
-    _save_thumbnail(image, confined_path(out_dir, image_rel))
-    _save_thumbnail(heat, confined_path(out_dir, heat_rel))
+    _save_thumbnail(image, confined_path(out_dir, image_rel), owned=True)  # both made from the arrays above
+    _save_thumbnail(heat, confined_path(out_dir, heat_rel), owned=True)
     return image_rel, heat_rel
 
 

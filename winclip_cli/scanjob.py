@@ -19,7 +19,7 @@ from . import __version__
 from .backbone import Backbone
 from .engine import Engine, ModelOptions, build_engine
 from .errors import SetupError
-from .options import parse_threshold
+from .options import check_heatmaps, parse_threshold
 from .outputs import (
     CSV_COLUMNS,
     CsvResultWriter,
@@ -191,6 +191,7 @@ class ScanOptions(InputOptions):
     use_cache: bool = True
     save_maps: bool = False
     thumbnails: bool = True
+    heatmaps: str = "png"  # png, jpg or none
     incremental: bool = False
     shard: tuple[int, int] | None = None
 
@@ -294,6 +295,7 @@ def check_output_options(options: ScanOptions) -> None:
     """The cheap checks of a scan's options, done before anything slow."""
     from .prompts import load_vocabulary
 
+    check_heatmaps(options.heatmaps)
     load_vocabulary(options.prompts)
     if options.out.exists() and not options.out.is_dir():
         raise SetupError(f"--out {options.out} exists and is not a folder")
@@ -473,6 +475,7 @@ class ScanSession:
                 save_maps=options.save_maps,
                 thumbnails=options.thumbnails,
                 workers=options.workers,
+                heatmaps=options.heatmaps,
                 on_rows=on_rows,
                 should_stop=should_stop,
             )
@@ -605,7 +608,8 @@ def _select(
 
 
 def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
-    remove_outputs_of(out_dir, [(row.path, row.heatmap) for row in rows if row.heatmap])
+    # a row scored with --heatmaps none has no heatmap, but may have thumbnails and a map
+    remove_outputs_of(out_dir, [(row.path, row.heatmap) for row in rows if row.status == "ok"])
 
 
 def remove_outputs_of(out_dir: Path, entries: list[tuple[str, str]]) -> None:
@@ -614,11 +618,12 @@ def remove_outputs_of(out_dir: Path, entries: list[tuple[str, str]]) -> None:
     from .report import thumbnail_relpaths_of_heatmap
 
     for name, heatmap_cell in entries:
-        heatmaps = {heatmap_relpath(name), heatmap_cell} - {""}
+        # either format of --heatmaps (png, jpg), and the name an older winclip may have written
+        heatmaps = {heatmap_relpath(name), heatmap_relpath(name, ".jpg"), heatmap_cell} - {""}
         relpaths = [
             relpath
             for heatmap in heatmaps
-            if heatmap.startswith("heatmaps/") and heatmap.endswith(".png") and ".." not in heatmap.split("/")
+            if heatmap.startswith("heatmaps/") and heatmap.endswith((".png", ".jpg")) and ".." not in heatmap.split("/")
             for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap))
         ]
         for relpath in relpaths:
@@ -663,6 +668,7 @@ def _run_info(
         "tile": options.tile,
         "tile_overlap": options.tile_overlap if options.tile is not None else None,
         "incremental": options.incremental,
+        "heatmaps": options.heatmaps,
         "shard": f"{options.shard[0]}/{options.shard[1]}" if options.shard else None,
         "columns": list(CSV_COLUMNS),
     }
