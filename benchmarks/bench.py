@@ -179,11 +179,11 @@ def main() -> int:
         "import_open_clip_after_torch_s": t_open_clip,
     }
 
-    from winclip_cli.backbone import cpu_has_native_bf16, select_device, select_precision  # noqa: E402
-    from winclip_cli.engine import ModelOptions, build_backbone, quiet_open_clip  # noqa: E402
-    from winclip_cli.prompts import load_vocabulary  # noqa: E402
-    from winclip_cli.text import TextEmbeddingCache, encode_text_truncated  # noqa: E402
-    from winclip_cli.winclip import WinClipScorer  # noqa: E402
+    from winclip_cli.core.backbone import cpu_has_native_bf16, select_device, select_precision  # noqa: E402
+    from winclip_cli.core.engine import ModelOptions, build_backbone, quiet_open_clip  # noqa: E402
+    from winclip_cli.core.prompts import load_vocabulary  # noqa: E402
+    from winclip_cli.core.text import TextEmbeddingCache, encode_text_truncated  # noqa: E402
+    from winclip_cli.core.winclip import WinClipScorer  # noqa: E402
 
     device = select_device(args.device)
     results["machine"].update(
@@ -284,7 +284,7 @@ def main() -> int:
 
     # ---------------------------------------------------------------------------------- few-shot cost
     if "fewshot" not in skip:
-        from winclip_cli.winclip import ReferenceMemory  # noqa: E402
+        from winclip_cli.core.winclip import ReferenceMemory  # noqa: E402
 
         scorer = WinClipScorer(visual, torch.randn(2, visual.output_dim, device=device))
         batch = torch.randn(2, 3, *backbone.image_size, device=device)
@@ -456,7 +456,7 @@ def main() -> int:
                     ],
                     env,
                 )
-                from winclip_cli.outputs import read_results_csv
+                from winclip_cli.io.outputs import read_results_csv
 
                 rows = read_results_csv(out / "scores.csv")
                 maps = [tifffile.imread(out / "maps" / (r["path"] + ".tiff")) for r in rows]

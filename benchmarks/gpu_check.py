@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 def main() -> int:
     import open_clip
 
-    from winclip_cli.backbone import select_device, select_precision
-    from winclip_cli.engine import ModelOptions, build_backbone, quiet_open_clip
-    from winclip_cli.winclip import WinClipScorer
+    from winclip_cli.core.backbone import select_device, select_precision
+    from winclip_cli.core.engine import ModelOptions, build_backbone, quiet_open_clip
+    from winclip_cli.core.winclip import WinClipScorer
 
     report: dict = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
     if not torch.cuda.is_available():

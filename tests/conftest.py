@@ -65,7 +65,7 @@ def tiny_model_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_model_files):
     """The tiny model loaded through the product's own loader (config JSON + checkpoint file)."""
-    from winclip_cli.engine import ModelOptions, build_backbone
+    from winclip_cli.core.engine import ModelOptions, build_backbone
 
     config, checkpoint = tiny_model_files
     return build_backbone(ModelOptions(model=str(config), weights=str(checkpoint), device="cpu"))
@@ -80,7 +80,7 @@ def tiny_args(tiny_model_files) -> list[str]:
 
 @pytest.fixture
 def tiny_options(tiny_model_files):
-    from winclip_cli.engine import ModelOptions
+    from winclip_cli.core.engine import ModelOptions
 
     config, checkpoint = tiny_model_files
     return ModelOptions(model=str(config), weights=str(checkpoint), device="cpu")

@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from winclip_cli.backbone import create_uninitialised, load_weights, select_device, select_precision
+from winclip_cli.core.backbone import create_uninitialised, load_weights, select_device, select_precision
 from winclip_cli.errors import SetupError
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from winclip_cli.calibration import Calibration, anomalous_area, calibrate, histogram, threshold_for_fpr
+from winclip_cli.core.calibration import Calibration, anomalous_area, calibrate, histogram, threshold_for_fpr
 from winclip_cli.errors import SetupError
 
 HUNDRED = np.arange(100) / 100  # 0.00, 0.01, ..., 0.99

@@ -15,8 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA
-from winclip_cli.cli import app
-from winclip_cli.outputs import CSV_COLUMNS, read_results_csv
+from winclip_cli.cli.app import app
+from winclip_cli.io.outputs import CSV_COLUMNS, read_results_csv
 
 runner = CliRunner()
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"

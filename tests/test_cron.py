@@ -32,9 +32,9 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
-from winclip_cli.cli import app
-from winclip_cli.outputs import CSV_COLUMNS
-from winclip_cli.scanjob import shard_of
+from winclip_cli.cli.app import app
+from winclip_cli.io.outputs import CSV_COLUMNS
+from winclip_cli.jobs.scan import shard_of
 
 runner = CliRunner()
 

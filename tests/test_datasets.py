@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from winclip_cli.datasets import Category, LabelledImage, discover_categories, draw_references, load_mask
 from winclip_cli.errors import SetupError
+from winclip_cli.io.datasets import Category, LabelledImage, discover_categories, draw_references, load_mask
 
 
 def _image(path: Path, value: int = 128, size: tuple[int, int] = (8, 8)) -> Path:

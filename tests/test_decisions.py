@@ -12,12 +12,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA
-from winclip_cli.calibratejob import CalibrateOptions, run_calibrate_job
-from winclip_cli.calibration import threshold_for_fpr
-from winclip_cli.cli import app
-from winclip_cli.memory import load_memory
-from winclip_cli.outputs import read_results_csv
-from winclip_cli.scanjob import SilentReporter
+from winclip_cli.cli.app import app
+from winclip_cli.core.calibration import threshold_for_fpr
+from winclip_cli.io.memory import load_memory
+from winclip_cli.io.outputs import read_results_csv
+from winclip_cli.jobs.calibrate import CalibrateOptions, run_calibrate_job
+from winclip_cli.jobs.scan import SilentReporter
 
 runner = CliRunner()
 GOOD = SAMPLE_DATA / "fabric" / "good"

@@ -17,8 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import REPO, SAMPLE_DATA, TINY_CONFIG
-from winclip_cli.cli import app
-from winclip_cli.outputs import CSV_COLUMNS, read_results_csv
+from winclip_cli.cli.app import app
+from winclip_cli.io.outputs import CSV_COLUMNS, read_results_csv
 
 runner = CliRunner()
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"
@@ -110,7 +110,7 @@ def test_argument_errors_exit_before_torch_is_imported(setup, args, code, words)
 
 
 def test_busy_output_folder_exits_4_before_torch_is_imported(setup):
-    from winclip_cli.state import OutputLock
+    from winclip_cli.io.state import OutputLock
 
     out = setup["tmp"] / "out"
     out.mkdir()
@@ -131,7 +131,7 @@ def test_a_free_lock_left_behind_is_no_obstacle_to_the_fast_checks(setup):
 
 def test_a_tile_smaller_than_the_input_is_refused_after_load_when_the_config_is_unknown(setup, tiny_backbone):
     from winclip_cli.errors import SetupError
-    from winclip_cli.pipeline import InputOptions
+    from winclip_cli.jobs.pipeline import InputOptions
 
     with pytest.raises(SetupError, match="tiles must be at least 240"):
         InputOptions(tile=200).preprocessing(tiny_backbone)
@@ -234,7 +234,7 @@ def test_merged_run_json_agrees_with_the_merged_csv(tmp_path, tiny_args):
 @pytest.mark.parametrize("content", [b"hello\n", b"\x89PNG\r\n\x1a\n" + bytes(64), b'[prompts]\nx = "y"\n'])
 def test_a_file_that_is_not_an_npz_is_not_a_winclip_memory(tmp_path, content):
     from winclip_cli.errors import MemoryFileError
-    from winclip_cli.memory import load_memory
+    from winclip_cli.io.memory import load_memory
 
     path = tmp_path / "refs.npz"
     path.write_bytes(content)
@@ -416,7 +416,7 @@ def test_eval_notes_anomalous_images_without_a_mask(tmp_path, tiny_args):
 
 
 def test_a_calibration_for_another_class_names_the_class():
-    from winclip_cli.scanjob import SilentReporter, choose_threshold
+    from winclip_cli.jobs.scan import SilentReporter, choose_threshold
 
     fingerprint = {"architecture": "a", "vocabulary_sha256": "screw-prompts", "memory": "m"}
     calibration = {

@@ -27,11 +27,11 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
-from winclip_cli import pipeline
-from winclip_cli.cli import app
-from winclip_cli.images import load_image
-from winclip_cli.pipeline import MAX_TILES, Preprocessing, decode_stream, processed_stream
-from winclip_cli.tiling import tile_count
+from winclip_cli.cli.app import app
+from winclip_cli.core.tiling import tile_count
+from winclip_cli.io.images import load_image
+from winclip_cli.jobs import pipeline
+from winclip_cli.jobs.pipeline import MAX_TILES, Preprocessing, decode_stream, processed_stream
 
 runner = CliRunner()
 SUBPROCESS_TIMEOUT = 180

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from winclip_cli.cli import app
+from winclip_cli.cli.app import app
 
 runner = CliRunner()
 
@@ -126,7 +126,7 @@ def test_a_link_deeper_in_heatmaps_is_not_written_through(tmp_path, tiny_args, o
     result = cli(["scan", images, "--out", out, "-q", *tiny_args])
     assert snapshot(outside) == before
     assert result.exit_code == 3, result.output  # the score stands; the outputs that could not be written are said
-    from winclip_cli.outputs import read_results_csv
+    from winclip_cli.io.outputs import read_results_csv
 
     rows = {row["path"]: row for row in read_results_csv(out / "scores.csv")}
     inner = rows["sub/inner.png"]
@@ -160,7 +160,7 @@ def test_a_lock_holding_foreign_text_is_taken_over_without_printing_it(tmp_path,
 
 
 def test_stale_temporaries_are_never_searched_for_behind_a_link(tmp_path, outside):
-    from winclip_cli.state import clean_stale_temporaries
+    from winclip_cli.io.state import clean_stale_temporaries
 
     out = tmp_path / "out"
     (out / "heatmaps" / "real").mkdir(parents=True)
@@ -250,7 +250,7 @@ def test_a_zip_bomb_memory_is_refused_before_it_takes_memory(tmp_path, memory):
     assert bomb.stat().st_size < 4 * 2**20
     probe = (
         "import json, resource, sys\n"
-        "from winclip_cli.memory import load_memory\n"
+        "from winclip_cli.io.memory import load_memory\n"
         "from winclip_cli.errors import MemoryFileError\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n    load_memory(sys.argv[1]); message = ''\n"
@@ -324,7 +324,7 @@ def test_a_carriage_return_in_a_name_stays_inside_its_quoted_cell(tmp_path, tiny
 
 @pytest.mark.skipif(os.name == "nt", reason="names that are not UTF-8 are a POSIX thing")
 def test_outputs_of_a_name_that_is_not_utf8_are_where_the_csv_says(tmp_path, tiny_args):
-    from winclip_cli.outputs import read_results_csv
+    from winclip_cli.io.outputs import read_results_csv
 
     images, out = tmp_path / "images", tmp_path / "out"
     odd = os.fsdecode(b"bad-\xff\xfe.png")
@@ -351,7 +351,7 @@ def test_outputs_of_a_name_that_is_not_utf8_are_where_the_csv_says(tmp_path, tin
 
 
 def test_formula_like_cells_are_defused_only_in_free_text_columns(tmp_path):
-    from winclip_cli.outputs import CsvResultWriter, ResultRow, read_results_csv
+    from winclip_cli.io.outputs import CsvResultWriter, ResultRow, read_results_csv
 
     path = tmp_path / "scores.csv"
     with CsvResultWriter(path) as writer:
@@ -387,7 +387,7 @@ DAMAGE = {
 def test_a_state_with_damaged_contents_is_set_aside_and_rescanned(tmp_path, tiny_args, damage):
     import sqlite3
 
-    from winclip_cli.outputs import read_results_csv
+    from winclip_cli.io.outputs import read_results_csv
 
     images, out = tmp_path / "images", tmp_path / "out"
     make_images(images, ["img_000.png", "img_001.png"])
@@ -544,7 +544,7 @@ def test_crafted_calibrations_get_a_specific_message(tmp_path, tiny_args, case):
 
 
 def test_report_of_a_csv_with_an_enormous_score(tmp_path):
-    from winclip_cli.outputs import CsvResultWriter, ResultRow
+    from winclip_cli.io.outputs import CsvResultWriter, ResultRow
 
     out = tmp_path / "out"
     out.mkdir()

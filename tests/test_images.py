@@ -1,4 +1,4 @@
-"""Tests for winclip_cli.images: discovery, decoding rules, errors and model preprocessing."""
+"""Tests for winclip_cli.io.images: discovery, decoding rules, errors and model preprocessing."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from winclip_cli import images
 from winclip_cli.errors import ImageDecodeError, SetupError
-from winclip_cli.images import (
+from winclip_cli.io import images
+from winclip_cli.io.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     Discovery,

@@ -13,11 +13,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA
-from winclip_cli.cli import app
-from winclip_cli.images import load_image, preprocess
-from winclip_cli.memory import load_memory
-from winclip_cli.outputs import read_results_csv
-from winclip_cli.winclip import WinClipScorer
+from winclip_cli.cli.app import app
+from winclip_cli.core.winclip import WinClipScorer
+from winclip_cli.io.images import load_image, preprocess
+from winclip_cli.io.memory import load_memory
+from winclip_cli.io.outputs import read_results_csv
 
 runner = CliRunner()
 GOOD = SAMPLE_DATA / "fabric" / "good"

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from winclip_cli.errors import SetupError
-from winclip_cli.metrics import (
+from winclip_cli.core.metrics import (
     MetricError,
     f1_max,
     image_ap,
@@ -19,6 +18,7 @@ from winclip_cli.metrics import (
     pro_auc,
     pro_curve,
 )
+from winclip_cli.errors import SetupError
 
 LABELS = np.array([0, 0, 1, 1])
 SCORES = np.array([0.1, 0.4, 0.35, 0.8])

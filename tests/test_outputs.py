@@ -1,4 +1,4 @@
-"""Tests for winclip_cli.outputs: CSV streaming, heatmap names, colouring, atomic writes."""
+"""Tests for winclip_cli.io.outputs: CSV streaming, heatmap names, colouring, atomic writes."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from winclip_cli import outputs
-from winclip_cli.outputs import (
+from winclip_cli.io import outputs
+from winclip_cli.io.outputs import (
     CSV_COLUMNS,
     LUT,
     CsvResultWriter,

@@ -13,12 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA
-from winclip_cli.cli import app
-from winclip_cli.engine import build_engine
+from winclip_cli.cli.app import app
+from winclip_cli.core.engine import build_engine
+from winclip_cli.core.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, load_vocabulary
+from winclip_cli.core.text import TextEmbeddingCache, can_truncate, encode_text_truncated
 from winclip_cli.errors import PromptFileError
-from winclip_cli.outputs import read_results_csv
-from winclip_cli.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, load_vocabulary
-from winclip_cli.text import TextEmbeddingCache, can_truncate, encode_text_truncated
+from winclip_cli.io.outputs import read_results_csv
 
 runner = CliRunner()
 GOOD = SAMPLE_DATA / "fabric" / "good"
@@ -134,7 +134,7 @@ def test_prompts_command_invalid_file_exits_2(tmp_path):
 
 def test_prompts_json_does_not_import_torch():
     code = (
-        "import sys\nfrom typer.testing import CliRunner\nfrom winclip_cli.cli import app\n"
+        "import sys\nfrom typer.testing import CliRunner\nfrom winclip_cli.cli.app import app\n"
         "r = CliRunner().invoke(app, ['prompts', '--json'])\nassert r.exit_code == 0\n"
         "print('torch' in sys.modules, 'open_clip' in sys.modules)"
     )

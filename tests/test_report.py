@@ -1,4 +1,4 @@
-"""Tests for winclip_cli.report: thumbnails and the static HTML report (no browser here)."""
+"""Tests for winclip_cli.report.page: thumbnails and the static HTML report (no browser here)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from winclip_cli.outputs import CSV_COLUMNS, CsvResultWriter, ResultRow, heatmap_relpath, overlay, write_png_atomic
-from winclip_cli.report import (
+from winclip_cli.io.outputs import CSV_COLUMNS, CsvResultWriter, ResultRow, heatmap_relpath, overlay, write_png_atomic
+from winclip_cli.report.page import (
     THUMB_DIR,
     THUMB_SIZE,
     build_report,

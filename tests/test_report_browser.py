@@ -27,8 +27,8 @@ import pytest
 from PIL import Image
 from test_report import EXPECTED_SCORES, SCRIPT_NAME, THRESHOLD, URL_NAME, make_output_folder
 
-from winclip_cli.outputs import CSV_COLUMNS, ResultRow
-from winclip_cli.report import build_report
+from winclip_cli.io.outputs import CSV_COLUMNS, ResultRow
+from winclip_cli.report.page import build_report
 
 TIMEOUT_S = 30.0
 

@@ -10,9 +10,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA
-from winclip_cli.cli import app
-from winclip_cli.outputs import CSV_COLUMNS, read_results_csv
-from winclip_cli.pipeline import RowContext
+from winclip_cli.cli.app import app
+from winclip_cli.io.outputs import CSV_COLUMNS, read_results_csv
+from winclip_cli.jobs.pipeline import RowContext
 
 runner = CliRunner()
 GOOD = SAMPLE_DATA / "fabric" / "good"
@@ -176,7 +176,7 @@ def test_merge_warns_about_missing_shards(tmp_path, tiny_args):
 
 
 def test_banded_overlay_equals_the_whole_image_formula():
-    from winclip_cli.outputs import LUT, overlay
+    from winclip_cli.io.outputs import LUT, overlay
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (700, 9, 3), dtype=np.uint8)  # taller than one band of rows
@@ -189,7 +189,7 @@ def test_banded_overlay_equals_the_whole_image_formula():
 def test_pixel_gate_admits_one_huge_item_and_holds_others_back():
     import threading
 
-    from winclip_cli.pipeline import PixelGate
+    from winclip_cli.jobs.pipeline import PixelGate
 
     gate = PixelGate(100)
     gate.acquire(500)  # alone: admitted although over capacity

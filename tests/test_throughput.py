@@ -19,10 +19,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import REPO, SAMPLE_DATA
-from winclip_cli.cli import app
-from winclip_cli.images import LoadedImage, load_image, preprocess, to_unit_tensor
-from winclip_cli.outputs import LUT, colorize, overlay, read_results_csv, write_png, write_png_atomic
-from winclip_cli.resize import axis_weights, resize_bicubic_aa
+from winclip_cli.cli.app import app
+from winclip_cli.core.resize import axis_weights, resize_bicubic_aa
+from winclip_cli.io.images import LoadedImage, load_image, preprocess, to_unit_tensor
+from winclip_cli.io.outputs import LUT, colorize, overlay, read_results_csv, write_png, write_png_atomic
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -123,7 +123,7 @@ def test_thin_images_are_resized_in_bounded_memory(tmp_path):
     script = textwrap.dedent(
         f"""
         import resource, torch
-        from winclip_cli.images import load_image, preprocess
+        from winclip_cli.io.images import load_image, preprocess
         images = [load_image(path) for path in {paths!r}]
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for image in images:
@@ -183,7 +183,7 @@ def test_colour_lut_and_blend_equal_the_float_colouring(dtype):
 
 
 def test_overlay_on_a_device_equals_the_numpy_overlay():
-    from winclip_cli.pipeline import overlay_tensor
+    from winclip_cli.jobs.pipeline import overlay_tensor
 
     rng = np.random.default_rng(12)
     image = rng.integers(0, 256, (270, 300, 3), dtype=np.uint8)
@@ -223,7 +223,7 @@ def test_png_encoder_works_with_the_standard_zlib(monkeypatch, tmp_path):
 
 def test_writer_device_path_gives_the_cpu_outputs(tmp_path, tiny_backbone):
     """The GPU branch of the writer (upsample and colour where the model ran), exercised on the CPU."""
-    from winclip_cli.pipeline import Decoded, ResultWriter, RowContext
+    from winclip_cli.jobs.pipeline import Decoded, ResultWriter, RowContext
 
     image = load_image(SAMPLE_TEST / "local" / "textile_0001.jpg")
     grid = torch.from_numpy(np.random.default_rng(4).random((15, 15), dtype=np.float32))
@@ -251,7 +251,7 @@ def scan(out: Path, tiny_args: list[str], *extra: str):
 
 
 def test_scan_heatmaps_jpg_and_none_keep_the_png_scores(tmp_path, tiny_args, monkeypatch):
-    import winclip_cli.pipeline as pipeline
+    import winclip_cli.jobs.pipeline as pipeline
 
     results = {}
     for fmt in ("png", "jpg", "none"):
@@ -303,7 +303,7 @@ def test_scan_heatmaps_rejects_an_unknown_format(tmp_path, tiny_args):
 def test_sample_data_scores_and_maps_match_the_torch_resize(tmp_path, tiny_args, monkeypatch):
     """The whole scan with the new resize against the same scan with F.interpolate: scores equal to the
     CSV's 6 decimals, maps within float rounding."""
-    import winclip_cli.pipeline as pipeline
+    import winclip_cli.jobs.pipeline as pipeline
 
     out_new = tmp_path / "new"
     assert scan(out_new, tiny_args, "--save-maps").exit_code == 0

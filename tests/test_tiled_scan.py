@@ -8,10 +8,10 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
-from winclip_cli.cli import app
-from winclip_cli.memory import load_memory
-from winclip_cli.outputs import read_results_csv
-from winclip_cli.tiling import tile_grid
+from winclip_cli.cli.app import app
+from winclip_cli.core.tiling import tile_grid
+from winclip_cli.io.memory import load_memory
+from winclip_cli.io.outputs import read_results_csv
 
 runner = CliRunner()
 

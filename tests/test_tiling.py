@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from winclip_cli.tiling import Tile, TileBlender, auto_tile_size, blend_window, crop, tile_grid
+from winclip_cli.core.tiling import Tile, TileBlender, auto_tile_size, blend_window, crop, tile_grid
 
 OVERLAPS = [0.0, 0.25, 0.5]
 # Image shapes (height, width) for tile size 240: sizes that do and do not divide the image, thin and tiny ones.

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from winclip_cli.outputs import ResultRow
-from winclip_cli.watch import ArrivalTracker, run_hook
+from winclip_cli.io.outputs import ResultRow
+from winclip_cli.jobs.watch import ArrivalTracker, run_hook
 
 TIMEOUT = 120  # seconds for anything a watch must do; importing torch alone takes seconds on a busy machine
 POLL = "0.2"  # seconds between listings in --poll mode

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from naive_winclip import naive_masks, naive_tokens, naive_winclip, naive_window_embedding
-from winclip_cli.winclip import (
+from winclip_cli.core.winclip import (
     ReferenceMemory,
     WinClipScorer,
     WindowEncoder,

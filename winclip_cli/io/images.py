@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from winclip_cli.errors import ImageDecodeError, SetupError
-from winclip_cli.library_messages import captured_library_messages
+from winclip_cli.io.library_messages import captured_library_messages
 from winclip_cli.options import DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -264,11 +264,11 @@ def preprocess(
 
     The resize is antialiased bicubic without cropping (aspect ratio not kept): torchvision's
     ``Resize((h, w), BICUBIC, antialias=True)`` on the [0, 1] float image, within float rounding
-    (see :mod:`winclip_cli.resize`; it reads the 8/16-bit pixels directly, in bounded memory).  The
+    (see :mod:`winclip_cli.core.resize`; it reads the 8/16-bit pixels directly, in bounded memory).  The
     result is not clamped, so bicubic overshoot is kept, as in that pipeline.  It is computed on
     ``device`` (default: the CPU) and returned there.
     """
-    from .resize import resize_bicubic_aa
+    from winclip_cli.core.resize import resize_bicubic_aa
 
     if len(mean) != 3 or len(std) != 3:
         raise ValueError("mean and std need one value per RGB channel")

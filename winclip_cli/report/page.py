@@ -23,8 +23,8 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from .outputs import HEATMAP_DIR, atomic_path, confined_path, heatmap_relpath, write_text_atomic
-from .state import refuse_link
+from winclip_cli.io.outputs import HEATMAP_DIR, atomic_path, confined_path, heatmap_relpath, write_text_atomic
+from winclip_cli.io.state import refuse_link
 
 __all__ = [
     "REPORT_NAME",

@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backbone import Backbone, load_backbone
-from .errors import SetupError
-from .options import ModelOptions
-from .prompts import DEFAULT_CLASS, PromptEnsemble, load_vocabulary
-from .text import TextEmbeddingCache, text_embeddings
-from .winclip import WinClipScorer
+from winclip_cli.core.backbone import Backbone, load_backbone
+from winclip_cli.core.prompts import DEFAULT_CLASS, PromptEnsemble, load_vocabulary
+from winclip_cli.core.text import TextEmbeddingCache, text_embeddings
+from winclip_cli.core.winclip import WinClipScorer
+from winclip_cli.errors import SetupError
+from winclip_cli.options import ModelOptions
 
 
 @dataclass

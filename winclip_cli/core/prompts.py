@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PromptFileError
+from winclip_cli.errors import PromptFileError
 
 PLACEHOLDER = "{}"
 DEFAULT_CLASS = "object"

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .datasets import Category, discover_categories, draw_references, load_mask
-from .engine import ModelOptions, build_backbone, build_engine
-from .errors import SetupError
-from .metrics import MetricError, f1_max, image_ap, image_auroc, pixel_auroc, pixel_f1_max, pro_auc
-from .outputs import write_text_atomic
-from .pipeline import (
+from winclip_cli import __version__
+from winclip_cli.core.engine import ModelOptions, build_backbone, build_engine
+from winclip_cli.core.metrics import MetricError, f1_max, image_ap, image_auroc, pixel_auroc, pixel_f1_max, pro_auc
+from winclip_cli.core.winclip import ReferenceMemory
+from winclip_cli.errors import SetupError
+from winclip_cli.io.datasets import Category, discover_categories, draw_references, load_mask
+from winclip_cli.io.outputs import write_text_atomic
+from winclip_cli.jobs.pipeline import (
     InputOptions,
     decode_stream,
     embed_references,
@@ -33,8 +34,7 @@ from .pipeline import (
     scoring_fn,
     upsample_grid,
 )
-from .scanjob import Reporter
-from .winclip import ReferenceMemory
+from winclip_cli.jobs.scan import Reporter
 
 METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_f1_max", "pro")
 

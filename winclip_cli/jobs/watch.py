@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
 
-from .errors import SetupError, WinclipError
-from .outputs import ResultRow
-from .pipeline import relative_name
-from .scanjob import (
+from winclip_cli.errors import SetupError, WinclipError
+from winclip_cli.io.outputs import ResultRow
+from winclip_cli.io.state import OutputLock
+from winclip_cli.jobs.pipeline import relative_name
+from winclip_cli.jobs.scan import (
     Reporter,
     ScanOptions,
     ScanSession,
@@ -46,7 +47,6 @@ from .scanjob import (
     parse_threshold,
     remove_outputs_of,
 )
-from .state import OutputLock
 
 DEFAULT_SETTLE = 0.5  # seconds a file must stay unchanged when no event says it is complete
 SAFETY_LISTING = 30.0  # seconds between full listings when events are used (events can be lost)
@@ -83,7 +83,7 @@ class WatchResult:
 
 def list_folder(directory: Path, out: Path) -> tuple[Listing, list[str]]:
     """The image files under ``directory`` with their (size, mtime), and the folders that could not be listed."""
-    from .images import discover_images
+    from winclip_cli.io.images import discover_images
 
     found = discover_images(directory, exclude=[out])
     listing: Listing = {}
@@ -553,7 +553,7 @@ class _Watch:
 
     def _stat_some(self, names: set[str]) -> Listing:
         """The listing entries of these files, with the rules of a full listing (images, no hidden parts)."""
-        from .images import IMAGE_EXTENSIONS
+        from winclip_cli.io.images import IMAGE_EXTENSIONS
 
         directory = self.scan.directory
         listing: Listing = {}

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .prompts import PromptEnsemble
-from .settings import cache_dir
+from winclip_cli.core.prompts import PromptEnsemble
+from winclip_cli.settings import cache_dir
 
 CACHE_FORMAT = 1
 

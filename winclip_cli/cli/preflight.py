@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MemoryFileError, SetupError
+from winclip_cli.errors import MemoryFileError, SetupError
 
 # ``state`` (and with it numpy, PIL) is imported only where an output folder already exists: the
 # checks that fail most often stay as light as Python's own start-up.
@@ -91,7 +91,7 @@ def check_not_busy(out: Path) -> None:
     """Exit 4 at once when another scan holds the output folder's lock (the job takes the lock itself)."""
     if not out.is_dir():
         return
-    from .state import STATE_DIR, OutputBusyError
+    from winclip_cli.io.state import STATE_DIR, OutputBusyError
 
     lock = out / STATE_DIR / "lock"
     try:
@@ -130,7 +130,7 @@ def removed_if_unused(out: Path) -> Iterator[None]:
 
 
 def _only_run_state(out: Path) -> bool:
-    from .state import STATE_DIR
+    from winclip_cli.io.state import STATE_DIR
 
     try:
         names = [entry.name for entry in out.iterdir()]

@@ -15,12 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__
-from .backbone import Backbone
-from .engine import Engine, ModelOptions, build_engine
-from .errors import SetupError
-from .options import check_heatmaps, parse_threshold
-from .outputs import (
+from winclip_cli import __version__
+from winclip_cli.core.backbone import Backbone
+from winclip_cli.core.engine import Engine, ModelOptions, build_engine
+from winclip_cli.errors import SetupError
+from winclip_cli.io.outputs import (
     CSV_COLUMNS,
     CsvResultWriter,
     ResultRow,
@@ -30,8 +29,9 @@ from .outputs import (
     write_results_csv_atomic,
     write_text_atomic,
 )
-from .pipeline import InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
-from .state import OWN_FOLDERS, FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
+from winclip_cli.io.state import OWN_FOLDERS, FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
+from winclip_cli.jobs.pipeline import InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
+from winclip_cli.options import check_heatmaps, parse_threshold
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -114,7 +114,7 @@ def choose_threshold(
     A calibration made for another configuration is never used: with an explicit --calibration
     that is an error (unless --threshold overrides it), otherwise a warning.
     """
-    from .calibration import Calibration
+    from winclip_cli.core.calibration import Calibration
 
     usable = None
     if calibration is not None:
@@ -166,7 +166,7 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
         raise SetupError(f"{path} is not a winclip calibration file")
     if not isinstance(data.get("fingerprint"), dict):
         raise SetupError(f"{path} holds a malformed calibration; recalibrate with `winclip calibrate`")
-    from .calibration import Calibration
+    from winclip_cli.core.calibration import Calibration
 
     try:
         Calibration.from_dict(data["calibration"])  # refused now, whether or not its fingerprint matches
@@ -215,7 +215,7 @@ class ScanResult:
 def discover(directory: Path, out: Path, reporter: Reporter, unlisted: list[str] | None = None) -> list[Path]:
     """The image files under ``directory``; folders that cannot be listed are warned about and,
     when ``unlisted`` is given, appended to it (a scan reports them in its exit code)."""
-    from .images import discover_images
+    from winclip_cli.io.images import discover_images
 
     if not directory.exists():
         raise SetupError(f"input not found: {directory}")
@@ -293,7 +293,7 @@ def run_scan_job(
 
 def check_output_options(options: ScanOptions) -> None:
     """The cheap checks of a scan's options, done before anything slow."""
-    from .prompts import load_vocabulary
+    from winclip_cli.core.prompts import load_vocabulary
 
     check_heatmaps(options.heatmaps)
     load_vocabulary(options.prompts)
@@ -341,7 +341,7 @@ class ScanSession:
         self.close()
 
     def open(self) -> None:
-        from .memory import load_memory
+        from winclip_cli.io.memory import load_memory
 
         options, reporter = self.options, self.reporter
         memory = load_memory(options.refs) if options.refs is not None else None  # refuse a broken memory early
@@ -367,7 +367,7 @@ class ScanSession:
         )
         memory_id = ""
         if memory is not None:
-            from .memory import attach_memory
+            from winclip_cli.io.memory import attach_memory
 
             for warning in attach_memory(engine, memory, tile=options.tile, tile_overlap=options.tile_overlap):
                 reporter.warn(warning)
@@ -615,7 +615,7 @@ def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
 def remove_outputs_of(out_dir: Path, entries: list[tuple[str, str]]) -> None:
     """Delete the heatmaps, maps and thumbnails of these (input file, heatmap cell) entries from OUT;
     the heatmap cell may be empty, or name an output of an older winclip that named it differently."""
-    from .report import thumbnail_relpaths_of_heatmap
+    from winclip_cli.report.page import thumbnail_relpaths_of_heatmap
 
     for name, heatmap_cell in entries:
         # either format of --heatmaps (png, jpg), and the name an older winclip may have written

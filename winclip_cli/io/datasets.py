@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import SetupError
-from .images import IMAGE_EXTENSIONS
+from winclip_cli.errors import SetupError
+from winclip_cli.io.images import IMAGE_EXTENSIONS
 
 __all__ = ["Category", "LabelledImage", "discover_categories", "draw_references", "load_mask"]
 

@@ -16,10 +16,10 @@ import open_clip
 import torch
 from torch import nn
 
-from .errors import SetupError, WeightsUnavailableError
-from .hashing import cached_sha256_file
-from .options import DEFAULT_ARCHITECTURE, DEVICES, PRECISIONS
-from .settings import cache_dir
+from winclip_cli.errors import SetupError, WeightsUnavailableError
+from winclip_cli.io.hashing import cached_sha256_file
+from winclip_cli.options import DEFAULT_ARCHITECTURE, DEVICES, PRECISIONS
+from winclip_cli.settings import cache_dir
 
 DEFAULT_WEIGHTS = "laion400m_e31"
 WEIGHTS_ENV = "WINCLIP_WEIGHTS"

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ImageDecodeError
-from .hashing import sha256_file
-from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess, unreadable_reason
-from .options import HEATMAP_FORMATS, check_tile_size
-from .outputs import (
+from winclip_cli.core.tiling import Tile, TileBlender, auto_tile_size, crop, tile_count, tile_grid
+from winclip_cli.core.winclip import WinClipScorer
+from winclip_cli.errors import ImageDecodeError
+from winclip_cli.io.hashing import sha256_file
+from winclip_cli.io.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess, unreadable_reason
+from winclip_cli.io.outputs import (
     LUT,
     ResultRow,
     confined_path,
@@ -41,9 +42,8 @@ from .outputs import (
     write_jpeg_atomic,
     write_png_atomic,
 )
-from .state import FileStamp
-from .tiling import Tile, TileBlender, auto_tile_size, crop, tile_count, tile_grid
-from .winclip import WinClipScorer
+from winclip_cli.io.state import FileStamp
+from winclip_cli.options import HEATMAP_FORMATS, check_tile_size
 
 
 def relative_name(path: Path, root: Path) -> str:
@@ -644,7 +644,7 @@ class ResultWriter:
                 score_map = full_resolution_map(item)
                 max_pixel_score = float(score_map.max())
             if ctx.pixel_threshold is not None:
-                from .calibration import anomalous_area
+                from winclip_cli.core.calibration import anomalous_area
 
                 area, box = anomalous_area(score_map, ctx.pixel_threshold)
                 bbox = box_text(*box) if box else ""
@@ -666,7 +666,7 @@ class ResultWriter:
                 target = confined_path(self.out_dir, map_relpath(item.relpath))
                 write_float_tiff_atomic(target, score_map, fsync=False)
             if self.thumbnails:
-                from .report import write_thumbnails
+                from winclip_cli.report.page import write_thumbnails
 
                 write_thumbnails(self.out_dir, item.relpath, *_small_overlay(display, item, score_map))
         except OSError as err:
@@ -705,7 +705,7 @@ def _small_overlay(display: np.ndarray, item: Decoded, score_map: np.ndarray | N
     """
     from PIL import Image
 
-    from .report import THUMB_SIZE
+    from winclip_cli.report.page import THUMB_SIZE
 
     small = Image.fromarray(display)
     small.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import SetupError
-from .outputs import (
+from winclip_cli import __version__
+from winclip_cli.errors import SetupError
+from winclip_cli.io.outputs import (
     HEATMAP_DIR,
     LinkInOutputError,
     ResultRow,
@@ -29,8 +29,8 @@ from .outputs import (
     write_results_csv_atomic,
     write_text_atomic,
 )
-from .report import thumbnail_relpaths, thumbnail_relpaths_of_heatmap
-from .state import refuse_links
+from winclip_cli.io.state import refuse_links
+from winclip_cli.report.page import thumbnail_relpaths, thumbnail_relpaths_of_heatmap
 
 # run.json keys that must agree for rows to be comparable
 CONFIG_KEYS = (

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import DEFAULT_SCALES
+from winclip_cli.options import DEFAULT_SCALES
 
 TEMPERATURE = 0.07  # softmax temperature of the zero-shot class scores (WinCLIP paper)
 

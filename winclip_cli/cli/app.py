@@ -21,8 +21,26 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from . import __version__, preflight
-from .errors import (
+from winclip_cli import __version__, preflight
+from winclip_cli.cli.args import (
+    DEFAULT_OUT,
+    CalibrationOpt,
+    ClassOpt,
+    InputArgs,
+    JsonLinesOpt,
+    ModelArgs,
+    NoCacheOpt,
+    OutFolderOpt,
+    PromptsOpt,
+    QuietOpt,
+    RefsOpt,
+    SaveMapsOpt,
+    ThresholdOpt,
+    TileArgs,
+    with_options,
+)
+from winclip_cli.core.prompts import DEFAULT_CLASS, load_vocabulary
+from winclip_cli.errors import (
     EXIT_ANOMALY,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -31,19 +49,14 @@ from .errors import (
     SetupError,
     WinclipError,
 )
-from .options import (
+from winclip_cli.options import (
     DEFAULT_CALIBRATION_FILE,
     DEFAULT_FPR,
-    InputArgs,
-    ModelArgs,
-    TileArgs,
     check_heatmaps,
     check_rate,
     parse_shard,
     parse_threshold,
-    with_options,
 )
-from .prompts import DEFAULT_CLASS, load_vocabulary
 
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
@@ -175,43 +188,8 @@ def main_callback(
 
 
 # --------------------------------------------------------------------------------------------- shared options
-# The model, input and tiling options are declared once, in options.py (``with_options`` adds them to
-# a command); the few options below are shared too, each with its default written once here.
-
-ClassOpt = Annotated[str, typer.Option("--class", "-c", help="Object name used in the prompts, e.g. bottle.")]
-PromptsOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--prompts",
-        help="TOML file that extends or replaces the prompt vocabulary (see `winclip prompts`).",
-        show_default=False,
-    ),
-]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the text-embedding cache.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary (errors still print).")]
-
-# scan and watch write the same output folder from the same options
-OutFolderOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for scores.csv and heatmaps.")]
-DEFAULT_OUT = Path("winclip-out")
-ThresholdOpt = Annotated[
-    str,
-    typer.Option(
-        "--threshold",
-        help="Image score above which an image is anomalous, or 'auto': the calibrated threshold when one is "
-        "available (--calibration, or stored in --refs), else 0.5.",
-    ),
-]
-RefsOpt = Annotated[
-    Path | None,
-    typer.Option("--refs", help="Few-shot reference memory (.npz) from `winclip build-refs`.", show_default=False),
-]
-CalibrationOpt = Annotated[
-    Path | None,
-    typer.Option("--calibration", help="Calibration file from `winclip calibrate`.", show_default=False),
-]
-SaveMapsOpt = Annotated[bool, typer.Option("--save-maps", help="Also write raw float32 maps as TIFF.")]
-JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per image on stdout.")]
-
+# Every shared option is declared once, in cli/args.py: the model, input and tiling groups
+# (``with_options`` adds them to a command) and the options scan and watch have in common.
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """'1 image', '3 images'."""
@@ -385,7 +363,7 @@ def scan(
         load_vocabulary(prompts)
         preflight.check_not_busy(out)
 
-        from .scanjob import ScanOptions, run_scan_job
+        from winclip_cli.jobs.scan import ScanOptions, run_scan_job
 
         options = ScanOptions(
             directory=directory,
@@ -408,7 +386,7 @@ def scan(
         with preflight.removed_if_unused(out), ConsoleReporter(quiet, json_lines) as reporter, stop.installed():
             result = run_scan_job(options, reporter, should_stop=stop)
         if report:
-            from .report import build_report
+            from winclip_cli.report.page import build_report
 
             page = build_report(out)
             if not quiet:
@@ -523,8 +501,8 @@ def watch(
         load_vocabulary(prompts)
         preflight.check_not_busy(out)
 
-        from .scanjob import ScanOptions
-        from .watch import WatchOptions, run_watch
+        from winclip_cli.jobs.scan import ScanOptions
+        from winclip_cli.jobs.watch import WatchOptions, run_watch
 
         scan_options = ScanOptions(
             directory=directory,
@@ -610,7 +588,7 @@ def build_refs(
             preflight.check_memory_file(out)
         load_vocabulary(prompts)
 
-        from .refsjob import RefsOptions, run_refs_job
+        from winclip_cli.jobs.refs import RefsOptions, run_refs_job
 
         options = RefsOptions(
             sources=sources,
@@ -710,8 +688,8 @@ def calibrate(
             preflight.check_output_file("--out", out or DEFAULT_CALIBRATION_FILE)
         load_vocabulary(prompts)
 
-        from .calibratejob import CalibrateOptions, run_calibrate_job
-        from .calibration import histogram
+        from winclip_cli.core.calibration import histogram
+        from winclip_cli.jobs.calibrate import CalibrateOptions, run_calibrate_job
 
         options = CalibrateOptions(
             good_dir=good_dir,
@@ -804,7 +782,7 @@ def evaluate(
         preflight.check_output_folder("--out", out)
         load_vocabulary(prompts)
 
-        from .evaljob import METRICS, EvalOptions, mean_metrics, run_eval_job
+        from winclip_cli.jobs.evaluate import METRICS, EvalOptions, mean_metrics, run_eval_job
 
         options = EvalOptions(
             root=root,
@@ -856,12 +834,12 @@ def merge(
 
       winclip merge results/shard-1 results/shard-2 results/shard-3 --out results/all --report
     """
-    from .merge import merge_outputs
+    from winclip_cli.jobs.merge import merge_outputs
 
     with user_errors():
         result = merge_outputs(folders, out)
         if report:
-            from .report import build_report
+            from winclip_cli.report.page import build_report
 
             build_report(out)
     for warning in result.warnings:
@@ -885,7 +863,7 @@ def report_command(
 
       winclip report winclip-out && xdg-open winclip-out/report.html
     """
-    from .report import build_report
+    from winclip_cli.report.page import build_report
 
     with user_errors():
         if not out_dir.exists():

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from .errors import SetupError
+from winclip_cli.errors import SetupError
 
 __all__ = [
     "MetricError",

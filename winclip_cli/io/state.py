@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SetupError, WinclipError
-from .outputs import LinkInOutputError, ResultRow
+from winclip_cli.errors import SetupError, WinclipError
+from winclip_cli.io.outputs import LinkInOutputError, ResultRow
 
 STATE_DIR = ".winclip"
 EXIT_BUSY = 4

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .engine import ModelOptions, build_backbone
-from .errors import SetupError
-from .hashing import sha256_file
-from .images import discover_images
-from .memory import MemoryFile, build_metadata, check_compatible, describe_model, load_memory, save_memory
-from .pipeline import Decoded, InputOptions, embed_references
-from .prompts import load_vocabulary
-from .scanjob import Reporter
-from .winclip import WinClipScorer
+from winclip_cli import __version__
+from winclip_cli.core.engine import ModelOptions, build_backbone
+from winclip_cli.core.prompts import load_vocabulary
+from winclip_cli.core.winclip import WinClipScorer
+from winclip_cli.errors import SetupError
+from winclip_cli.io.hashing import sha256_file
+from winclip_cli.io.images import discover_images
+from winclip_cli.io.memory import MemoryFile, build_metadata, check_compatible, describe_model, load_memory, save_memory
+from winclip_cli.jobs.pipeline import Decoded, InputOptions, embed_references
+from winclip_cli.jobs.scan import Reporter
 
 
 @dataclass

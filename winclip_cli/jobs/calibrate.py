@@ -18,15 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .calibration import Calibration, calibrate
-from .engine import ModelOptions, build_engine
-from .errors import SetupError
-from .hashing import sha256_file
-from .memory import MemoryFile, attach_memory, load_memory, update_metadata
-from .options import DEFAULT_CALIBRATION_FILE, DEFAULT_FPR, check_rate
-from .outputs import write_text_atomic
-from .pipeline import (
+from winclip_cli import __version__
+from winclip_cli.core.calibration import Calibration, calibrate
+from winclip_cli.core.engine import ModelOptions, build_engine
+from winclip_cli.errors import SetupError
+from winclip_cli.io.hashing import sha256_file
+from winclip_cli.io.memory import MemoryFile, attach_memory, load_memory, update_metadata
+from winclip_cli.io.outputs import write_text_atomic
+from winclip_cli.jobs.pipeline import (
     Decoded,
     InputOptions,
     decode_stream,
@@ -36,7 +35,8 @@ from .pipeline import (
     relative_name,
     scoring_fn,
 )
-from .scanjob import Reporter, calibration_fingerprint, discover
+from winclip_cli.jobs.scan import Reporter, calibration_fingerprint, discover
+from winclip_cli.options import DEFAULT_CALIBRATION_FILE, DEFAULT_FPR, check_rate
 
 
 @dataclass

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import MemoryFileError
-from .hashing import sha256_file
-from .outputs import atomic_path
-from .preflight import check_memory_file
-from .winclip import ReferenceMemory
+from winclip_cli import __version__
+from winclip_cli.cli.preflight import check_memory_file
+from winclip_cli.core.winclip import ReferenceMemory
+from winclip_cli.errors import MemoryFileError
+from winclip_cli.io.hashing import sha256_file
+from winclip_cli.io.outputs import atomic_path
 
 FORMAT_VERSION = 1
 REQUIRED_METADATA = (
@@ -292,8 +292,8 @@ def _whole(value: Any, what: str, minimum: int = 1) -> int:
 
 
 def _parse_metadata(path: Path, raw: np.ndarray) -> dict[str, Any]:
-    from .calibration import Calibration
-    from .errors import SetupError
+    from winclip_cli.core.calibration import Calibration
+    from winclip_cli.errors import SetupError
 
     try:
         metadata = json.loads(str(raw))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .errors import SetupError
+from winclip_cli.errors import SetupError
 
 __all__ = ["Calibration", "anomalous_area", "calibrate", "histogram", "threshold_for_fpr"]
 

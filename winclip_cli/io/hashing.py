@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .settings import cache_dir
+from winclip_cli.settings import cache_dir
 
 
 def sha256_file(path: Path) -> str:

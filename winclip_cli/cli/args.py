@@ -1,0 +1,235 @@
+"""The options shared by the commands, declared once for the command line.
+
+``scan``, ``watch``, ``build-refs``, ``calibrate`` and ``eval`` take the same model, input and tiling
+options. Each group is a frozen dataclass whose fields carry their Typer declaration, and
+``with_options`` adds a group's fields to a command and hands the command one object per group, so
+adding an option is one field here. Defaults and parsers live in ``winclip_cli.options``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar, get_type_hints
+
+import typer
+
+from winclip_cli.errors import SetupError
+from winclip_cli.options import (
+    DEFAULT_ARCHITECTURE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_SCALES,
+    DEFAULT_TILE_OVERLAP,
+    ModelOptions,
+    check_device,
+    check_precision,
+    check_tile_size,
+    model_input_size,
+    parse_scales,
+    parse_tile,
+)
+
+MODEL_PANEL = "Model"
+INPUT_PANEL = "Input"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ------------------------------------------------------------------------------ single shared options
+
+ClassOpt = Annotated[str, typer.Option("--class", "-c", help="Object name used in the prompts, e.g. bottle.")]
+PromptsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help="TOML file that extends or replaces the prompt vocabulary (see `winclip prompts`).",
+        show_default=False,
+    ),
+]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the text-embedding cache.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary (errors still print).")]
+
+# scan and watch write the same output folder from the same options
+OutFolderOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for scores.csv and heatmaps.")]
+DEFAULT_OUT = Path("winclip-out")
+ThresholdOpt = Annotated[
+    str,
+    typer.Option(
+        "--threshold",
+        help="Image score above which an image is anomalous, or 'auto': the calibrated threshold when one is "
+        "available (--calibration, or stored in --refs), else 0.5.",
+    ),
+]
+RefsOpt = Annotated[
+    Path | None,
+    typer.Option("--refs", help="Few-shot reference memory (.npz) from `winclip build-refs`.", show_default=False),
+]
+CalibrationOpt = Annotated[
+    Path | None,
+    typer.Option("--calibration", help="Calibration file from `winclip calibrate`.", show_default=False),
+]
+SaveMapsOpt = Annotated[bool, typer.Option("--save-maps", help="Also write raw float32 maps as TIFF.")]
+JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per image on stdout.")]
+
+
+# --------------------------------------------------------------------------------------------- option groups
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model options as typed on the command line."""
+
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="open_clip architecture name, or path to an open_clip model-config JSON.",
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = DEFAULT_ARCHITECTURE
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            help="Pretrained tag (downloaded once into the cache) or a local checkpoint file "
+            "(.pt/.bin/.safetensors) for offline machines. Default: $WINCLIP_WEIGHTS, else laion400m_e31.",
+            show_default=False,
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = None
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu.",
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = "auto"
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="Visual tower precision: fp32, bf16, fp16, or auto (bf16/fp16 where fast).",
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = "fp32"
+    scales: Annotated[
+        str,
+        typer.Option("--scales", help="Window sizes in patches, e.g. '2,3'.", rich_help_panel=MODEL_PANEL),
+    ] = ",".join(map(str, DEFAULT_SCALES))
+
+    def parse(self) -> ModelOptions:
+        return ModelOptions(
+            model=self.model,
+            weights=self.weights,
+            device=check_device(self.device),
+            precision=check_precision(self.precision),
+            scales=parse_scales(self.scales),
+        )
+
+
+@dataclass(frozen=True)
+class InputArgs:
+    """How images are read and batched."""
+
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", min=1, help="Model inputs (images or tiles) per batch.", rich_help_panel=INPUT_PANEL
+        ),
+    ] = DEFAULT_BATCH_SIZE
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            "--max-pixels",
+            min=1,
+            help="Refuse images larger than this many pixels (decompression bombs).",
+            rich_help_panel=INPUT_PANEL,
+        ),
+    ] = DEFAULT_MAX_PIXELS
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Decoding threads (0: automatic).", rich_help_panel=INPUT_PANEL)
+    ] = 0
+
+    def parse(self) -> dict[str, Any]:
+        """Keyword arguments of the jobs' InputOptions."""
+        return {"batch_size": self.batch_size, "max_pixels": self.max_pixels, "workers": self.workers or None}
+
+
+@dataclass(frozen=True)
+class TileArgs:
+    """Tiled scoring of large images."""
+
+    tile: Annotated[
+        str | None,
+        typer.Option(
+            "--tile",
+            help="Cut large images into tiles of SIZE pixels (at least the model's input size) or 'auto', "
+            "and score each tile.",
+            show_default=False,
+            rich_help_panel=INPUT_PANEL,
+        ),
+    ] = None
+    tile_overlap: Annotated[
+        float,
+        typer.Option(
+            "--tile-overlap", help="Overlap between neighbouring tiles, in [0, 1).", rich_help_panel=INPUT_PANEL
+        ),
+    ] = DEFAULT_TILE_OVERLAP
+
+    def parse(self, model: str) -> dict[str, Any]:
+        """Keyword arguments of the jobs' InputOptions; a tile smaller than the model input is refused here
+        when the model's config can be read without loading it (else when the model has loaded)."""
+        tile = parse_tile(self.tile)
+        if not 0.0 <= self.tile_overlap < 1.0:
+            raise SetupError(f"--tile-overlap must be in [0, 1), got {self.tile_overlap}")
+        input_size = model_input_size(model)
+        if input_size is not None:
+            check_tile_size(tile, input_size)
+        return {"tile": tile, "tile_overlap": self.tile_overlap}
+
+
+def with_options(**groups: type) -> Callable[[F], F]:
+    """Add the fields of each option group to a Typer command; the command receives one group object per name.
+
+    ``@with_options(model_args=ModelArgs)`` on ``def scan(..., model_args: ModelArgs)`` gives ``scan`` the
+    options ``--model --weights --device --precision --scales`` and calls it with ``model_args=ModelArgs(...)``.
+    """
+
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name not in groups]
+        added: list[inspect.Parameter] = []
+        owner: dict[str, str] = {}
+        for group_name, group in groups.items():
+            hints = get_type_hints(group, include_extras=True)
+            for field in dataclasses.fields(group):
+                if field.name in owner or field.name in signature.parameters:
+                    raise TypeError(f"option {field.name!r} of {group.__name__} is declared twice")
+                added.append(
+                    inspect.Parameter(
+                        field.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[field.name], default=field.default
+                    )
+                )
+                owner[field.name] = group_name
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values: dict[str, dict[str, Any]] = {name: {} for name in groups}
+            for name in owner:
+                if name in kwargs:
+                    values[owner[name]][name] = kwargs.pop(name)
+            bundles = {name: groups[name](**fields) for name, fields in values.items()}
+            return command(*args, **kwargs, **bundles)
+
+        parameters = own + added
+        wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -1,0 +1,1 @@
+"""The WinCLIP math and the model: tensors in, tensors out; no files, no CLI."""

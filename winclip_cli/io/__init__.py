@@ -1,0 +1,1 @@
+"""Files: images in; scores, maps, memories and run state out."""

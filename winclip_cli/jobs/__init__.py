@@ -1,0 +1,1 @@
+"""The jobs the commands run: each streams files through the core and writes through io."""
