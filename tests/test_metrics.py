@@ -18,7 +18,7 @@ from winclip_cli.core.metrics import (
     pro_auc,
     pro_curve,
 )
-from winclip_cli.errors import SetupError
+from winclip_cli.errors import WinclipError
 
 LABELS = np.array([0, 0, 1, 1])
 SCORES = np.array([0.1, 0.4, 0.35, 0.8])
@@ -97,7 +97,7 @@ def test_single_class_message_counts() -> None:
     with pytest.raises(MetricError) as info:
         image_auroc(np.zeros(5), np.arange(5.0))
     assert str(info.value) == "image AUROC needs both normal and anomalous images (got 5 normal, 0 anomalous)"
-    assert isinstance(info.value, SetupError)
+    assert isinstance(info.value, WinclipError)  # shown as one line, never a traceback
 
 
 @pytest.mark.parametrize(

@@ -196,3 +196,23 @@ def test_a_reference_scores_zero_against_a_memory_holding_it(tiny_backbone, imag
     scorer.memory = ReferenceMemory.from_embeddings(emb)
     few_shot = scorer._few_shot_maps(emb)
     assert few_shot.abs().max().item() < 1e-6
+
+
+def test_harmonic_mean_is_zero_where_an_entry_is_nan():
+    stack = torch.tensor([[0.5, float("nan")], [0.25, 0.5]])
+    result = harmonic_mean(stack)
+    assert result[0].item() == pytest.approx(2 / (2 + 4))
+    assert result[1].item() == 0.0
+
+
+
+def test_vision_tower_without_open_clip_pooling_is_refused(visual):
+    from torch import nn
+
+    from winclip_cli.core.winclip import WindowEncoder
+
+    tower = nn.Module()  # every part WinCLIP reads, but not open_clip 3.x's _pool
+    for name in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post"):
+        setattr(tower, name, getattr(visual, name))
+    with pytest.raises(TypeError, match="open_clip 3.x VisionTransformer; this visual tower has no '_pool'"):
+        WindowEncoder(tower)

@@ -31,6 +31,11 @@ class PromptFileError(SetupError):
     """A custom vocabulary file is invalid."""
 
 
+class MetricError(WinclipError, ValueError):
+    """The data cannot be scored by this metric (one class only, NaN scores, shape mismatch);
+    `eval` reports the metric as n/a with this reason."""
+
+
 class ImageDecodeError(WinclipError):
     """One input file could not be turned into an image; the scan records it and goes on."""
 

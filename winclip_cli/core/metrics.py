@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from winclip_cli.errors import SetupError
+from winclip_cli.errors import MetricError
 
 __all__ = [
     "MetricError",
@@ -28,10 +28,6 @@ __all__ = [
 
 # 8-connectivity: diagonal neighbours belong to the same defect region.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
-
-class MetricError(SetupError):
-    """The data cannot be scored by this metric (one class only, NaN scores, shape mismatch)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,8 +65,10 @@ def harmonic_aggregation(window_scores: torch.Tensor, coverage: torch.Tensor) ->
 
 
 def harmonic_mean(stack: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Harmonic mean along ``dim``; 0 where any entry is 0, as 1/0 = inf makes it."""
-    return stack.shape[dim] / (1.0 / stack).sum(dim=dim)
+    """Harmonic mean along ``dim``; 0 where any entry is 0, as 1/0 = inf makes it, and 0 where any
+    entry is NaN, as :func:`harmonic_aggregation` treats a NaN window score."""
+    mean = stack.shape[dim] / (1.0 / stack).sum(dim=dim)
+    return torch.where(torch.isnan(stack).any(dim=dim), torch.zeros_like(mean), mean)
 
 
 # --------------------------------------------------------------------------------------------------- scores
@@ -158,9 +160,13 @@ class WindowEncoder:
         scales: Sequence[int] = DEFAULT_SCALES,
         max_window_tokens: int = 65536,
     ) -> None:
-        for name in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post"):
+        # ``_pool`` is open_clip 3.x's own pooling (class token or mean, per config); pyproject pins
+        # open_clip below 4 so that this private method cannot vanish under a user unannounced.
+        for name in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "_pool"):
             if not hasattr(visual, name):
-                raise TypeError(f"WinCLIP needs an open_clip VisionTransformer; this visual tower has no {name!r}")
+                raise TypeError(
+                    f"WinCLIP needs an open_clip 3.x VisionTransformer; this visual tower has no {name!r}"
+                )
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError("WinCLIP does not support vision towers with attentional pooling")
         self.visual = visual
@@ -229,7 +235,8 @@ class ReferenceMemory:
     window_owner: list[torch.Tensor] | None = None  # per scale, (k * W_s,)
 
     @property
-    def k(self) -> int:
+    def rows(self) -> int:
+        """Patch rows in the memory: k x G (``MemoryFile.k`` is the number of reference images)."""
         return self.patches.shape[0]
 
     @classmethod

@@ -14,7 +14,6 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -162,8 +161,3 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
         stored_in = options.out or DEFAULT_CALIBRATION_FILE
         write_text_atomic(stored_in, json.dumps(record, indent=2) + "\n")
     return CalibrateResult(result, scores, stored_in, left_out, failures, time.perf_counter() - started)
-
-
-def describe(record: dict[str, Any]) -> str:
-    cal = record["calibration"]
-    return f"threshold {cal['threshold']:.6f} at fpr {cal['fpr']:g} on {cal['n_images']} images"
