@@ -17,7 +17,7 @@ from winclip_cli.core.calibration import threshold_for_fpr
 from winclip_cli.io.memory import load_memory
 from winclip_cli.io.outputs import read_results_csv
 from winclip_cli.jobs.calibrate import CalibrateOptions, run_calibrate_job
-from winclip_cli.jobs.scan import SilentReporter
+from winclip_cli.jobs.kernel import SilentReporter
 
 runner = CliRunner()
 GOOD = SAMPLE_DATA / "fabric" / "good"

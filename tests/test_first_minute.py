@@ -416,7 +416,8 @@ def test_eval_notes_anomalous_images_without_a_mask(tmp_path, tiny_args):
 
 
 def test_a_calibration_for_another_class_names_the_class():
-    from winclip_cli.jobs.scan import SilentReporter, choose_threshold
+    from winclip_cli.jobs.kernel import SilentReporter
+    from winclip_cli.jobs.scan import choose_threshold
 
     fingerprint = {"architecture": "a", "vocabulary_sha256": "screw-prompts", "memory": "m"}
     calibration = {

@@ -608,10 +608,10 @@ def build_refs(
         size_mb = out.stat().st_size / 1e6
         stderr.print(
             f"[bold]k={result.memory.k}[/] references in {_escape(str(out))} ({size_mb:.1f} MB), "
-            f"{result.added} added, {result.skipped} skipped, {len(result.failures)} unreadable, "
+            f"{result.added} added, {result.skipped} skipped, {len(result.problems.failures)} unreadable, "
             f"{result.seconds:.1f} s"
         )
-    raise typer.Exit(EXIT_UNREADABLE if result.failures else EXIT_OK)
+    raise typer.Exit(EXIT_OK if result.problems.complete else EXIT_UNREADABLE)
 
 
 # ------------------------------------------------------------------------------------------------- calibrate
@@ -728,7 +728,7 @@ def calibrate(
             f"[yellow]warning:[/] {plural(cal.n_images, 'image')} cannot support a false-alarm rate of {cal.fpr:g}: "
             f"at least {cal.min_images_for_fpr} are needed; the threshold is the highest score seen"
         )
-    raise typer.Exit(EXIT_UNREADABLE if result.failures else EXIT_OK)
+    raise typer.Exit(EXIT_OK if result.problems.complete else EXIT_UNREADABLE)
 
 
 # ------------------------------------------------------------------------------------------------------ eval

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -238,6 +239,26 @@ class ReferenceMemory:
     def rows(self) -> int:
         """Patch rows in the memory: k x G (``MemoryFile.k`` is the number of reference images)."""
         return self.patches.shape[0]
+
+    @classmethod
+    def from_arrays(
+        cls,
+        patches: np.ndarray | torch.Tensor,
+        windows: Sequence[np.ndarray | torch.Tensor],
+        entries_per_reference: Sequence[int],
+        device: torch.device | str = "cpu",
+    ) -> ReferenceMemory:
+        """From per-entry arrays: patches (E, G, C), windows per scale (E, W_s, D); reference r owns the
+        next ``entries_per_reference[r]`` entries (one per image, or one per tile of a tiled image)."""
+        patches = torch.as_tensor(patches).to(device)
+        windows = [torch.as_tensor(w).to(device) for w in windows]
+        owner = torch.repeat_interleave(torch.arange(len(entries_per_reference)), torch.tensor(entries_per_reference))
+        return cls(
+            patch_owner=owner.repeat_interleave(patches.shape[1]),
+            window_owner=[owner.repeat_interleave(w.shape[1]) for w in windows],
+            patches=patches.reshape(-1, patches.shape[-1]),
+            windows=[w.reshape(-1, w.shape[-1]) for w in windows],
+        )
 
     @classmethod
     def from_embeddings(cls, embeddings: ImageEmbeddings) -> ReferenceMemory:

@@ -90,19 +90,9 @@ class MemoryFile:
         return {ref["sha256"]: i for i, ref in enumerate(self.metadata["references"])}
 
     def to_reference_memory(self, scales: tuple[int, ...], device: torch.device) -> ReferenceMemory:
-        patches = torch.from_numpy(self.patches).to(device)
         # entry e belongs to reference owner[e]; each entry holds G patches and W_s windows per scale
         counts = [int(ref.get("entries", 1)) for ref in self.metadata["references"]]
-        owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-        return ReferenceMemory(
-            patch_owner=owner.repeat_interleave(self.patches.shape[1]),
-            window_owner=[owner.repeat_interleave(self.windows[s].shape[1]) for s in scales],
-            patches=patches.reshape(-1, patches.shape[-1]),
-            windows=[
-                torch.from_numpy(self.windows[s]).to(device).reshape(-1, self.windows[s].shape[-1]) for s in scales
-            ],
-        )
-
+        return ReferenceMemory.from_arrays(self.patches, [self.windows[s] for s in scales], counts, device)
 
 def describe_model(
     identity: dict[str, str],

@@ -19,22 +19,19 @@ import numpy as np
 
 from winclip_cli import __version__
 from winclip_cli.core.calibration import Calibration, calibrate
-from winclip_cli.core.engine import ModelOptions, build_engine
+from winclip_cli.core.engine import ModelOptions
 from winclip_cli.errors import SetupError
 from winclip_cli.io.hashing import sha256_file
-from winclip_cli.io.memory import MemoryFile, attach_memory, load_memory, update_metadata
+from winclip_cli.io.memory import MemoryFile, load_memory, update_metadata
 from winclip_cli.io.outputs import write_text_atomic
+from winclip_cli.jobs.kernel import InputProblems, Reporter, Session, calibration_fingerprint, discover
 from winclip_cli.jobs.pipeline import (
     Decoded,
     InputOptions,
-    decode_stream,
     full_resolution_map,
     image_score,
-    processed_stream,
     relative_name,
-    scoring_fn,
 )
-from winclip_cli.jobs.scan import Reporter, calibration_fingerprint, discover
 from winclip_cli.options import DEFAULT_CALIBRATION_FILE, DEFAULT_FPR, check_rate
 
 
@@ -57,8 +54,8 @@ class CalibrateResult:
     scores: np.ndarray
     stored_in: Path
     left_out: int
-    failures: list[Decoded]
     seconds: float
+    problems: InputProblems  # unreadable good images and folders: the run is incomplete (exit 3)
 
 
 PIXELS_PER_IMAGE = 65536
@@ -81,22 +78,24 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
     started = time.perf_counter()
     check_rate("--fpr", options.fpr)
     check_rate("--pixel-fpr", options.pixel_fpr)
-    files = discover(options.good_dir, options.out or DEFAULT_CALIBRATION_FILE, reporter)
+    problems = InputProblems()
+    files = discover(options.good_dir, options.out or DEFAULT_CALIBRATION_FILE, reporter, problems.unlisted)
     if not files:
         raise SetupError(f"no images found under {options.good_dir}")
     memory: MemoryFile | None = load_memory(options.refs) if options.refs is not None else None
-    engine = build_engine(options.model, options.class_name, options.prompts, use_cache=options.use_cache)
-    backbone = engine.backbone
-    memory_id = ""
-    reference_of: dict[str, int] = {}
-    if memory is not None:
-        for warning in attach_memory(engine, memory, tile=options.tile, tile_overlap=options.tile_overlap):
-            reporter.warn(warning)
-        memory_id = memory.content_id
-        reference_of = memory.reference_index()
-    prep = options.preprocessing(backbone)
+    session = Session.open(
+        options.model,
+        options,
+        class_name=options.class_name,
+        prompts=options.prompts,
+        use_cache=options.use_cache,
+        memory=memory,
+        reporter=reporter,
+    )
+    engine = session.engine
+    assert engine is not None
+    reference_of = memory.reference_index() if memory is not None else {}
     left_out = 0
-
     reference_index_of: dict[Path, int] = {}  # good image -> its index in the memory, when it is a reference
 
     def exclude_for(item: Decoded) -> int:
@@ -120,22 +119,17 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
     reporter.info(
         f"winclip {__version__}: calibrating on {len(files)} good images"
         + (f" ({left_out} are references: scored leave-one-out)" if left_out else "")
-        + f", {backbone.architecture} on {backbone.device} {backbone.precision}"
+        + f", {session.describe()}"
     )
     reporter.start("calibrating", len(files))
     image_scores: list[float] = []
     pixel_scores: list[np.ndarray] = []
-    failures: list[Decoded] = []
-    stream = decode_stream(
-        inputs, prep, workers=options.workers, lookahead=max(2 * options.batch_size, 4), with_stamp=False
-    )
-    process = scoring_fn(engine.scorer, backbone.device, backbone.dtype, exclude_for if reference_index_of else None)
-    items = processed_stream(stream, process, options.batch_size)
+    items = session.scored(inputs, exclude_for=exclude_for if reference_index_of else None)
     with closing(items):
         for item in items:
             reporter.advance()
             if item.error:
-                failures.append(item)
+                problems.failures.append(item)
                 reporter.warn(f"{item.relpath}: {item.error}")
                 continue
             image_scores.append(image_score(item)[0])
@@ -152,7 +146,7 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
         "good_dir": str(options.good_dir),
         "leave_one_out": left_out,
         "calibration": result.as_dict(),
-        "fingerprint": calibration_fingerprint(engine, memory_id, prep),
+        "fingerprint": calibration_fingerprint(session),
     }
     if memory is not None:
         update_metadata(memory, calibration=record)
@@ -160,4 +154,4 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
     else:
         stored_in = options.out or DEFAULT_CALIBRATION_FILE
         write_text_atomic(stored_in, json.dumps(record, indent=2) + "\n")
-    return CalibrateResult(result, scores, stored_in, left_out, failures, time.perf_counter() - started)
+    return CalibrateResult(result, scores, stored_in, left_out, time.perf_counter() - started, problems)

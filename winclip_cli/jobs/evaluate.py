@@ -17,24 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from winclip_cli import __version__
-from winclip_cli.core.engine import ModelOptions, build_backbone, build_engine
+from winclip_cli.core.engine import ModelOptions, build_backbone
 from winclip_cli.core.metrics import MetricError, f1_max, image_ap, image_auroc, pixel_auroc, pixel_f1_max, pro_auc
-from winclip_cli.core.winclip import ReferenceMemory
 from winclip_cli.errors import SetupError
 from winclip_cli.io.datasets import Category, discover_categories, draw_references, load_mask
 from winclip_cli.io.outputs import write_text_atomic
-from winclip_cli.jobs.pipeline import (
-    InputOptions,
-    decode_stream,
-    embed_references,
-    processed_stream,
-    scoring_fn,
-    upsample_grid,
-)
-from winclip_cli.jobs.scan import Reporter
+from winclip_cli.jobs.kernel import Reporter, Session
+from winclip_cli.jobs.pipeline import InputOptions, collect_references, image_score, map_at_model_size
 
 METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_f1_max", "pro")
 
@@ -67,7 +58,7 @@ class CategoryResult:
 def run_eval_job(options: EvalOptions, reporter: Reporter) -> list[CategoryResult]:
     started = time.perf_counter()
     categories = discover_categories(options.root)
-    backbone = build_backbone(options.model)  # one model for all categories
+    backbone = build_backbone(options.model)  # one model for all categories, one session (text) each
     shots = f"{options.k_shot}-shot" if options.k_shot else "zero-shot"
     names = ", ".join(c.name for c in categories)
     reporter.info(
@@ -76,41 +67,32 @@ def run_eval_job(options: EvalOptions, reporter: Reporter) -> list[CategoryResul
     )
     results = []
     for category in categories:
-        engine = build_engine(
-            options.model, options.class_name or category.name, options.prompts, options.use_cache, backbone=backbone
+        session = Session.open(
+            options.model,
+            options,
+            class_name=options.class_name or category.name,
+            prompts=options.prompts,
+            use_cache=options.use_cache,
+            backbone=backbone,
         )
-        results.append(_evaluate_category(category, engine, options, reporter))
+        results.append(_evaluate_category(category, session, options, reporter))
     _write_outputs(results, options, time.perf_counter() - started)
     return results
 
 
-def _evaluate_category(category: Category, engine, options: EvalOptions, reporter: Reporter) -> CategoryResult:
-    backbone = engine.backbone
-    prep = options.preprocessing(backbone)
+def _evaluate_category(
+    category: Category, session: Session, options: EvalOptions, reporter: Reporter
+) -> CategoryResult:
+    backbone = session.backbone
     references: list[Path] = []
     if options.k_shot:
         references = draw_references(category, options.k_shot, options.seed)
-        embedded = embed_references(
-            engine.scorer,
-            [(p, p.name) for p in references],
-            prep,
-            device=backbone.device,
-            dtype=backbone.dtype,
-            batch_size=options.batch_size,
-            workers=options.workers,
-        )
+        embedded = collect_references(session.embedded([(p, p.name) for p in references]))
         if embedded.failures:
             bad = embedded.failures[0]
             raise SetupError(f"reference {bad.path} of '{category.name}' cannot be read: {bad.error}")
-        engine.scorer.memory = ReferenceMemory(
-            patches=torch.from_numpy(np.stack(embedded.patches)).reshape(-1, embedded.patches[0].shape[-1]),
-            windows=[
-                torch.from_numpy(np.stack([w[i] for w in embedded.windows])).reshape(
-                    -1, embedded.windows[0][i].shape[-1]
-                )
-                for i in range(len(engine.scorer.scales))
-            ],
-        )
+        # the same memory a scan builds from a memory file (references are not left out here)
+        session.scorer.memory = embedded.to_reference_memory(session.scorer.scales, backbone.device)
     # a generic layout draws references from its own good test images: those are not evaluated
     chosen = {p.resolve() for p in references}
     test = [image for image in category.test if image.path.resolve() not in chosen]
@@ -119,8 +101,7 @@ def _evaluate_category(category: Category, engine, options: EvalOptions, reporte
     labels, scores, maps, masks, errors = [], [], [], [], []
     without_mask = 0
     size = backbone.image_size
-    stream = decode_stream([(i.path, str(i.path)) for i in test], prep, workers=options.workers, with_stamp=False)
-    items = processed_stream(stream, scoring_fn(engine.scorer, backbone.device, backbone.dtype), options.batch_size)
+    items = session.scored([(i.path, str(i.path)) for i in test])
     with closing(items):
         for item in items:
             reporter.advance()
@@ -129,11 +110,11 @@ def _evaluate_category(category: Category, engine, options: EvalOptions, reporte
                 reporter.warn(f"{item.relpath}: {item.error}")
                 continue
             image = by_path[item.relpath]
-            score, grid = item.outputs[0]
+            score, _ = image_score(item)
             labels.append(image.label)
             scores.append(score)
             if image.label == 0 or image.mask is not None:  # anomalous images without a mask have no pixel truth
-                maps.append(upsample_grid(grid, *size))
+                maps.append(map_at_model_size(item, size))
                 masks.append(load_mask(image.mask, size))
             else:
                 without_mask += 1

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from winclip_cli.core.tiling import Tile, TileBlender, auto_tile_size, crop, tile_count, tile_grid
-from winclip_cli.core.winclip import WinClipScorer
+from winclip_cli.core.winclip import ReferenceMemory, WinClipScorer
 from winclip_cli.errors import ImageDecodeError
 from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess, unreadable_reason
@@ -425,6 +425,15 @@ def full_resolution_map(item: Decoded) -> np.ndarray:
     return blender.result()
 
 
+def map_at_model_size(item: Decoded, size: Sequence[int]) -> np.ndarray:
+    """The map at the model's input size, as evaluation compares it with masks: the grid upsampled (what
+    ``WinClipScorer.score`` returns), or for a tiled file its full-resolution map resized to that size."""
+    if item.tiles is None:
+        return upsample_grid(item.outputs[0][1], *size)
+    full = torch.from_numpy(full_resolution_map(item))
+    return F.interpolate(full[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
 def image_score(item: Decoded) -> tuple[float, Tile | None]:
     """The image score (max over tiles in tiled mode) and the tile that produced it."""
     scores = [score for score, _ in item.outputs]
@@ -719,34 +728,11 @@ def _small_overlay(display: np.ndarray, item: Decoded, score_map: np.ndarray | N
     return small_rgb, overlay(small_rgb, small_map)
 
 
-def run_scan(
-    scorer: WinClipScorer,
-    inputs: Sequence[tuple[Path, str]],
-    out_dir: Path,
-    context: RowContext,
-    prep: Preprocessing,
-    *,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    batch_size: int = 8,
-    save_maps: bool = False,
-    thumbnails: bool = True,
-    workers: int | None = None,
-    on_rows: Callable[[RowGroup], None] = lambda rows: None,
-    should_stop: Callable[[], bool] = lambda: False,
-    heatmaps: str = "png",
-) -> ScanSummary:
-    """Score ``inputs`` ((path, name) pairs) and write their outputs; rows go to ``on_rows`` in input order."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if workers is None and torch.device(device).type == "cuda":
-        workers = max(1, min(16, os.cpu_count() or 1))  # a GPU consumes what many decoding threads make
-    stream = decode_stream(inputs, prep, workers=workers, lookahead=max(2 * batch_size, 4))
-    writer = ResultWriter(
-        out_dir, context, on_rows, save_maps=save_maps, thumbnails=thumbnails, heatmaps=heatmaps, device=device
-    )
+def write_all(items: Iterator[Decoded], writer: ResultWriter) -> ScanSummary:
+    """Hand every scored file to ``writer`` and wait for its rows; on an error, queued decoding is
+    cancelled rather than awaited, and the rows already written are kept."""
     try:
-        items = processed_stream(stream, scoring_fn(scorer, device, dtype), batch_size, should_stop)
-        with closing(items):  # on an error, queued decoding is cancelled rather than awaited
+        with closing(items):
             for item in items:
                 writer.submit(item)
     finally:
@@ -771,22 +757,23 @@ class EmbeddedReferences:
     windows: list[list[np.ndarray]] = field(default_factory=list)  # per entry, per scale (W_s, D)
     failures: list[Decoded] = field(default_factory=list)
 
+    def to_reference_memory(self, scales: Sequence[int], device: torch.device) -> ReferenceMemory:
+        """The memory a scorer compares with, built as from a memory file (``MemoryFile.to_reference_memory``)."""
+        if not self.patches:
+            raise ValueError("no reference was embedded")
+        return ReferenceMemory.from_arrays(
+            np.stack(self.patches),
+            [np.stack([w[i] for w in self.windows]) for i in range(len(scales))],
+            self.entries_per_image,
+            device,
+        )
 
-def embed_references(
-    scorer: WinClipScorer,
-    inputs: Sequence[tuple[Path, str]],
-    prep: Preprocessing,
-    *,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    batch_size: int = 8,
-    workers: int | None = None,
-    on_item: Callable[[Decoded], None] = lambda item: None,
+
+def collect_references(
+    items: Iterator[Decoded], on_item: Callable[[Decoded], None] = lambda item: None
 ) -> EmbeddedReferences:
-    """Embed reference images (or their tiles) exactly as ``run_scan`` embeds what it scores."""
+    """Gather embedded references (``Session.embedded``) in input order; unreadable ones are kept apart."""
     result = EmbeddedReferences()
-    stream = decode_stream(inputs, prep, workers=workers, lookahead=max(2 * batch_size, 4), with_stamp=False)
-    items = processed_stream(stream, embedding_fn(scorer, device, dtype), batch_size)
     with closing(items):
         for item in items:
             if item.error:

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from winclip_cli import __version__
-from winclip_cli.core.engine import ModelOptions, build_backbone
+from winclip_cli.core.engine import ModelOptions
 from winclip_cli.core.prompts import load_vocabulary
 from winclip_cli.core.winclip import WinClipScorer
 from winclip_cli.errors import SetupError
 from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.images import discover_images
 from winclip_cli.io.memory import MemoryFile, build_metadata, check_compatible, describe_model, load_memory, save_memory
-from winclip_cli.jobs.pipeline import Decoded, InputOptions, embed_references
-from winclip_cli.jobs.scan import Reporter
+from winclip_cli.jobs.kernel import InputProblems, Reporter, Session
+from winclip_cli.jobs.pipeline import Decoded, InputOptions, collect_references
 
 
 @dataclass
@@ -38,18 +38,23 @@ class RefsResult:
     memory: MemoryFile
     added: int
     skipped: int
-    failures: list[Decoded]
     seconds: float
+    problems: InputProblems  # unreadable references and folders: the run is incomplete (exit 3)
 
 
-def reference_inputs(sources: list[Path], exclude: list[Path], reporter: Reporter) -> list[tuple[Path, str]]:
-    """(path, recorded name) of every reference image; names are relative to the folder given."""
+def reference_inputs(
+    sources: list[Path], exclude: list[Path], reporter: Reporter, unlisted: list[str] | None = None
+) -> list[tuple[Path, str]]:
+    """(path, recorded name) of every reference image; names are relative to the folder given.
+    Folders that cannot be listed are warned about and appended to ``unlisted``."""
     inputs: list[tuple[Path, str]] = []
     for source in sources:
         if source.is_dir():
             found = discover_images(source, exclude=exclude)
             for folder, reason in found.skipped_dirs:
                 reporter.warn(f"cannot list {folder}: {reason}")
+                if unlisted is not None:
+                    unlisted.append(f"{folder}: {reason}")
             inputs += [(p, (Path(source.name) / p.relative_to(source)).as_posix()) for p in found.files]
         elif source.is_file():
             inputs.append((source, source.as_posix()))
@@ -72,7 +77,8 @@ def pick(inputs: list[tuple[Path, str]], k: int | None, seed: int | None) -> lis
 def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
     started = time.perf_counter()
     vocabulary = load_vocabulary(options.prompts)
-    inputs = reference_inputs(options.sources, [options.out], reporter)
+    problems = InputProblems()
+    inputs = reference_inputs(options.sources, [options.out], reporter, problems.unlisted)
     existing = load_memory(options.out) if options.append and options.out.exists() else None
     if existing is None:  # nothing known yet: choose first, so only the chosen files are read
         inputs = pick(inputs, options.k, options.seed)
@@ -95,11 +101,8 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
         fresh = pick(fresh, options.k, options.seed)
     sizes = {path: path.stat().st_size for path, _ in fresh}
 
-    backbone = build_backbone(options.model)
-    import torch
-
-    # References need no text: this scorer only embeds.
-    scorer = WinClipScorer(backbone.model.visual, torch.zeros(2, 1), scales=options.model.scales)
+    session = Session.open(options.model, options, class_name=None)  # references need no text
+    backbone, scorer = session.backbone, session.scorer
     model_info = describe_model(
         backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size, options.tile, options.tile_overlap
     )
@@ -111,7 +114,6 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
         f"on {backbone.device} {backbone.precision}"
         + (f" ({skipped} already in the memory, skipped)" if skipped else "")
     )
-    prep = options.preprocessing(backbone)
     reporter.start("embedding references", len(fresh))
 
     def on_item(item: Decoded) -> None:
@@ -119,16 +121,8 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
         if item.error:
             reporter.warn(f"{item.relpath}: {item.error}")
 
-    embedded = embed_references(
-        scorer,
-        fresh,
-        prep,
-        device=backbone.device,
-        dtype=backbone.dtype,
-        batch_size=options.batch_size,
-        workers=options.workers,
-        on_item=on_item,
-    )
+    embedded = collect_references(session.embedded(fresh), on_item)
+    problems.failures += embedded.failures
     references = [
         {"path": name, "size": sizes[path], "sha256": hashes[path], "entries": entries}
         for name, path, entries in zip(embedded.names, embedded.paths, embedded.entries_per_image, strict=True)
@@ -158,7 +152,7 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
     # Appending changes the references: an earlier calibration no longer describes this memory.
     save_memory(options.out, metadata, patches, windows)
     memory = load_memory(options.out)
-    return RefsResult(memory, len(embedded.names), skipped, embedded.failures, time.perf_counter() - started)
+    return RefsResult(memory, len(embedded.names), skipped, time.perf_counter() - started, problems)
 
 
 def _dims(embedded, existing: MemoryFile | None) -> tuple[int, int]:

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from winclip_cli import __version__
 from winclip_cli.core.backbone import Backbone
-from winclip_cli.core.engine import Engine, ModelOptions, build_engine
+from winclip_cli.core.engine import Engine, ModelOptions
 from winclip_cli.errors import SetupError
+from winclip_cli.io.memory import MemoryFile
 from winclip_cli.io.outputs import (
     CSV_COLUMNS,
     CsvResultWriter,
@@ -29,41 +30,20 @@ from winclip_cli.io.outputs import (
     write_results_csv_atomic,
     write_text_atomic,
 )
-from winclip_cli.io.state import OWN_FOLDERS, FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
-from winclip_cli.jobs.pipeline import InputOptions, Preprocessing, RowContext, ScanSummary, relative_name, run_scan
+from winclip_cli.io.state import FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
+from winclip_cli.jobs.kernel import Reporter, Session, calibration_fingerprint, discover
+from winclip_cli.jobs.pipeline import (
+    InputOptions,
+    Preprocessing,
+    ResultWriter,
+    RowContext,
+    ScanSummary,
+    relative_name,
+    write_all,
+)
 from winclip_cli.options import check_heatmaps, parse_threshold
 
 DEFAULT_THRESHOLD = 0.5
-
-
-class Reporter(Protocol):
-    """What a job tells its user; the CLI implements it with rich, tests with a list."""
-
-    def info(self, message: str) -> None: ...
-    def warn(self, message: str) -> None: ...
-    def start(self, description: str, total: int) -> None: ...
-    def advance(self) -> None: ...
-    def row(self, row: ResultRow) -> None: ...
-
-
-class SilentReporter:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.messages.append(message)
-
-    def warn(self, message: str) -> None:
-        self.messages.append("warning: " + message)
-
-    def start(self, description: str, total: int) -> None:
-        pass
-
-    def advance(self) -> None:
-        pass
-
-    def row(self, row: ResultRow) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------------------------------- shards
@@ -84,20 +64,6 @@ class ThresholdChoice:
     source: str
     pixel: float | None = None
     calibration: dict[str, Any] | None = None
-
-
-def calibration_fingerprint(engine: Engine, memory_id: str, prep: Preprocessing) -> dict[str, Any]:
-    """What a calibration depends on: the same fingerprint must hold when it is used."""
-    return {
-        "architecture": engine.backbone.architecture,
-        "weights_sha256": engine.backbone.weights_sha256,
-        "precision": engine.backbone.precision,
-        "scales": list(engine.scorer.scales),
-        "vocabulary_sha256": engine.ensemble.sha256,
-        "memory": memory_id,
-        "tile": prep.tile,
-        "tile_overlap": prep.tile_overlap if prep.tile is not None else None,
-    }
 
 
 def choose_threshold(
@@ -212,28 +178,6 @@ class ScanResult:
     total_errors: int = 0
 
 
-def discover(directory: Path, out: Path, reporter: Reporter, unlisted: list[str] | None = None) -> list[Path]:
-    """The image files under ``directory``; folders that cannot be listed are warned about and,
-    when ``unlisted`` is given, appended to it (a scan reports them in its exit code)."""
-    from winclip_cli.io.images import discover_images
-
-    if not directory.exists():
-        raise SetupError(f"input not found: {directory}")
-    # OUT is never scanned, whatever its relation to the input: a separate folder or one inside the
-    # input is left out whole; when OUT is the input (or holds it), winclip's own folders in OUT are.
-    own = [out / folder for folder in OWN_FOLDERS]
-    real_input = directory.resolve()
-    for folder in own:
-        if real_input.is_relative_to(folder.resolve()):
-            raise SetupError(f"the input {directory} lies inside winclip's own outputs in {folder}; use another --out")
-    found = discover_images(directory, exclude=[out, *own])
-    for folder, reason in found.skipped_dirs:
-        reporter.warn(f"cannot list {folder}: {reason}")
-        if unlisted is not None:
-            unlisted.append(f"{folder}: {reason}")
-    return found.files
-
-
 def run_scan_job(
     options: ScanOptions, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False
 ) -> ScanResult:
@@ -329,6 +273,19 @@ class ScanSession:
         self._lock: OutputLock | None = None
         self.state: RunState | None = None
 
+    @property
+    def engine(self) -> Engine:
+        assert self.session.engine is not None
+        return self.session.engine
+
+    @property
+    def prep(self) -> Preprocessing:
+        return self.session.prep
+
+    @property
+    def memory(self) -> MemoryFile | None:
+        return self.session.memory
+
     def __enter__(self) -> ScanSession:
         try:
             self.open()
@@ -358,25 +315,25 @@ class ScanSession:
             if self._lock.previous_holder:
                 reporter.warn(f"took over a stale lock in {options.out} ({self._lock.previous_holder})")
         clean_stale_temporaries(options.out)
-        engine = build_engine(
-            options.model, options.class_name, options.prompts, use_cache=options.use_cache, backbone=self._backbone
+        self.session = Session.open(
+            options.model,
+            options,
+            class_name=options.class_name,
+            prompts=options.prompts,
+            use_cache=options.use_cache,
+            memory=memory,
+            reporter=reporter,
+            backbone=self._backbone,
         )
-        self.engine = engine
+        engine = self.engine
         context = RowContext(
             threshold=DEFAULT_THRESHOLD, threshold_source="", mode="zero-shot", vocabulary_sha256=engine.ensemble.sha256
         )
-        memory_id = ""
+        memory_id = self.session.memory_id
         if memory is not None:
-            from winclip_cli.io.memory import attach_memory
-
-            for warning in attach_memory(engine, memory, tile=options.tile, tile_overlap=options.tile_overlap):
-                reporter.warn(warning)
             context.mode, context.k_shot = "few-shot", memory.k
             context.refs, context.refs_sha256 = str(options.refs), memory.sha256
-            memory_id = memory.content_id
-        self.memory = memory
-        self.prep = options.preprocessing(engine.backbone)
-        fingerprint = calibration_fingerprint(engine, memory_id, self.prep)
+        fingerprint = calibration_fingerprint(self.session)
         choice = choose_threshold(
             self.requested_threshold,
             calibration,
@@ -462,23 +419,16 @@ class ScanSession:
                     self.reporter.row(row)
                 on_committed([row for row, _ in group])
 
-            backbone = self.engine.backbone
-            return run_scan(
-                self.engine.scorer,
-                todo,
+            writer = ResultWriter(
                 options.out,
                 self.context,
-                self.prep,
-                device=backbone.device,
-                dtype=backbone.dtype,
-                batch_size=options.batch_size,
+                on_rows,
                 save_maps=options.save_maps,
                 thumbnails=options.thumbnails,
-                workers=options.workers,
                 heatmaps=options.heatmaps,
-                on_rows=on_rows,
-                should_stop=should_stop,
+                device=self.session.backbone.device,
             )
+            return write_all(self.session.scored(todo, with_stamp=True, should_stop=should_stop), writer)
 
     def rewrite_csv(self) -> list[ResultRow]:
         """scores.csv rewritten atomically from the state (one row per file, sorted); returns the rows."""

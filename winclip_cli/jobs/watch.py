@@ -38,15 +38,10 @@ from stat import S_ISREG
 from winclip_cli.errors import SetupError, WinclipError
 from winclip_cli.io.outputs import ResultRow
 from winclip_cli.io.state import OutputLock
+from winclip_cli.jobs.kernel import Reporter
 from winclip_cli.jobs.pipeline import relative_name
-from winclip_cli.jobs.scan import (
-    Reporter,
-    ScanOptions,
-    ScanSession,
-    check_output_options,
-    parse_threshold,
-    remove_outputs_of,
-)
+from winclip_cli.jobs.scan import ScanOptions, ScanSession, check_output_options, remove_outputs_of
+from winclip_cli.options import parse_threshold
 
 DEFAULT_SETTLE = 0.5  # seconds a file must stay unchanged when no event says it is complete
 SAFETY_LISTING = 30.0  # seconds between full listings when events are used (events can be lost)
