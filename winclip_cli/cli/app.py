@@ -284,6 +284,48 @@ class ConsoleReporter:
 # ------------------------------------------------------------------------------------------------------ scan
 
 
+def _checked_scan_options(
+    directory: Path,
+    out: Path,
+    model_args: ModelArgs,
+    input_args: InputArgs,
+    tile_args: TileArgs,
+    *,
+    threshold: str,
+    refs: Path | None,
+    calibration: Path | None,
+    prompts: Path | None,
+    **settings: Any,
+):
+    """The options of a scan or a watch, with everything that needs no model checked first, before
+    torch is imported: a mistake fails at once."""
+    model_options = model_args.parse()
+    parse_threshold(threshold)
+    tiling = tile_args.parse(model_args.model)
+    preflight.check_input(directory)
+    preflight.check_output_folder("--out", out)
+    preflight.check_memory_file(refs)
+    preflight.check_input_file("--calibration", calibration)
+    load_vocabulary(prompts)
+    preflight.check_not_busy(out)
+
+    from winclip_cli.jobs.scan import ScanOptions
+
+    return ScanOptions(
+        directory=directory,
+        out=out,
+        model=model_options,
+        threshold=threshold,
+        refs=refs,
+        calibration=calibration,
+        prompts=prompts,
+        **settings,
+        **input_args.parse(),
+        **tiling,
+    )
+
+
+
 @app.command(epilog=EXIT_CODES_HELP)
 @with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
 def scan(
@@ -351,24 +393,14 @@ def scan(
     """
     with user_errors():
         # Everything that needs no model is checked before torch is imported: mistakes fail at once.
-        model_options = model_args.parse()
-        parse_threshold(threshold)
         check_heatmaps(heatmaps)
         shard_of = parse_shard(shard)
-        tiling = tile_args.parse(model_args.model)
-        preflight.check_input(directory)
-        preflight.check_output_folder("--out", out)
-        preflight.check_memory_file(refs)
-        preflight.check_input_file("--calibration", calibration)
-        load_vocabulary(prompts)
-        preflight.check_not_busy(out)
-
-        from winclip_cli.jobs.scan import ScanOptions, run_scan_job
-
-        options = ScanOptions(
-            directory=directory,
-            out=out,
-            model=model_options,
+        options = _checked_scan_options(
+            directory,
+            out,
+            model_args,
+            input_args,
+            tile_args,
             class_name=class_name,
             threshold=threshold,
             refs=refs,
@@ -379,9 +411,9 @@ def scan(
             heatmaps=heatmaps,
             incremental=incremental,
             shard=shard_of,
-            **input_args.parse(),
-            **tiling,
         )
+        from winclip_cli.jobs.scan import run_scan_job
+
         stop = StopFlag()
         with preflight.removed_if_unused(out), ConsoleReporter(quiet, json_lines) as reporter, stop.installed():
             result = run_scan_job(options, reporter, should_stop=stop)
@@ -488,26 +520,14 @@ def watch(
       winclip watch /data/camera1 --class bottle --json --on-anomaly 'logger -t winclip'
     """
     with user_errors():
-        # as in scan: everything that needs no model is checked before torch is imported
-        model_options = model_args.parse()
-        parse_threshold(threshold)
-        tiling = tile_args.parse(model_args.model)
         if poll is not None and poll <= 0:
             raise SetupError(f"--poll takes a positive number of seconds, not {poll:g}")
-        preflight.check_input(directory)
-        preflight.check_output_folder("--out", out)
-        preflight.check_memory_file(refs)
-        preflight.check_input_file("--calibration", calibration)
-        load_vocabulary(prompts)
-        preflight.check_not_busy(out)
-
-        from winclip_cli.jobs.scan import ScanOptions
-        from winclip_cli.jobs.watch import WatchOptions, run_watch
-
-        scan_options = ScanOptions(
-            directory=directory,
-            out=out,
-            model=model_options,
+        scan_options = _checked_scan_options(
+            directory,
+            out,
+            model_args,
+            input_args,
+            tile_args,
             class_name=class_name,
             threshold=threshold,
             refs=refs,
@@ -516,9 +536,9 @@ def watch(
             use_cache=not no_cache,
             save_maps=save_maps,
             incremental=True,
-            **input_args.parse(),
-            **tiling,
         )
+        from winclip_cli.jobs.watch import WatchOptions, run_watch
+
         options = WatchOptions(scan_options, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
         stop = StopFlag()
         with _WatchReporter(quiet, json_lines) as reporter, stop.installed():
@@ -526,7 +546,7 @@ def watch(
     if not quiet:
         stderr.print(
             f"watch stopped: [bold]{result.scored}[/] scored, [bold]{result.anomalies}[/] anomalous, "
-            f"[bold]{result.errors}[/] errors -> {_escape(str(out / 'scores.csv'))}"
+            f"[bold]{plural(result.errors, 'error')}[/] -> {_escape(str(out / 'scores.csv'))}"
         )
     raise typer.Exit(EXIT_OK)
 

@@ -573,6 +573,14 @@ class ResultWriter:
         return self.summary
 
     def _run(self) -> None:
+        try:
+            self._collect()
+        except BaseException as err:  # a bug here must not leave the producer blocked on a full queue
+            self._failure = self._failure or err
+            while self._queue.get() is not None:  # what is still submitted is dropped until close()
+                pass
+
+    def _collect(self) -> None:
         pending: deque[tuple[Decoded, Future[ResultRow]]] = deque()
         in_flight = 2 * self._workers  # bounds the decoded images held by the writer
         finished = False

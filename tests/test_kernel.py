@@ -1,0 +1,129 @@
+"""The job kernel: one Session streams files for every job, so their rules cannot drift apart."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from winclip_cli.cli.app import app
+from winclip_cli.core.winclip import ReferenceMemory
+from winclip_cli.io.memory import load_memory
+from winclip_cli.jobs.kernel import Session
+from winclip_cli.jobs.pipeline import InputOptions, collect_references, image_score
+
+runner = CliRunner()
+
+
+def invoke(args: list[object]):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"img_{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def unlistable(monkeypatch: pytest.MonkeyPatch, locked: Path) -> None:
+    """Make ``locked`` fail to list (as root, chmod 000 would not)."""
+    real_scandir = os.scandir
+
+    def scandir(path=".", *args, **kwargs):
+        if isinstance(path, str | os.PathLike) and Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_reference_memory_owners_by_hand() -> None:
+    patches = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)  # 3 entries, G = 2, C = 4
+    windows = [np.ones((3, 5, 6), np.float32)]  # one scale, W = 5, D = 6
+    memory = ReferenceMemory.from_arrays(patches, windows, entries_per_reference=[2, 1])
+    assert memory.patch_owner.tolist() == [0, 0, 0, 0, 1, 1]
+    assert memory.window_owner[0].tolist() == [0] * 10 + [1] * 5
+    assert torch.equal(memory.patches, torch.from_numpy(patches.reshape(6, 4)))
+    assert memory.windows[0].shape == (15, 6)
+
+
+@pytest.mark.parametrize("command", ["calibrate", "build-refs"])
+def test_an_unlistable_folder_makes_calibrate_and_build_refs_exit_3(tmp_path, tiny_args, monkeypatch, command):
+    """As in scan: files in a folder that cannot be listed were not used, so the run is incomplete."""
+    good = tmp_path / "good"
+    make_images(good, 3)
+    make_images(good / "locked", 2, seed=1)
+    unlistable(monkeypatch, good / "locked")
+    out = tmp_path / ("cal.json" if command == "calibrate" else "refs.npz")
+    result = invoke([command, good, "--out", out, "-q", *tiny_args])
+    assert result.exit_code == 3, result.output
+    assert "cannot list" in result.output and "locked" in result.output
+    assert out.is_file()  # everything else was used and written
+    if command == "build-refs":
+        assert load_memory(out).k == 3
+
+
+def test_eval_memory_is_the_memory_a_memory_file_gives(tmp_path, tiny_args, tiny_options):
+    """eval builds its few-shot memory from embeddings exactly as scan loads it from build-refs' file."""
+    good = make_images(tmp_path / "good", 3)
+    refs = tmp_path / "refs.npz"
+    assert invoke(["build-refs", tmp_path / "good", "--out", refs, "-q", *tiny_args]).exit_code == 0
+    session = Session.open(tiny_options, InputOptions(), class_name=None)
+    embedded = collect_references(session.embedded([(p, p.name) for p in good]))
+    from_embeddings = embedded.to_reference_memory(session.scorer.scales, session.backbone.device)
+    from_file = load_memory(refs).to_reference_memory(session.scorer.scales, session.backbone.device)
+    assert torch.equal(from_embeddings.patches, from_file.patches)
+    for a, b in zip(from_embeddings.windows, from_file.windows, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(from_embeddings.patch_owner, from_file.patch_owner)
+
+
+def test_a_session_scores_a_file_like_the_scorer_does(tmp_path, tiny_options):
+    """Session.scored is the scorer on the preprocessed image: nothing is lost between file and score."""
+    from winclip_cli.io.images import load_image, preprocess
+
+    (path,) = make_images(tmp_path, 1)
+    session = Session.open(tiny_options, InputOptions(), class_name="object")
+    (item,) = list(session.scored([(path, path.name)]))
+    prep = session.prep
+    batch = preprocess(load_image(path), prep.size, prep.mean, prep.std)[None]
+    expected = session.scorer.score_embeddings(session.scorer.embed(batch)).image
+    assert image_score(item)[0] == pytest.approx(float(expected[0]), abs=1e-6)
+
+
+def test_a_failing_collector_stops_the_writer_instead_of_hanging(tmp_path, monkeypatch):
+    """A bug in the writer's collector thread is raised at the next submit or at close, never a hang."""
+    import threading
+
+    from winclip_cli.jobs.pipeline import Decoded, ResultWriter, RowContext
+
+    def broken_count(self, row):
+        raise RuntimeError("bug in the collector")
+
+    monkeypatch.setattr(ResultWriter, "_count", broken_count)
+    writer = ResultWriter(tmp_path, RowContext(threshold=0.5, threshold_source="default", mode="zero-shot"), print)
+    outcome: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for i in range(20):  # more than the queue holds: a dead collector used to block this for ever
+                writer.submit(Decoded(tmp_path / f"{i}.png", f"{i}.png", error="not an image"))
+            writer.close()
+        except BaseException as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the producer hangs on a dead collector"
+    assert len(outcome) == 1 and "bug in the collector" in str(outcome[0])
