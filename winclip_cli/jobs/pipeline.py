@@ -386,9 +386,44 @@ def embedding_fn(
 # ------------------------------------------------------------------------------------------------- results
 
 
+# torch's bilinear upsampling precomputes indices and weights for every output row and column: for a
+# 1 x 80,000,000 strip that is gigabytes. Past this many pixels on one side (no camera makes such
+# images) the map is interpolated in chunks instead, with the same formula in float32.
+LONG_SIDE_IN_CHUNKS = 1 << 16
+_CHUNK = 1 << 20  # output pixels per side per chunk: index and weight arrays of a few MB
+
+
 def upsample_grid(grid_map: torch.Tensor, height: int, width: int) -> np.ndarray:
     """Bilinear upsampling (align_corners=False) of one (gh, gw) map straight to (height, width)."""
+    if max(height, width) > LONG_SIDE_IN_CHUNKS:
+        return upsample_grid_in_chunks(grid_map.float().cpu().numpy(), height, width)
     return upsample_grid_tensor(grid_map, height, width).numpy()
+
+
+def _linear_taps(in_size: int, out_size: int, start: int, stop: int) -> tuple[np.ndarray, ...]:
+    """For outputs [start, stop): the two source indices and their weights, as torch computes them
+    (source = (x + 0.5) * in / out - 0.5, clamped at 0; align_corners=False)."""
+    scale = np.float32(in_size / out_size)
+    source = np.maximum((np.arange(start, stop, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    first = np.minimum(source.astype(np.int64), in_size - 1)
+    second = np.minimum(first + 1, in_size - 1)
+    far = (source - first).astype(np.float32)
+    return first, second, np.float32(1) - far, far
+
+
+def upsample_grid_in_chunks(grid: np.ndarray, height: int, width: int, chunk: int = _CHUNK) -> np.ndarray:
+    """:func:`upsample_grid` for extreme sizes, in memory bounded by the output and ``chunk``."""
+    out = np.empty((height, width), dtype=np.float32)
+    gh, gw = grid.shape
+    for r0 in range(0, height, chunk):
+        r1 = min(height, r0 + chunk)
+        top, bottom, w_top, w_bottom = _linear_taps(gh, height, r0, r1)
+        rows = w_top[:, None] * grid[top] + w_bottom[:, None] * grid[bottom]  # (r1 - r0, gw)
+        for c0 in range(0, width, chunk):
+            c1 = min(width, c0 + chunk)
+            left, right, w_left, w_right = _linear_taps(gw, width, c0, c1)
+            out[r0:r1, c0:c1] = rows[:, left] * w_left + rows[:, right] * w_right
+    return out
 
 
 def upsample_grid_tensor(grid_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
