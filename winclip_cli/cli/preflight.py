@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from winclip_cli.errors import MemoryFileError, SetupError
+from winclip_cli.errors import SetupError
+from winclip_cli.io.checks import check_memory_file  # noqa: F401  (re-exported for the commands)
 
 # ``state`` (and with it numpy, PIL) is imported only where an output folder already exists: the
 # checks that fail most often stay as light as Python's own start-up.
@@ -32,22 +33,6 @@ def check_input_file(option: str, path: Path | None) -> None:
         raise SetupError(f"{option} file not found: {path}")
     if not path.is_file():
         raise SetupError(f"{option} {path} is not a file")
-
-
-def check_memory_file(path: Path | None) -> None:
-    """Exists and is an .npz (a zip archive: anything else np.load would try as a pickle, and refuse
-    with a misleading message); its contents are validated when the memory is loaded."""
-    if path is None:
-        return
-    if not path.is_file():
-        raise MemoryFileError(f"reference memory not found: {path} (create one with `winclip build-refs`)")
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-    except OSError as err:
-        raise MemoryFileError(f"cannot read {path}: {err.strerror or err}") from None
-    if magic != b"PK\x03\x04":
-        raise MemoryFileError(f"{path} is not a winclip memory (not an .npz file from `winclip build-refs`)")
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from winclip_cli import __version__
-from winclip_cli.cli.preflight import check_memory_file
 from winclip_cli.core.winclip import ReferenceMemory
 from winclip_cli.errors import MemoryFileError
+from winclip_cli.io.checks import check_memory_file
 from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.outputs import atomic_path
 

@@ -580,6 +580,7 @@ class ResultWriter:
         # Upsampling and colouring run where the model ran when that is a GPU: the CPU keeps to
         # decoding and encoding.
         self.device = device if device is not None and torch.device(device).type == "cuda" else None
+        out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         self.context = context
         self.on_rows = on_rows
