@@ -18,11 +18,15 @@ from typer.testing import CliRunner
 SUBPROCESS_TIMEOUT = 300  # seconds; a scan of a few tiny images takes ~10 s, mostly importing torch
 
 
-def invoke(args: Iterable[object]) -> Result:
-    """``winclip ARGS`` in this process; each argument goes through ``str`` (so Paths and numbers work)."""
+def invoke(args: Iterable[object], **kwargs) -> Result:
+    """``winclip ARGS`` in this process; each argument goes through ``str`` (so Paths and numbers work).
+
+    A crash raises with its traceback instead of becoming an exit code; other keyword arguments
+    (``env``, ``input``) go to CliRunner.invoke.
+    """
     from winclip_cli.cli.app import app  # imported here so that collecting the tests imports no CLI
 
-    return CliRunner().invoke(app, [str(arg) for arg in args], catch_exceptions=False)
+    return CliRunner().invoke(app, [str(arg) for arg in args], catch_exceptions=False, **kwargs)
 
 
 def run_cli(

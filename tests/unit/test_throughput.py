@@ -278,7 +278,7 @@ def test_scan_heatmaps_jpg_and_none_keep_the_png_scores(tmp_path, tiny_args, mon
     # scores only, but the report still gets the image and a small heatmap of each
     thumbs = sorted(p.name for p in (tmp_path / "none" / "thumbs").rglob("*.jpg"))
     assert len(thumbs) == 2 * len(none)
-    page = invoke(["report", str(tmp_path / "none")], catch_exceptions=False)
+    page = invoke(["report", str(tmp_path / "none")])
     assert page.exit_code == 0, page.output
     html = (tmp_path / "none" / "report.html").read_text()
     assert html.count("<img") >= 2 * len(none)
@@ -333,7 +333,7 @@ def test_sharded_jpg_scans_merge_with_their_heatmaps(tmp_path, tiny_args):
         result = scan(shards[-1], tiny_args, "--heatmaps", "jpg", "--shard", f"{k}/2")
         assert result.exit_code == 0, result.output
     merged = tmp_path / "merged"
-    result = invoke(["merge", *map(str, shards), "--out", str(merged)], catch_exceptions=False)
+    result = invoke(["merge", *map(str, shards), "--out", str(merged)])
     assert result.exit_code == 0, result.output
     rows = read_results_csv(merged / "scores.csv")
     assert len(rows) == 6
