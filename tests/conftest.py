@@ -84,3 +84,13 @@ def tiny_options(tiny_model_files):
 
     config, checkpoint = tiny_model_files
     return ModelOptions(model=str(config), weights=str(checkpoint), device="cpu")
+
+
+SYSTEM_TESTS = Path(__file__).resolve().parent / "system"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/system/ is marked ``system`` (select with -m system, skip with -m "not system")."""
+    for item in items:
+        if item.path.is_relative_to(SYSTEM_TESTS):
+            item.add_marker(pytest.mark.system)

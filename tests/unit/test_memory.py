@@ -10,26 +10,20 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA
-from winclip_cli.cli.app import app
+from helpers import invoke
 from winclip_cli.core.winclip import WinClipScorer
 from winclip_cli.io.images import load_image, preprocess
 from winclip_cli.io.memory import load_memory
 from winclip_cli.io.outputs import read_results_csv
 
-runner = CliRunner()
 GOOD = SAMPLE_DATA / "fabric" / "good"
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"
 
 
-def run(args: list[str]):
-    return runner.invoke(app, args, catch_exceptions=False)
-
-
 def build(out: Path, tiny_args: list[str], *extra: str, sources: tuple[Path, ...] = (GOOD,)):
-    return run(["build-refs", *map(str, sources), "--out", str(out), "-q", *tiny_args, *extra])
+    return invoke(["build-refs", *map(str, sources), "--out", str(out), "-q", *tiny_args, *extra])
 
 
 def test_round_trip_stores_exactly_what_the_scorer_computes(tmp_path, tiny_args, tiny_backbone):
@@ -99,8 +93,8 @@ def test_a_reference_scanned_against_its_memory_has_few_shot_map_zero(tmp_path, 
     refs = tmp_path / "refs.npz"
     assert build(refs, tiny_args).exit_code == 0
     zero, few = tmp_path / "zero", tmp_path / "few"
-    assert run(["scan", str(GOOD), "--out", str(zero), "--save-maps", "-q", *tiny_args]).exit_code == 0
-    result = run(["scan", str(GOOD), "--out", str(few), "--save-maps", "-q", "--refs", str(refs), *tiny_args])
+    assert invoke(["scan", str(GOOD), "--out", str(zero), "--save-maps", "-q", *tiny_args]).exit_code == 0
+    result = invoke(["scan", str(GOOD), "--out", str(few), "--save-maps", "-q", "--refs", str(refs), *tiny_args])
     assert result.exit_code == 0, result.output
     zero_rows, few_rows = read_results_csv(zero / "scores.csv"), read_results_csv(few / "scores.csv")
     for z, f in zip(zero_rows, few_rows, strict=True):
@@ -118,8 +112,8 @@ def test_few_shot_changes_scores_of_other_images(tmp_path, tiny_args):
     refs = tmp_path / "refs.npz"
     assert build(refs, tiny_args).exit_code == 0
     zero, few = tmp_path / "zero", tmp_path / "few"
-    assert run(["scan", str(SAMPLE_TEST), "--out", str(zero), "-q", *tiny_args]).exit_code == 0
-    assert run(["scan", str(SAMPLE_TEST), "--out", str(few), "-q", "--refs", str(refs), *tiny_args]).exit_code == 0
+    assert invoke(["scan", str(SAMPLE_TEST), "--out", str(zero), "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", str(SAMPLE_TEST), "--out", str(few), "-q", "--refs", str(refs), *tiny_args]).exit_code == 0
     z = [float(r["score"]) for r in read_results_csv(zero / "scores.csv")]
     f = [float(r["score"]) for r in read_results_csv(few / "scores.csv")]
     # images that are not references keep a positive few-shot part: more than half the zero-shot score
@@ -136,7 +130,7 @@ def test_few_shot_changes_scores_of_other_images(tmp_path, tiny_args):
 def test_mismatched_memory_is_refused(tmp_path, tiny_args, change, message):
     refs = tmp_path / "refs.npz"
     assert build(refs, tiny_args).exit_code == 0
-    result = run(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(refs), *tiny_args, *change])
+    result = invoke(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(refs), *tiny_args, *change])
     assert result.exit_code == 2
     assert message in result.stderr and "rebuild" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -151,7 +145,7 @@ def test_memory_of_other_weights_is_refused(tmp_path, tiny_args, tiny_model_file
     other = tmp_path / "other.pt"
     torch.save(state, other)
     args = ["--model", str(config), "--weights", str(other), "--device", "cpu"]
-    result = run(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(refs), *args])
+    result = invoke(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(refs), *args])
     assert result.exit_code == 2 and "weights" in result.stderr
     # and build-refs --append refuses to mix them too
     result = build(refs, args, "--append")
@@ -190,7 +184,7 @@ def test_corrupt_memories_are_refused_with_one_line(tmp_path, tiny_args):
     refs = tmp_path / "refs.npz"
     assert build(refs, tiny_args).exit_code == 0
     for name, path in corrupt_variants(refs, tmp_path).items():
-        result = run(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(path), "-q", *tiny_args])
+        result = invoke(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(path), "-q", *tiny_args])
         assert result.exit_code == 2, (name, result.output)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:"), (name, result.stderr)
@@ -215,14 +209,14 @@ def test_pickled_object_array_is_refused_without_unpickling(tmp_path, tiny_args)
     np.savez(evil, metadata=np.array("{}"), patches=payload)
     with zipfile.ZipFile(evil) as z:
         assert "patches.npy" in z.namelist()
-    result = run(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(evil), *tiny_args])
+    result = invoke(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(evil), *tiny_args])
     assert result.exit_code == 2
     assert "pickle" in result.stderr
     assert not marker.exists()
 
 
 def test_missing_memory_file(tmp_path, tiny_args):
-    result = run(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(tmp_path / "none.npz"), *tiny_args])
+    result = invoke(["scan", str(GOOD), "--out", str(tmp_path / "o"), "--refs", str(tmp_path / "none.npz"), *tiny_args])
     assert result.exit_code == 2 and "not found" in result.stderr and "build-refs" in result.stderr
 
 

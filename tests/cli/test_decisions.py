@@ -9,28 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA
-from winclip_cli.cli.app import app
+from helpers import invoke
 from winclip_cli.core.calibration import threshold_for_fpr
 from winclip_cli.io.memory import load_memory
 from winclip_cli.io.outputs import read_results_csv
 from winclip_cli.jobs.calibrate import CalibrateOptions, run_calibrate_job
 from winclip_cli.jobs.kernel import SilentReporter
 
-runner = CliRunner()
 GOOD = SAMPLE_DATA / "fabric" / "good"
 TEST = SAMPLE_DATA / "fabric" / "test"
 
 
-def run(args: list[str]):
-    return runner.invoke(app, args, catch_exceptions=False)
-
-
 def test_leave_one_out_equals_a_memory_without_the_image(tmp_path, tiny_args, tiny_options):
     refs = tmp_path / "refs.npz"
-    assert run(["build-refs", str(GOOD), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
+    assert invoke(["build-refs", str(GOOD), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
     result = run_calibrate_job(
         CalibrateOptions(good_dir=GOOD, model=tiny_options, class_name="object", fpr=0.25, refs=refs), SilentReporter()
     )
@@ -39,9 +33,9 @@ def test_leave_one_out_equals_a_memory_without_the_image(tmp_path, tiny_args, ti
     for i, image in enumerate(files):
         others = tmp_path / f"others-{i}.npz"
         sources = [str(f) for f in files if f != image]
-        assert run(["build-refs", *sources, "--out", str(others), "-q", *tiny_args]).exit_code == 0
+        assert invoke(["build-refs", *sources, "--out", str(others), "-q", *tiny_args]).exit_code == 0
         out = tmp_path / f"scan-{i}"
-        assert run(["scan", str(image), "--refs", str(others), "--out", str(out), "-q", *tiny_args]).exit_code == 0
+        assert invoke(["scan", str(image), "--refs", str(others), "--out", str(out), "-q", *tiny_args]).exit_code == 0
         (row,) = read_results_csv(out / "scores.csv")
         assert result.scores[i] == pytest.approx(float(row["score"]), abs=2e-6)
     # the threshold is the exact order statistic of those scores
@@ -53,13 +47,13 @@ def test_leave_one_out_equals_a_memory_without_the_image(tmp_path, tiny_args, ti
 
 def test_scan_threshold_auto_uses_the_calibration_in_the_memory(tmp_path, tiny_args):
     refs = tmp_path / "refs.npz"
-    assert run(["build-refs", str(GOOD), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
-    result = run(["calibrate", str(GOOD), "--refs", str(refs), "--fpr", "0.25", *tiny_args])
+    assert invoke(["build-refs", str(GOOD), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
+    result = invoke(["calibrate", str(GOOD), "--refs", str(refs), "--fpr", "0.25", *tiny_args])
     assert result.exit_code == 0, result.output
     threshold = load_memory(refs).metadata["calibration"]["calibration"]["threshold"]
     pixel = load_memory(refs).metadata["calibration"]["calibration"]["pixel_threshold"]
     out = tmp_path / "out"
-    assert run(["scan", str(TEST), "--refs", str(refs), "--out", str(out), "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", str(TEST), "--refs", str(refs), "--out", str(out), "-q", *tiny_args]).exit_code == 0
     rows = read_results_csv(out / "scores.csv")
     for row in rows:
         assert float(row["threshold"]) == pytest.approx(threshold, abs=1e-6)
@@ -71,7 +65,7 @@ def test_scan_threshold_auto_uses_the_calibration_in_the_memory(tmp_path, tiny_a
     # an explicit --threshold wins, and says so
     out2 = tmp_path / "out2"
     assert (
-        run(
+        invoke(
             ["scan", str(TEST), "--refs", str(refs), "--out", str(out2), "--threshold", "0.9", "-q", *tiny_args]
         ).exit_code
         == 0
@@ -82,11 +76,12 @@ def test_scan_threshold_auto_uses_the_calibration_in_the_memory(tmp_path, tiny_a
 def test_anomalous_area_and_bbox_follow_the_pixel_threshold(tmp_path, tiny_args):
     """At fpr 0 both thresholds sit at the highest good score and pixel: good images have no area, no box."""
     calibration = tmp_path / "cal.json"
-    assert run(["calibrate", str(GOOD), "--out", str(calibration), "--fpr", "0", "-q", *tiny_args]).exit_code == 0
+    assert invoke(["calibrate", str(GOOD), "--out", str(calibration), "--fpr", "0", "-q", *tiny_args]).exit_code == 0
     record = json.loads(calibration.read_text())
     out = tmp_path / "out"
     assert (
-        run(["scan", str(GOOD), "--calibration", str(calibration), "--out", str(out), "-q", *tiny_args]).exit_code == 0
+        invoke(["scan", str(GOOD), "--calibration", str(calibration), "--out", str(out), "-q", *tiny_args]).exit_code
+        == 0
     )
     rows = read_results_csv(out / "scores.csv")
     # fpr 0: the threshold is the highest good score, so no good image is over it
@@ -98,7 +93,7 @@ def test_anomalous_area_and_bbox_follow_the_pixel_threshold(tmp_path, tiny_args)
 
 
 def test_too_few_images_warn(tmp_path, tiny_args):
-    result = run(["calibrate", str(GOOD), "--out", str(tmp_path / "c.json"), "--fpr", "0.01", *tiny_args])
+    result = invoke(["calibrate", str(GOOD), "--out", str(tmp_path / "c.json"), "--fpr", "0.01", *tiny_args])
     assert result.exit_code == 0
     assert "cannot support a false-alarm rate of 0.01" in result.stderr and "at least 100" in result.stderr
 
@@ -106,10 +101,11 @@ def test_too_few_images_warn(tmp_path, tiny_args):
 def test_calibration_of_another_configuration_is_refused_or_ignored(tmp_path, tiny_args):
     calibration = tmp_path / "cal.json"
     assert (
-        run(["calibrate", str(GOOD), "--out", str(calibration), "--class", "fabric", "-q", *tiny_args]).exit_code == 0
+        invoke(["calibrate", str(GOOD), "--out", str(calibration), "--class", "fabric", "-q", *tiny_args]).exit_code
+        == 0
     )
     # explicit file made for another vocabulary (class): refused
-    result = run(
+    result = invoke(
         [
             "scan",
             str(TEST),
@@ -127,10 +123,10 @@ def test_calibration_of_another_configuration_is_refused_or_ignored(tmp_path, ti
     assert "another class ('fabric'; this run scores class 'bottle')" in result.stderr
     # stored in a memory and another class at scan time: warned, default threshold used
     refs = tmp_path / "refs.npz"
-    assert run(["build-refs", str(GOOD), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
-    assert run(["calibrate", str(GOOD), "--refs", str(refs), "--class", "fabric", "-q", *tiny_args]).exit_code == 0
+    assert invoke(["build-refs", str(GOOD), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
+    assert invoke(["calibrate", str(GOOD), "--refs", str(refs), "--class", "fabric", "-q", *tiny_args]).exit_code == 0
     out = tmp_path / "o2"
-    result = run(["scan", str(TEST), "--refs", str(refs), "--class", "bottle", "--out", str(out), *tiny_args])
+    result = invoke(["scan", str(TEST), "--refs", str(refs), "--class", "bottle", "--out", str(out), *tiny_args])
     assert result.exit_code == 0 and "recalibrate" in result.stderr
     assert "another class ('fabric'; this run scores class 'bottle')" in result.stderr
     assert {r["threshold_source"] for r in read_results_csv(out / "scores.csv")} == {"default"}
@@ -139,8 +135,8 @@ def test_calibration_of_another_configuration_is_refused_or_ignored(tmp_path, ti
 def test_single_reference_memory_cannot_leave_itself_out(tmp_path, tiny_args):
     refs = tmp_path / "refs.npz"
     first = sorted(GOOD.glob("*.jpg"))[0]
-    assert run(["build-refs", str(first), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
-    result = run(["calibrate", str(GOOD), "--refs", str(refs), *tiny_args])
+    assert invoke(["build-refs", str(first), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
+    result = invoke(["calibrate", str(GOOD), "--refs", str(refs), *tiny_args])
     assert result.exit_code == 2 and "single reference" in result.stderr
 
 
@@ -173,7 +169,7 @@ def test_eval_end_to_end_on_an_mvtec_layout(tmp_path, tiny_args):
     root = tmp_path / "mvtec"
     make_mvtec(root)
     out = tmp_path / "eval"
-    result = run(["eval", str(root), "--k-shot", "2", "--seed", "3", "--out", str(out), *tiny_args])
+    result = invoke(["eval", str(root), "--k-shot", "2", "--seed", "3", "--out", str(out), *tiny_args])
     assert result.exit_code == 0, result.output
     assert "bottle" in result.stdout and "screw" in result.stdout and "mean" in result.stdout
     document = json.loads((out / "metrics.json").read_text())
@@ -192,7 +188,8 @@ def test_eval_end_to_end_on_an_mvtec_layout(tmp_path, tiny_args):
     # the same seed draws the same references
     again = tmp_path / "again"
     assert (
-        run(["eval", str(root), "--k-shot", "2", "--seed", "3", "--out", str(again), "-q", *tiny_args]).exit_code == 0
+        invoke(["eval", str(root), "--k-shot", "2", "--seed", "3", "--out", str(again), "-q", *tiny_args]).exit_code
+        == 0
     )
     assert (
         json.loads((again / "metrics.json").read_text())["categories"][0]["references"]
@@ -206,7 +203,7 @@ def test_eval_single_class_gives_a_message_not_nan(tmp_path, tiny_args):
         _image(root / "good" / f"{i}.png", i)
     (root / "bad").mkdir()
     out = tmp_path / "eval"
-    result = run(["eval", str(tmp_path / "generic"), "--out", str(out), *tiny_args])
+    result = invoke(["eval", str(tmp_path / "generic"), "--out", str(out), *tiny_args])
     assert result.exit_code == 0, result.output
     document = json.loads((out / "metrics.json").read_text())
     metrics = document["categories"][0]["metrics"]
@@ -218,5 +215,5 @@ def test_eval_single_class_gives_a_message_not_nan(tmp_path, tiny_args):
 
 def test_eval_without_a_known_layout_exits_2(tmp_path, tiny_args):
     (tmp_path / "nothing").mkdir()
-    result = run(["eval", str(tmp_path / "nothing"), *tiny_args])
+    result = invoke(["eval", str(tmp_path / "nothing"), *tiny_args])
     assert result.exit_code == 2 and "expected" in result.stderr

@@ -6,18 +6,11 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from typer.testing import CliRunner
 
-from winclip_cli.cli.app import app
+from helpers import invoke
 from winclip_cli.core.tiling import tile_grid
 from winclip_cli.io.memory import load_memory
 from winclip_cli.io.outputs import read_results_csv
-
-runner = CliRunner()
-
-
-def run(args: list[str]):
-    return runner.invoke(app, args, catch_exceptions=False)
 
 
 def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
@@ -36,7 +29,7 @@ def test_tiled_map_equals_each_tile_scanned_alone(tmp_path, tiny_args):
     big.parent.mkdir()
     Image.fromarray(pixels).save(big)
     out = tmp_path / "out"
-    result = run(
+    result = invoke(
         [
             "scan",
             str(big.parent),
@@ -65,7 +58,7 @@ def test_tiled_map_equals_each_tile_scanned_alone(tmp_path, tiny_args):
     for tile in tiles:
         Image.fromarray(pixels[tile.y0 : tile.y1, tile.x0 : tile.x1]).save(alone / f"tile{tile.index:02d}.png")
     tiles_out = tmp_path / "tiles_out"
-    assert run(["scan", str(alone), "--save-maps", "--out", str(tiles_out), "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", str(alone), "--save-maps", "--out", str(tiles_out), "-q", *tiny_args]).exit_code == 0
     tile_rows = {r["path"]: r for r in read_results_csv(tiles_out / "scores.csv")}
     tile_scores = [float(tile_rows[f"tile{t.index:02d}.png"]["score"]) for t in tiles]
     assert float(row["score"]) == pytest.approx(max(tile_scores), abs=1e-6)
@@ -91,7 +84,7 @@ def test_tile_auto_leaves_small_images_whole_and_tiles_large_ones(tmp_path, tiny
     Image.fromarray(smooth_image(200, 300, 1)).save(folder / "small.png")
     Image.fromarray(smooth_image(400, 1100, 2)).save(folder / "wide.png")
     out = tmp_path / "out"
-    assert run(["scan", str(folder), "--tile", "auto", "--out", str(out), "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", str(folder), "--tile", "auto", "--out", str(out), "-q", *tiny_args]).exit_code == 0
     rows = {r["path"]: r for r in read_results_csv(out / "scores.csv")}
     assert rows["small.png"]["tiles"] == "1"  # left whole: 300 px fits the model at under 4x downscaling
     assert int(rows["wide.png"]["tiles"]) >= 2
@@ -104,24 +97,24 @@ def test_few_shot_with_tiles_and_mismatched_tiling_is_refused(tmp_path, tiny_arg
     for i in range(2):
         Image.fromarray(smooth_image(300, 480, 10 + i)).save(good / f"g{i}.png")
     refs = tmp_path / "refs.npz"
-    assert run(["build-refs", str(good), "--tile", "240", "--out", str(refs), "-q", *tiny_args]).exit_code == 0
+    assert invoke(["build-refs", str(good), "--tile", "240", "--out", str(refs), "-q", *tiny_args]).exit_code == 0
     memory = load_memory(refs)
     per_image = len(tile_grid(300, 480, 240, 0.25))
     assert memory.k == 2 and memory.entries == 2 * per_image
     assert [r["entries"] for r in memory.metadata["references"]] == [per_image, per_image]
     out = tmp_path / "out"
-    result = run(["scan", str(good), "--tile", "240", "--refs", str(refs), "--out", str(out), "-q", *tiny_args])
+    result = invoke(["scan", str(good), "--tile", "240", "--refs", str(refs), "--out", str(out), "-q", *tiny_args])
     assert result.exit_code == 0, result.output
     zero = tmp_path / "zero"
-    assert run(["scan", str(good), "--tile", "240", "--out", str(zero), "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", str(good), "--tile", "240", "--out", str(zero), "-q", *tiny_args]).exit_code == 0
     # the references themselves: every tile is in the memory, so the few-shot part is 0 and scores halve
     for few, z in zip(read_results_csv(out / "scores.csv"), read_results_csv(zero / "scores.csv"), strict=True):
         assert float(few["score"]) == pytest.approx(float(z["score"]) / 2, abs=2e-6)
-    result = run(["scan", str(good), "--refs", str(refs), "--out", str(tmp_path / "o"), *tiny_args])
+    result = invoke(["scan", str(good), "--refs", str(refs), "--out", str(tmp_path / "o"), *tiny_args])
     assert result.exit_code == 2 and "tiling" in result.stderr
 
 
 @pytest.mark.parametrize("value, message", [("12", "too small"), ("big", "--tile takes")])
 def test_bad_tile_options(tmp_path, tiny_args, value, message):
-    result = run(["scan", str(tmp_path), "--tile", value, *tiny_args])
+    result = invoke(["scan", str(tmp_path), "--tile", value, *tiny_args])
     assert result.exit_code == 2 and message in result.stderr

@@ -25,10 +25,12 @@ from urllib.parse import unquote
 
 import pytest
 from PIL import Image
-from test_report import EXPECTED_SCORES, SCRIPT_NAME, THRESHOLD, URL_NAME, make_output_folder
 
+from report_folder import EXPECTED_SCORES, SCRIPT_NAME, THRESHOLD, URL_NAME, make_output_folder
 from winclip_cli.io.outputs import CSV_COLUMNS, ResultRow
 from winclip_cli.report.page import build_report
+
+pytestmark = pytest.mark.browser
 
 TIMEOUT_S = 30.0
 

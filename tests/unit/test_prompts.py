@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import SAMPLE_DATA
-from winclip_cli.cli.app import app
 from winclip_cli.core.engine import build_engine
 from winclip_cli.core.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, load_vocabulary
 from winclip_cli.core.text import TextEmbeddingCache, can_truncate, encode_text_truncated
 from winclip_cli.errors import PromptFileError
-from winclip_cli.io.outputs import read_results_csv
-
-runner = CliRunner()
-GOOD = SAMPLE_DATA / "fabric" / "good"
 
 
 def test_default_ensemble_counts_order_and_uniqueness():
@@ -111,37 +101,6 @@ def test_missing_vocabulary_file(tmp_path):
         load_vocabulary(tmp_path / "nope.toml")
 
 
-def test_prompts_command_tables_and_json(tmp_path):
-    result = runner.invoke(app, ["prompts", "--class", "bottle"])
-    assert result.exit_code == 0
-    assert "147 normal and 84 anomalous sentences" in result.output
-    assert "a photo of a bottle with damage for anomaly detection." in result.output
-    result = runner.invoke(app, ["prompts", "--class", "bottle", "--json"])
-    doc = json.loads(result.stdout)
-    assert doc["counts"] == {"normal": 147, "anomalous": 84}
-    assert doc["normal"][0] == "a cropped photo of the bottle." and doc["templates"] == list(TEMPLATES)
-    assert len(doc["sha256"]) == 64 and doc["vocabulary"] == "default"
-    vocab = write(tmp_path, 'anomalous = ["{} with a scratch"]\n')
-    doc = json.loads(runner.invoke(app, ["prompts", "--prompts", str(vocab), "--json"]).stdout)
-    assert doc["counts"] == {"normal": 147, "anomalous": 105} and doc["vocabulary"] == str(vocab)
-
-
-def test_prompts_command_invalid_file_exits_2(tmp_path):
-    vocab = write(tmp_path, 'anomalous = ["scratch"]\n')
-    result = runner.invoke(app, ["prompts", "--prompts", str(vocab)])
-    assert result.exit_code == 2 and f"{vocab}:1:" in result.stderr
-
-
-def test_prompts_json_does_not_import_torch():
-    code = (
-        "import sys\nfrom typer.testing import CliRunner\nfrom winclip_cli.cli.app import app\n"
-        "r = CliRunner().invoke(app, ['prompts', '--json'])\nassert r.exit_code == 0\n"
-        "print('torch' in sys.modules, 'open_clip' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "False False", out.stderr
-
-
 # ------------------------------------------------------------------------------------------------ text path
 
 
@@ -202,25 +161,3 @@ def test_cached_embeddings_equal_fresh_ones(tiny_options, tiny_backbone):
         )
     assert cached.encoder_calls == 1
     assert torch.allclose(a, plain, atol=1e-5) and torch.equal(a, b)
-
-
-def test_scanning_with_a_custom_vocabulary_changes_scores(tmp_path, tiny_model_files):
-    config, checkpoint = tiny_model_files
-    args = ["--model", str(config), "--weights", str(checkpoint), "--device", "cpu", "-q"]
-    vocab = write(tmp_path, 'mode = "replace"\nnormal = ["{}"]\nanomalous = ["{} with a hole"]\ntemplates = ["{}"]\n')
-    default_out, custom_out = tmp_path / "default", tmp_path / "custom"
-    assert runner.invoke(app, ["scan", str(GOOD), "--out", str(default_out), *args]).exit_code == 0
-    result = runner.invoke(app, ["scan", str(GOOD), "--out", str(custom_out), "--prompts", str(vocab), *args])
-    assert result.exit_code == 0, result.output
-    default_rows = read_results_csv(default_out / "scores.csv")
-    custom_rows = read_results_csv(custom_out / "scores.csv")
-    assert [r["score"] for r in default_rows] != [r["score"] for r in custom_rows]
-    expected_hash = load_vocabulary(vocab).ensemble("object").sha256
-    assert {r["vocabulary_sha256"] for r in custom_rows} == {expected_hash}
-    assert json.loads((custom_out / "run.json").read_text())["vocabulary"] == str(vocab)
-
-
-def test_scan_with_invalid_vocabulary_exits_2_before_loading_a_model(tmp_path):
-    vocab = write(tmp_path, "colour = 1\n")
-    result = runner.invoke(app, ["scan", str(GOOD), "--prompts", str(vocab), "--weights", str(tmp_path / "x.pt")])
-    assert result.exit_code == 2 and "unknown key 'colour'" in result.stderr

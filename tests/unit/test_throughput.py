@@ -16,10 +16,9 @@ import tifffile
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from typer.testing import CliRunner
 
 from conftest import REPO, SAMPLE_DATA
-from winclip_cli.cli.app import app
+from helpers import invoke
 from winclip_cli.core.resize import axis_weights, resize_bicubic_aa
 from winclip_cli.io.images import LoadedImage, load_image, preprocess, to_unit_tensor
 from winclip_cli.io.outputs import LUT, colorize, overlay, read_results_csv, write_png, write_png_atomic
@@ -28,7 +27,6 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 PARITY = 1e-4  # what the issue allows on normalised model inputs; measured worst is about 6e-6
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"
-runner = CliRunner()
 
 
 def reference_preprocess(image: LoadedImage, size: tuple[int, int], mean=MEAN, std=STD) -> torch.Tensor:
@@ -247,7 +245,7 @@ def test_writer_device_path_gives_the_cpu_outputs(tmp_path, tiny_backbone):
 
 def scan(out: Path, tiny_args: list[str], *extra: str):
     args = ["scan", str(SAMPLE_TEST), "--class", "fabric", "--out", str(out), "-q", *extra, *tiny_args]
-    return runner.invoke(app, args, catch_exceptions=False)
+    return invoke(args)
 
 
 def test_scan_heatmaps_jpg_and_none_keep_the_png_scores(tmp_path, tiny_args, monkeypatch):
@@ -280,7 +278,7 @@ def test_scan_heatmaps_jpg_and_none_keep_the_png_scores(tmp_path, tiny_args, mon
     # scores only, but the report still gets the image and a small heatmap of each
     thumbs = sorted(p.name for p in (tmp_path / "none" / "thumbs").rglob("*.jpg"))
     assert len(thumbs) == 2 * len(none)
-    page = runner.invoke(app, ["report", str(tmp_path / "none")], catch_exceptions=False)
+    page = invoke(["report", str(tmp_path / "none")])
     assert page.exit_code == 0, page.output
     html = (tmp_path / "none" / "report.html").read_text()
     assert html.count("<img") >= 2 * len(none)
@@ -335,7 +333,7 @@ def test_sharded_jpg_scans_merge_with_their_heatmaps(tmp_path, tiny_args):
         result = scan(shards[-1], tiny_args, "--heatmaps", "jpg", "--shard", f"{k}/2")
         assert result.exit_code == 0, result.output
     merged = tmp_path / "merged"
-    result = runner.invoke(app, ["merge", *map(str, shards), "--out", str(merged)], catch_exceptions=False)
+    result = invoke(["merge", *map(str, shards), "--out", str(merged)])
     assert result.exit_code == 0, result.output
     rows = read_results_csv(merged / "scores.csv")
     assert len(rows) == 6

@@ -12,20 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from winclip_cli.cli.app import app
-
-runner = CliRunner()
-
-
-def cli(args: list[object]):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        import traceback
-
-        pytest.fail("the CLI crashed:\n" + "".join(traceback.format_exception(result.exception)))
-    return result
+from helpers import invoke
 
 
 def one_line_error(result) -> str:
@@ -92,7 +80,7 @@ def test_a_link_planted_in_out_is_refused_and_nothing_outside_changes(tmp_path, 
     images, out = tmp_path / "images", tmp_path / "out"
     make_images(images, ["img_000.png", "img_001.png"])
     if link != ".winclip":  # a first, ordinary scan: the folder is a real output folder
-        assert cli(["scan", images, "--out", out, "-q", "--save-maps", *tiny_args]).exit_code == 0
+        assert invoke(["scan", images, "--out", out, "-q", "--save-maps", *tiny_args]).exit_code == 0
     planted = out / link
     if planted.is_dir() and not planted.is_symlink():
         import shutil
@@ -104,7 +92,7 @@ def test_a_link_planted_in_out_is_refused_and_nothing_outside_changes(tmp_path, 
     planted.symlink_to(outside / target)
     before = snapshot(outside)
     for incremental in ([], ["--incremental"]):
-        result = cli(["scan", images, "--out", out, "--save-maps", *incremental, *tiny_args])
+        result = invoke(["scan", images, "--out", out, "--save-maps", *incremental, *tiny_args])
         assert result.exit_code == 2, result.output
         message = one_line_error(result)
         assert str(planted) in message and "symbolic link" in message
@@ -116,14 +104,14 @@ def test_a_link_planted_in_out_is_refused_and_nothing_outside_changes(tmp_path, 
 def test_a_link_deeper_in_heatmaps_is_not_written_through(tmp_path, tiny_args, outside):
     images, out = tmp_path / "images", tmp_path / "out"
     make_images(images, ["top.png", "sub/inner.png"])
-    assert cli(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
     for folder in ("heatmaps", "thumbs"):
         import shutil
 
         shutil.rmtree(out / folder / "sub")
         (out / folder / "sub").symlink_to(outside / "folder")
     before = snapshot(outside)
-    result = cli(["scan", images, "--out", out, "-q", *tiny_args])
+    result = invoke(["scan", images, "--out", out, "-q", *tiny_args])
     assert snapshot(outside) == before
     assert result.exit_code == 3, result.output  # the score stands; the outputs that could not be written are said
     from winclip_cli.io.outputs import read_results_csv
@@ -141,7 +129,7 @@ def test_a_hard_linked_lock_is_refused(tmp_path, tiny_args, outside):
     (out / ".winclip").mkdir(parents=True)
     os.link(outside / "secret.txt", out / ".winclip" / "lock")
     before = snapshot(outside)
-    result = cli(["scan", images, "--out", out, *tiny_args])
+    result = invoke(["scan", images, "--out", out, *tiny_args])
     assert result.exit_code == 2, result.output
     assert "not a plain file" in one_line_error(result)
     assert "SECRET" not in result.output
@@ -153,7 +141,7 @@ def test_a_lock_holding_foreign_text_is_taken_over_without_printing_it(tmp_path,
     make_images(images, ["img_000.png"])
     (out / ".winclip").mkdir(parents=True)
     (out / ".winclip" / "lock").write_text("root:SECRET-HASH:19000:0:99999:7:::\n")
-    result = cli(["scan", images, "--out", out, "-q", *tiny_args])
+    result = invoke(["scan", images, "--out", out, "-q", *tiny_args])
     assert result.exit_code == 0, result.output
     assert "took over a stale lock" in result.stderr and "unreadable lock" in result.stderr
     assert "SECRET" not in result.output
@@ -176,11 +164,11 @@ def test_stale_temporaries_are_never_searched_for_behind_a_link(tmp_path, outsid
 def test_report_and_merge_refuse_links_in_their_output(tmp_path, tiny_args, outside):
     images, out = tmp_path / "images", tmp_path / "out"
     make_images(images, ["img_000.png", "sub/img_001.png"])
-    assert cli(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
     (out / "report.html").unlink(missing_ok=True)
     (out / "report.html").symlink_to(outside / "secret.txt")
     before = snapshot(outside)
-    result = cli(["report", out])
+    result = invoke(["report", out])
     assert result.exit_code == 2, result.output
     assert str(out / "report.html") in one_line_error(result)
     assert snapshot(outside) == before
@@ -188,14 +176,14 @@ def test_report_and_merge_refuse_links_in_their_output(tmp_path, tiny_args, outs
     merged = tmp_path / "merged"
     (merged / "heatmaps").mkdir(parents=True)
     (merged / "heatmaps" / "sub").symlink_to(outside / "folder")
-    result = cli(["merge", out, "--out", merged])
+    result = invoke(["merge", out, "--out", merged])
     assert result.exit_code == 2, result.output
     assert str(merged / "heatmaps" / "sub") in one_line_error(result)
     assert snapshot(outside) == before
     merged = tmp_path / "merged-2"
     merged.mkdir()
     (merged / "thumbs").symlink_to(outside / "folder")
-    result = cli(["merge", out, "--out", merged])
+    result = invoke(["merge", out, "--out", merged])
     assert result.exit_code == 2, result.output
     assert str(merged / "thumbs") in one_line_error(result)
     assert snapshot(outside) == before
@@ -209,7 +197,7 @@ def memory(tmp_path, tiny_args) -> Path:
     """A real reference memory of two images, built with the tiny model."""
     refs_dir, refs = tmp_path / "refs", tmp_path / "refs.npz"
     make_images(refs_dir, ["ref_000.png", "ref_001.png"])
-    assert cli(["build-refs", refs_dir, "--out", refs, "-q", *tiny_args]).exit_code == 0
+    assert invoke(["build-refs", refs_dir, "--out", refs, "-q", *tiny_args]).exit_code == 0
     return refs
 
 
@@ -293,7 +281,7 @@ def test_memory_members_are_checked_against_their_headers_and_metadata(tmp_path,
     }
     for label, (members, expected) in cases.items():
         bad = archive(tmp_path / f"{label}.npz", members)
-        result = cli(["scan", images, "--refs", bad, "--out", tmp_path / "o", *tiny_args])
+        result = invoke(["scan", images, "--refs", bad, "--out", tmp_path / "o", *tiny_args])
         assert result.exit_code == 2, (label, result.output)
         assert expected in one_line_error(result), label
 
@@ -307,17 +295,17 @@ def test_a_carriage_return_in_a_name_stays_inside_its_quoted_cell(tmp_path, tiny
     images, out = tmp_path / "images", tmp_path / "out"
     names = ["a\rb.png", "c\nd.png", "plain.png"]
     make_images(images, names)
-    assert cli(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
     text = (out / "scores.csv").read_bytes()
     assert b'"a\rb.png"' in text
     with open(out / "scores.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(row["path"] for row in rows) == sorted(names)
     merged = tmp_path / "merged"
-    assert cli(["merge", out, "--out", merged]).exit_code == 0
+    assert invoke(["merge", out, "--out", merged]).exit_code == 0
     with open(merged / "scores.csv", newline="", encoding="utf-8") as handle:
         assert sorted(row["path"] for row in csv.DictReader(handle)) == sorted(names)
-    assert cli(["report", out]).exit_code == 0
+    assert invoke(["report", out]).exit_code == 0
     page = (out / "report.html").read_bytes().decode("utf-8")
     assert "a\rb.png" in page  # the image has its card: its row was read back whole
 
@@ -329,7 +317,7 @@ def test_outputs_of_a_name_that_is_not_utf8_are_where_the_csv_says(tmp_path, tin
     images, out = tmp_path / "images", tmp_path / "out"
     odd = os.fsdecode(b"bad-\xff\xfe.png")
     make_images(images, [odd, os.fsdecode(b"sub-\xe9/inner.png")])
-    assert cli(["scan", images, "--out", out, "-q", "--save-maps", *tiny_args]).exit_code == 0
+    assert invoke(["scan", images, "--out", out, "-q", "--save-maps", *tiny_args]).exit_code == 0
     rows = read_results_csv(out / "scores.csv")  # valid UTF-8 throughout
     assert len(rows) == 2
     for row in rows:
@@ -340,11 +328,11 @@ def test_outputs_of_a_name_that_is_not_utf8_are_where_the_csv_says(tmp_path, tin
     assert odd_row["heatmap"].startswith("heatmaps/bad-%FF%FE.png~")
     stem = odd_row["heatmap"][len("heatmaps/") : -len(".png")]
     assert (out / "maps" / f"{stem}.tiff").is_file() and (out / "thumbs" / f"{stem}.heat.jpg").is_file()
-    assert cli(["report", out]).exit_code == 0
+    assert invoke(["report", out]).exit_code == 0
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("thumbs/bad-%25FF%25FE.png~") == 2  # image and heatmap previews (URL-encoded '%')
     merged = tmp_path / "merged"
-    assert cli(["merge", out, "--out", merged]).exit_code == 0
+    assert invoke(["merge", out, "--out", merged]).exit_code == 0
     for row in read_results_csv(merged / "scores.csv"):
         assert (merged / row["heatmap"]).is_file()
     assert (merged / "thumbs" / f"{stem}.heat.jpg").is_file()
@@ -391,18 +379,18 @@ def test_a_state_with_damaged_contents_is_set_aside_and_rescanned(tmp_path, tiny
 
     images, out = tmp_path / "images", tmp_path / "out"
     make_images(images, ["img_000.png", "img_001.png"])
-    assert cli(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
     db = sqlite3.connect(out / ".winclip" / "state.sqlite")
     db.executescript(DAMAGE[damage])
     db.commit()
     db.close()
     for incremental in (["--incremental"], [], ["--incremental"]):
-        result = cli(["scan", images, "--out", out, "-q", *incremental, *tiny_args])
+        result = invoke(["scan", images, "--out", out, "-q", *incremental, *tiny_args])
         assert result.exit_code == 0, (incremental, result.output)
         assert len(read_results_csv(out / "scores.csv")) == 2
     aside = list((out / ".winclip").glob("state.corrupt-*.sqlite"))
     assert len(aside) == 1  # set aside once, kept beside the new state
-    first = cli(["scan", images, "--out", out, "-q", "--incremental", *tiny_args])
+    first = invoke(["scan", images, "--out", out, "-q", "--incremental", *tiny_args])
     assert "damaged" not in first.stderr and first.exit_code == 0
 
 
@@ -411,12 +399,12 @@ def test_the_damage_is_said_once_in_one_line(tmp_path, tiny_args):
 
     images, out = tmp_path / "images", tmp_path / "out"
     make_images(images, ["img_000.png"])
-    assert cli(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
     db = sqlite3.connect(out / ".winclip" / "state.sqlite")
     db.execute("UPDATE results SET row = '[]'")
     db.commit()
     db.close()
-    result = cli(["scan", images, "--out", out, "-q", "--incremental", *tiny_args])
+    result = invoke(["scan", images, "--out", out, "-q", "--incremental", *tiny_args])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if "damaged" in line]
     assert len(lines) == 1 and "state.corrupt-" in lines[0] and "stored row is invalid" in lines[0]
@@ -486,7 +474,7 @@ def test_crafted_memories_get_a_specific_message(tmp_path, memory, tiny_args, ca
         np.savez(bad, **{**arrays, "metadata": np.array(str(arrays["metadata"])[:-1] + change + "}")})
     else:
         bad = rewrite_memory(memory, tmp_path / "bad.npz", change)
-    result = cli(["scan", images, "--refs", bad, "--out", tmp_path / "o", *tiny_args])
+    result = invoke(["scan", images, "--refs", bad, "--out", tmp_path / "o", *tiny_args])
     assert result.exit_code == 2, result.output
     assert expected in one_line_error(result)
 
@@ -496,7 +484,7 @@ def test_a_plain_npy_as_memory_gets_a_specific_message(tmp_path, tiny_args):
     make_images(images, ["img_000.png"])
     plain = tmp_path / "refs.npy"
     np.save(plain, np.zeros((2, 3), np.float32))
-    result = cli(["scan", images, "--refs", plain, "--out", tmp_path / "o", *tiny_args])
+    result = invoke(["scan", images, "--refs", plain, "--out", tmp_path / "o", *tiny_args])
     assert result.exit_code == 2, result.output
     assert "is not a winclip memory (not an .npz file" in one_line_error(result)
 
@@ -536,7 +524,7 @@ def test_crafted_calibrations_get_a_specific_message(tmp_path, tiny_args, case):
     calibration.write_text(content if isinstance(content, str) else json.dumps(content))
     images = tmp_path / "images"
     make_images(images, ["img_000.png"])
-    result = cli(["scan", images, "--calibration", calibration, "--out", tmp_path / "o", *tiny_args])
+    result = invoke(["scan", images, "--calibration", calibration, "--out", tmp_path / "o", *tiny_args])
     assert result.exit_code == 2, result.output
     message = one_line_error(result)
     assert expected in message and str(calibration) in message
@@ -552,7 +540,7 @@ def test_report_of_a_csv_with_an_enormous_score(tmp_path):
         writer.write(ResultRow(path="huge.png", status="ok", score=1e308, label="anomalous", threshold=0.5))
         writer.write(ResultRow(path="tiny.png", status="ok", score=-1e308, label="normal", threshold=0.5))
         writer.write(ResultRow(path="fine.png", status="ok", score=0.25, label="normal", threshold=0.5))
-    result = cli(["report", out])
+    result = invoke(["report", out])
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text(encoding="utf-8")
     assert 'data-bin="19" data-count="1"' in page and 'data-bin="0" data-count="1"' in page

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import run_cli
 from winclip_cli.io.outputs import ResultRow
 from winclip_cli.jobs.watch import ArrivalTracker, run_hook
 
@@ -154,12 +155,7 @@ def test_watch_scores_backlog_renames_and_a_burst_then_stops_on_sigterm_and_rest
     assert watch.rows[3]["sha256"] == sha256(contents["renamed.png"])
 
     # the lock: a scan of the same OUT is refused while the watch runs
-    scan = subprocess.run(
-        [sys.executable, "-m", "winclip_cli", "scan", str(folder), "--out", str(out), *tiny_args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    scan = run_cli(["scan", folder, "--out", out, *tiny_args], timeout=TIMEOUT)
     assert scan.returncode == 4, scan.stderr
     assert "another winclip scan is writing to" in scan.stderr
 

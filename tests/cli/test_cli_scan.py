@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA
-from winclip_cli.cli.app import app
+from helpers import invoke, run_cli
 from winclip_cli.io.outputs import CSV_COLUMNS, read_results_csv
 
-runner = CliRunner()
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"
-
-
-def run(args: list[str]):
-    return runner.invoke(app, args, catch_exceptions=False)
 
 
 def test_scan_sample_data_end_to_end(tmp_path, tiny_args):
     out = tmp_path / "out"
-    result = run(["scan", str(SAMPLE_TEST), "--class", "fabric", "--out", str(out), "--save-maps", *tiny_args])
+    result = invoke(["scan", str(SAMPLE_TEST), "--class", "fabric", "--out", str(out), "--save-maps", *tiny_args])
     assert result.exit_code == 0, result.output
     rows = read_results_csv(out / "scores.csv")
     expected = sorted(p.relative_to(SAMPLE_TEST).as_posix() for p in SAMPLE_TEST.rglob("*.jpg"))
@@ -56,7 +47,7 @@ def test_scan_sample_data_end_to_end(tmp_path, tiny_args):
 
 def test_scan_json_lines_match_the_csv(tmp_path, tiny_args):
     out = tmp_path / "out"
-    result = run(["scan", str(SAMPLE_TEST / "local"), "--out", str(out), "--json", "--quiet", *tiny_args])
+    result = invoke(["scan", str(SAMPLE_TEST / "local"), "--out", str(out), "--json", "--quiet", *tiny_args])
     assert result.exit_code == 0
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     rows = read_results_csv(out / "scores.csv")
@@ -67,8 +58,8 @@ def test_scan_json_lines_match_the_csv(tmp_path, tiny_args):
 def test_scores_are_independent_of_batch_size(tmp_path, tiny_args):
     one = tmp_path / "one"
     three = tmp_path / "three"
-    assert run(["scan", str(SAMPLE_TEST), "--out", str(one), "--batch-size", "1", "-q", *tiny_args]).exit_code == 0
-    assert run(["scan", str(SAMPLE_TEST), "--out", str(three), "--batch-size", "3", "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", str(SAMPLE_TEST), "--out", str(one), "--batch-size", "1", "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", str(SAMPLE_TEST), "--out", str(three), "--batch-size", "3", "-q", *tiny_args]).exit_code == 0
     a = [float(r["score"]) for r in read_results_csv(one / "scores.csv")]
     b = [float(r["score"]) for r in read_results_csv(three / "scores.csv")]
     assert a == pytest.approx(b, abs=2e-6)
@@ -79,7 +70,7 @@ def test_class_name_changes_the_scores(tmp_path, tiny_args):
     for name in ("fabric", "bottle"):
         out = tmp_path / name
         assert (
-            run(["scan", str(SAMPLE_TEST / "good"), "--class", name, "--out", str(out), "-q", *tiny_args]).exit_code
+            invoke(["scan", str(SAMPLE_TEST / "good"), "--class", name, "--out", str(out), "-q", *tiny_args]).exit_code
             == 0
         )
         scores[name] = [r["score"] for r in read_results_csv(out / "scores.csv")]
@@ -88,9 +79,9 @@ def test_class_name_changes_the_scores(tmp_path, tiny_args):
 
 def test_fail_on_anomaly_exit_code(tmp_path, tiny_args):
     args = ["scan", str(SAMPLE_TEST / "good"), "--out", str(tmp_path / "o"), "-q", *tiny_args]
-    assert run([*args, "--threshold", "0.0", "--fail-on-anomaly"]).exit_code == 1
-    assert run([*args, "--threshold", "1.0", "--fail-on-anomaly"]).exit_code == 0
-    assert run([*args, "--threshold", "0.0"]).exit_code == 0  # anomalies alone do not fail without the flag
+    assert invoke([*args, "--threshold", "0.0", "--fail-on-anomaly"]).exit_code == 1
+    assert invoke([*args, "--threshold", "1.0", "--fail-on-anomaly"]).exit_code == 0
+    assert invoke([*args, "--threshold", "0.0"]).exit_code == 0  # anomalies alone do not fail without the flag
 
 
 def test_output_folder_inside_the_input_is_not_rescanned(tmp_path, tiny_args):
@@ -100,7 +91,7 @@ def test_output_folder_inside_the_input_is_not_rescanned(tmp_path, tiny_args):
         (images / path.name).write_bytes(path.read_bytes())
     out = images / "results"
     for _ in range(2):
-        assert run(["scan", str(images), "--out", str(out), "-q", *tiny_args]).exit_code == 0
+        assert invoke(["scan", str(images), "--out", str(out), "-q", *tiny_args]).exit_code == 0
     assert len(read_results_csv(out / "scores.csv")) == 2
 
 
@@ -133,7 +124,7 @@ def make_bad_folder(folder: Path) -> dict[str, str]:
 def test_bad_files_are_reported_and_the_rest_is_scored(tmp_path, tiny_args):
     expected = make_bad_folder(tmp_path / "mixed")
     out = tmp_path / "out"
-    result = run(["scan", str(tmp_path / "mixed"), "--out", str(out), "--batch-size", "2", *tiny_args])
+    result = invoke(["scan", str(tmp_path / "mixed"), "--out", str(out), "--batch-size", "2", *tiny_args])
     assert result.exit_code == 3, result.output
     rows = {row["path"]: row for row in read_results_csv(out / "scores.csv")}
     assert {path: row["status"] for path, row in rows.items()} == expected
@@ -147,16 +138,9 @@ def test_bad_files_are_reported_and_the_rest_is_scored(tmp_path, tiny_args):
     assert "Traceback" not in result.output
 
 
-def run_cli_subprocess(args: list[str], env_extra: dict[str, str] | None = None, cwd: Path | None = None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "winclip_cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
-
-
 def test_missing_weights_file_is_one_line_and_exit_2(tmp_path, tiny_model_files):
     config, _ = tiny_model_files
-    proc = run_cli_subprocess(
+    proc = run_cli(
         [
             "scan",
             str(SAMPLE_TEST),
@@ -175,7 +159,7 @@ def test_missing_weights_file_is_one_line_and_exit_2(tmp_path, tiny_model_files)
 
 
 def test_default_weights_unavailable_offline_names_the_file_to_fetch(tmp_path):
-    proc = run_cli_subprocess(["scan", str(SAMPLE_TEST), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    proc = run_cli(["scan", str(SAMPLE_TEST), "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -189,7 +173,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_model_file
     config = json.loads(json.dumps(__import__("conftest").TINY_CONFIG))
     config["vision_cfg"]["width"] = 96
     other.write_text(json.dumps(config))
-    result = run(
+    result = invoke(
         [
             "scan",
             str(SAMPLE_TEST),
@@ -218,20 +202,20 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_model_file
     ],
 )
 def test_bad_options_exit_2(tmp_path, tiny_args, extra, message):
-    result = run(["scan", str(SAMPLE_TEST / "good"), "--out", str(tmp_path / "o"), *tiny_args, *extra])
+    result = invoke(["scan", str(SAMPLE_TEST / "good"), "--out", str(tmp_path / "o"), *tiny_args, *extra])
     assert result.exit_code == 2
     assert message in result.stderr
 
 
 def test_no_images_is_a_usage_error(tmp_path, tiny_args):
     (tmp_path / "empty").mkdir()
-    result = run(["scan", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *tiny_args])
+    result = invoke(["scan", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *tiny_args])
     assert result.exit_code == 2 and "no images found" in result.stderr
-    result = run(["scan", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *tiny_args])
+    result = invoke(["scan", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *tiny_args])
     assert result.exit_code == 2 and "not found" in result.stderr
 
 
 def test_help_lists_exit_codes_and_examples():
-    result = run(["scan", "--help"])
+    result = invoke(["scan", "--help"])
     assert result.exit_code == 0
     assert "Exit codes" in result.output and "winclip scan ./images --class bottle" in result.output

@@ -25,23 +25,17 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from typer.testing import CliRunner
 
-from winclip_cli.cli.app import app
+from helpers import invoke, run_cli
 from winclip_cli.core.tiling import tile_count
 from winclip_cli.io.images import load_image
 from winclip_cli.jobs import pipeline
 from winclip_cli.jobs.pipeline import MAX_TILES, Preprocessing, decode_stream, processed_stream
 
-runner = CliRunner()
 SUBPROCESS_TIMEOUT = 180
 # The tiny model's scan of a few small images peaks at about 0.95 GB (torch and the model); each
 # hostile file below used to add gigabytes (2.9 GB for the TIFF volume, 8.8 GB for the strips).
 PEAK_RSS_LIMIT_MB = 1400
-
-
-def cli(args: list) -> object:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def rows_of(out: Path) -> dict[str, dict[str, str]]:
@@ -116,7 +110,7 @@ def test_a_failure_while_preprocessing_one_file_is_that_files_row(tmp_path, tiny
         return real(image, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "preprocess", failing)
-    result = cli(["scan", folder, "--out", out, "-q", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "-q", *tiny_args])
     assert result.exit_code == 3, result.output
     rows = rows_of(out)
     assert rows["odd.png"]["status"] == "error" and rows["odd.png"]["error"].startswith(reason)
@@ -135,7 +129,7 @@ def test_a_failure_while_making_the_heatmap_keeps_the_score(tmp_path, tiny_args,
         return real(item)
 
     monkeypatch.setattr(pipeline, "full_resolution_map", failing)
-    result = cli(["scan", folder, "--out", out, "-q", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "-q", *tiny_args])
     assert result.exit_code == 3, result.output
     row = rows_of(out)["good1.png"]
     assert row["status"] == "ok" and row["score"] and row["label"] and row["heatmap"] == ""
@@ -249,7 +243,7 @@ def test_a_huge_file_that_is_no_image_is_not_hashed(tmp_path, tiny_args, monkeyp
         return real(path)
 
     monkeypatch.setattr(pipeline, "sha256_file", recording)
-    result = cli(["scan", folder, "--out", out, "-q", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "-q", *tiny_args])
     assert result.exit_code == 3, result.output
     rows = rows_of(out)
     assert rows["huge.png"]["status"] == "error" and rows["huge.png"]["error"] == "not an image (unrecognised format)"
@@ -272,20 +266,20 @@ def test_incremental_retries_rows_whose_outputs_were_lost(tmp_path, tiny_args, m
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "write_png_atomic", disk_full)
-    assert cli(["scan", folder, "--out", out, "--incremental", "-q", *tiny_args]).exit_code == 3
+    assert invoke(["scan", folder, "--out", out, "--incremental", "-q", *tiny_args]).exit_code == 3
     lost = rows_of(out)["good1.png"]
     assert lost["status"] == "ok" and lost["error"] == "cannot write outputs: No space left on device"
     assert lost["heatmap"] == "" and not (out / "heatmaps" / "good1.png.png").exists()
 
     monkeypatch.setattr(pipeline, "write_png_atomic", real)  # space is free again
-    result = cli(["scan", folder, "--out", out, "--incremental", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "--incremental", *tiny_args])
     assert result.exit_code == 0, result.output
     assert "1 images to score (2 unchanged)" in result.output
     rows = rows_of(out)
     assert rows["good1.png"]["error"] == "" and rows["good1.png"]["heatmap"] == "heatmaps/good1.png.png"
     assert (out / "heatmaps" / "good1.png.png").is_file()
     assert rows["good1.png"]["score"] == lost["score"]
-    result = cli(["scan", folder, "--out", out, "--incremental", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "--incremental", *tiny_args])
     assert "0 images to score (3 unchanged)" in result.output and sorted(rows_of(out)) == good
 
 
@@ -296,24 +290,24 @@ def test_out_equal_to_the_input_never_rescans_its_outputs(tmp_path, tiny_args):
     folder = tmp_path / "camera"
     good = good_images(folder, 4)
     for _ in range(3):
-        result = cli(["scan", folder, "--out", folder, "--incremental", "--save-maps", "-q", *tiny_args])
+        result = invoke(["scan", folder, "--out", folder, "--incremental", "--save-maps", "-q", *tiny_args])
         assert result.exit_code == 0, result.output
         assert sorted(rows_of(folder)) == good
-    assert cli(["scan", folder, "--out", folder, "-q", *tiny_args]).exit_code == 0
+    assert invoke(["scan", folder, "--out", folder, "-q", *tiny_args]).exit_code == 0
     assert sorted(rows_of(folder)) == good
     # OUT inside the input: left out whole
     other = tmp_path / "line2"
     good = good_images(other, 2)
     for _ in range(3):
-        assert cli(["scan", other, "--out", other / "results", "--incremental", "-q", *tiny_args]).exit_code == 0
+        assert invoke(["scan", other, "--out", other / "results", "--incremental", "-q", *tiny_args]).exit_code == 0
         assert sorted(rows_of(other / "results")) == good
 
 
 def test_scanning_winclips_own_outputs_into_the_same_folder_is_refused(tmp_path, tiny_args):
     folder = tmp_path / "camera"
     good_images(folder)
-    assert cli(["scan", folder, "--out", folder, "-q", *tiny_args]).exit_code == 0
-    result = cli(["scan", folder / "heatmaps", "--out", folder, "-q", *tiny_args])
+    assert invoke(["scan", folder, "--out", folder, "-q", *tiny_args]).exit_code == 0
+    result = invoke(["scan", folder / "heatmaps", "--out", folder, "-q", *tiny_args])
     assert result.exit_code == 2
     assert "lies inside winclip's own outputs" in result.stderr
 
@@ -329,7 +323,7 @@ def test_broken_links_and_link_loops_are_reported(tmp_path, tiny_args):
     os.symlink("b.jpg", folder / "a.jpg")
     os.symlink("a.jpg", folder / "b.jpg")
     os.symlink("missing", folder / "notes")  # not named like an image: not listed
-    result = cli(["scan", folder, "--out", out, *tiny_args])
+    result = invoke(["scan", folder, "--out", out, *tiny_args])
     assert result.exit_code == 3, result.output
     rows = rows_of(out)
     assert sorted(rows) == sorted([*good, "a.jpg", "b.jpg", "broken.png", "loop.png"])
@@ -373,13 +367,7 @@ def test_library_warnings_go_to_the_note_not_stderr(tmp_path, tiny_args):
     corrupt_exif_jpeg(folder / "exif2.jpg", (200, 10, 10))  # the same warning again: the same note
     tiff_with_a_bad_tag(folder / "tag.tif")
     good_images(folder, 1)
-    result = subprocess.run(
-        [sys.executable, "-m", "winclip_cli", "scan", str(folder), "--out", str(out), *tiny_args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        timeout=SUBPROCESS_TIMEOUT,
-    )
+    result = run_cli(["scan", folder, "--out", out, *tiny_args], timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr
     for noise in ("tifffile", "EXIF", "UserWarning", "site-packages"):
         assert noise not in result.stderr, result.stderr

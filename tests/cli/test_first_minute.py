@@ -14,31 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from conftest import REPO, SAMPLE_DATA, TINY_CONFIG
-from winclip_cli.cli.app import app
+from helpers import invoke, run_cli
 from winclip_cli.io.outputs import CSV_COLUMNS, read_results_csv
 
-runner = CliRunner()
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"
 SAMPLE_GOOD = SAMPLE_DATA / "fabric" / "good"
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
-def run(args: list[str]):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
 def cli_process(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """The real CLI in a new process, with ``-X importtime`` so the test sees every module it imported."""
-    return subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "winclip_cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **kwargs,
-    )
+    return run_cli(args, python_flags=("-X", "importtime"), timeout=120, **kwargs)
 
 
 def imported_torch(stderr: str) -> bool:
@@ -145,7 +133,7 @@ def test_a_tile_smaller_than_the_input_is_refused_after_load_when_the_config_is_
 def test_browser_tests_skip_without_chromium_unless_required(required, code):
     env = {**os.environ, "WINCLIP_TEST_CHROMIUM": "/nonexistent/chromium", "WINCLIP_REQUIRE_BROWSER": required}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_report_browser.py"],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/system/test_report_browser.py"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -190,7 +178,7 @@ def test_many_tiles_are_announced_with_their_count(tmp_path, tiny_args):
     Image.new("RGB", (450, 450), (120, 120, 120)).save(folder / "panel.png")
     out = tmp_path / "out"
     # stride round(240 * 0.1) = 24 px: ceil((450 - 240) / 24) + 1 = 10 tiles per axis
-    result = run(["scan", folder, "--tile", "240", "--tile-overlap", "0.9", "--out", out, *tiny_args])
+    result = invoke(["scan", folder, "--tile", "240", "--tile-overlap", "0.9", "--out", out, *tiny_args])
     assert result.exit_code == 0, result.output
     assert "panel.png (450x450) is cut into 100 tiles of 240 px" in result.stderr
     assert result.stderr.count("tiles of 240 px") == 1
@@ -207,10 +195,10 @@ def test_merged_run_json_agrees_with_the_merged_csv(tmp_path, tiny_args):
         out = tmp_path / f"shard-{k}"
         # threshold 0: every scored image is anomalous, so the anomaly counts are not trivially 0
         args = ["scan", SAMPLE_TEST, "--shard", f"{k}/2", "--threshold", "0", "--out", out, "-q", *tiny_args]
-        assert run(args).exit_code == 0
+        assert invoke(args).exit_code == 0
         shards.append(json.loads((out / "run.json").read_text()))
     merged = tmp_path / "all"
-    result = run(["merge", tmp_path / "shard-1", tmp_path / "shard-2", "--out", merged])
+    result = invoke(["merge", tmp_path / "shard-1", tmp_path / "shard-2", "--out", merged])
     assert result.exit_code == 0, result.output
     rows = read_results_csv(merged / "scores.csv")
     info = json.loads((merged / "run.json").read_text())
@@ -248,11 +236,11 @@ def test_a_file_that_is_not_an_npz_is_not_a_winclip_memory(tmp_path, content):
 
 def test_fail_on_anomaly_counts_rows_relabelled_by_an_incremental_run(tmp_path, tiny_args):
     out = tmp_path / "out"
-    first = run(["scan", SAMPLE_TEST, "--threshold", "1", "--out", out, "--incremental", *tiny_args])
+    first = invoke(["scan", SAMPLE_TEST, "--threshold", "1", "--out", out, "--incremental", *tiny_args])
     assert first.exit_code == 0, first.output
     count = len(read_results_csv(out / "scores.csv"))
     again = ["scan", SAMPLE_TEST, "--threshold", "0", "--out", out, "--incremental", "--fail-on-anomaly", *tiny_args]
-    result = run(again)
+    result = invoke(again)
     rows = read_results_csv(out / "scores.csv")
     assert all(r["label"] == "anomalous" for r in rows) and len(rows) == count
     assert result.exit_code == 1, result.output
@@ -269,13 +257,7 @@ def test_memory_file_mode_follows_the_umask(tmp_path, tiny_model_files):
     refs = tmp_path / "refs.npz"
     args = ["build-refs", SAMPLE_GOOD, "--k", "1", "--out", refs, "-q"]
     args += ["--model", config, "--weights", checkpoint, "--device", "cpu"]
-    result = subprocess.run(
-        [sys.executable, "-m", "winclip_cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=lambda: os.umask(0o002),
-    )
+    result = run_cli(args, timeout=300, preexec_fn=lambda: os.umask(0o002))
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(refs.stat().st_mode) == 0o664  # not mkstemp's 0600
 
@@ -284,18 +266,18 @@ def test_a_failed_run_leaves_no_output_folder_behind(tmp_path, tiny_model_files)
     config, _ = tiny_model_files
     out = tmp_path / "new" / "out"
     missing = tmp_path / "missing.pt"
-    result = run(["scan", SAMPLE_TEST, "--model", config, "--weights", missing, "--device", "cpu", "--out", out])
+    result = invoke(["scan", SAMPLE_TEST, "--model", config, "--weights", missing, "--device", "cpu", "--out", out])
     assert result.exit_code == 2 and "missing.pt" in result.stderr
     assert not out.exists()
     kept = tmp_path / "kept"  # a folder that was there before is never removed
     kept.mkdir()
-    result = run(["scan", SAMPLE_TEST, "--model", config, "--weights", missing, "--device", "cpu", "--out", kept])
+    result = invoke(["scan", SAMPLE_TEST, "--model", config, "--weights", missing, "--device", "cpu", "--out", kept])
     assert result.exit_code == 2 and kept.is_dir()
 
 
 @pytest.mark.parametrize("command", [[], ["scan"], ["build-refs"], ["calibrate"], ["eval"], ["merge"], ["report"]])
 def test_help_has_no_type_after_flags_and_plain_argument_names(command):
-    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "160"})
+    result = invoke([*command, "--help"], env={"COLUMNS": "160"})
     assert result.exit_code == 0
     assert "<bool>" not in result.output
     assert not re.search(r"\{\w+\}", result.output.split("\n\n")[0] + result.output.split("Usage:")[1].splitlines()[0])
@@ -312,7 +294,7 @@ def test_help_has_no_type_after_flags_and_plain_argument_names(command):
 
 
 def test_shared_options_are_in_panels_and_declared_once():
-    scan_help = runner.invoke(app, ["scan", "--help"], env={"COLUMNS": "160"}).output
+    scan_help = invoke(["scan", "--help"], env={"COLUMNS": "160"}).output
     assert "─ Model ─" in scan_help and "─ Input ─" in scan_help
     package = REPO / "winclip_cli"
     sources = "".join(path.read_text(encoding="utf-8") for path in package.glob("*.py"))
@@ -355,7 +337,7 @@ def test_one_image_is_not_images(tmp_path, tiny_args):
     single = tmp_path / "one"
     single.mkdir()
     Image.new("RGB", (64, 64), (100, 100, 100)).save(single / "a.png")
-    result = run(["scan", single, "--out", tmp_path / "out", *tiny_args])
+    result = invoke(["scan", single, "--out", tmp_path / "out", *tiny_args])
     assert result.exit_code == 0, result.output
     assert "1 image: 0 anomalous, 1 normal, 0 errors in" in result.stderr or (
         "1 image: 1 anomalous, 0 normal, 0 errors in" in result.stderr
@@ -363,10 +345,10 @@ def test_one_image_is_not_images(tmp_path, tiny_args):
 
 
 def test_report_of_a_missing_folder_says_not_found(tmp_path):
-    result = run(["report", tmp_path / "nonexistent"])
+    result = invoke(["report", tmp_path / "nonexistent"])
     assert result.exit_code == 2 and "output folder not found" in result.stderr
     (tmp_path / "empty").mkdir()
-    result = run(["report", tmp_path / "empty"])
+    result = invoke(["report", tmp_path / "empty"])
     assert result.exit_code == 2 and "has no scores.csv" in result.stderr
 
 
@@ -405,7 +387,7 @@ def test_eval_notes_anomalous_images_without_a_mask(tmp_path, tiny_args):
     mask[10:20, 10:30] = 255
     Image.fromarray(mask).save(root / "masks" / "0.png")  # named after the image, as the README says
     out = tmp_path / "eval"
-    result = run(["eval", tmp_path / "generic", "--out", out, *tiny_args])
+    result = invoke(["eval", tmp_path / "generic", "--out", out, *tiny_args])
     assert result.exit_code == 0, result.output
     note = "2 of 3 anomalous images have no mask and are left out"
     assert f"note: widget pixel metrics: {note}" in result.stderr.replace("\n", " ")

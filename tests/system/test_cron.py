@@ -30,37 +30,13 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from typer.testing import CliRunner
 
-from winclip_cli.cli.app import app
+from helpers import invoke
 from winclip_cli.io.outputs import CSV_COLUMNS
 from winclip_cli.jobs.scan import shard_of
 
-runner = CliRunner()
-
 SUBPROCESS_TIMEOUT = 180  # seconds; a scan of a few dozen tiny images takes ~10 s, mostly importing torch
 POLL = 0.02  # seconds between two looks at a running scan
-
-
-@pytest.fixture
-def tiny_args(tiny_model_files) -> list[str]:
-    config, checkpoint = tiny_model_files
-    return ["--model", str(config), "--weights", str(checkpoint), "--device", "cpu"]
-
-
-def cli(args: list[str]):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def cli_caught(args: list[str]):
-    """Like ``cli``, but a crash becomes a test failure that shows the exception instead of raising it."""
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        import traceback
-
-        crash = "".join(traceback.format_exception(result.exception))
-        pytest.fail(f"the CLI crashed (exit code {result.exit_code}):\n{crash}")
-    return result
 
 
 # ------------------------------------------------------------------------------------------------- images
@@ -462,7 +438,7 @@ def test_an_unlistable_subfolder_is_reported_in_the_exit_code(tmp_path, tiny_arg
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "scandir", scandir)
-        result = cli_caught(["scan", folder, "--out", out, "-q", *tiny_args])
+        result = invoke(["scan", folder, "--out", out, "-q", *tiny_args])
     assert "cannot list" in result.stderr and "locked" in result.stderr
     assert csv_rows(out)[names[0]]["status"] == "ok"
     assert result.exit_code == 3, result.output
@@ -493,7 +469,7 @@ def test_a_fifo_given_as_the_input_is_refused_without_blocking(tmp_path, tiny_ar
     thread = threading.Thread(target=watchdog, daemon=True)
     thread.start()
     try:
-        result = cli_caught(["scan", fifo, "--out", out, "-q", *tiny_args])
+        result = invoke(["scan", fifo, "--out", out, "-q", *tiny_args])
     finally:
         done.set()
         thread.join(timeout=10)
@@ -510,13 +486,13 @@ def test_an_undecodable_file_name_does_not_abort_the_scan(tmp_path, tiny_args):
     names = make_images(folder, 1)
     odd = folder / os.fsdecode(b"camera-\xff\xfe.png")
     Image.fromarray(random_rgb(7)).save(odd, format="PNG")
-    result = cli_caught(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
     assert result.exit_code == 0, result.output
     rows = csv_rows(out)
     assert len(rows) == 2 and rows[names[0]]["status"] == "ok"
     (odd_row,) = [row for path, row in rows.items() if path != names[0]]
     assert odd_row["status"] == "ok" and odd_row["path"].startswith("camera-")
-    result = cli_caught(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
     assert result.exit_code == 0, result.output
     assert (run_info(out)["scored"], run_info(out)["unchanged"]) == (0, 2)
     assert len(csv_rows(out)) == 2
@@ -532,7 +508,7 @@ def test_sigkill_mid_run_then_incremental_resume(tmp_path, tiny_args):
     assert 2 <= recorded < len(names)
     assert f"pid {pid} " in (out / ".winclip" / "lock").read_text()  # the dead process never released it
 
-    result = cli(["scan", folder, "--out", out, "--batch-size", "1", "-q", "--incremental", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "--batch-size", "1", "-q", "--incremental", *tiny_args])
     assert result.exit_code == 0, result.output
     assert "stale lock" in result.stderr and f"pid {pid}" in result.stderr
     rows = csv_rows(out, expected=set(names))
@@ -571,7 +547,7 @@ def test_sigint_stops_after_the_batch_with_consistent_outputs(tmp_path, tiny_arg
     info = run_info(out)
     assert info["interrupted"] is True and info["images"] == len(rows)
 
-    result = cli(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
     assert result.exit_code == 0, result.output
     csv_rows(out, expected=set(names))
     info = run_info(out)
@@ -588,7 +564,7 @@ def test_incremental_scans_only_what_changed(tmp_path, tiny_args):
 
     def scan(*extra: str, code: int = 0):
         # --batch-size 1: an image's score never depends on which other images share its batch
-        result = cli(["scan", folder, "--out", out, "--incremental", "--batch-size", "1", "-q", *extra, *tiny_args])
+        result = invoke(["scan", folder, "--out", out, "--incremental", "--batch-size", "1", "-q", *extra, *tiny_args])
         assert result.exit_code == code, result.output
         return result, run_info(out)
 
@@ -655,9 +631,9 @@ def test_incremental_drops_the_rows_of_deleted_files(tmp_path, tiny_args):
     folder, out = tmp_path / "images", tmp_path / "out"
     names = make_images(folder, 3)
     args = ["scan", folder, "--out", out, "-q", "--incremental", *tiny_args]
-    assert cli(args).exit_code == 0
+    assert invoke(args).exit_code == 0
     (folder / names[1]).unlink()
-    assert cli(args).exit_code == 0
+    assert invoke(args).exit_code == 0
     info = run_info(out)
     assert (info["scored"], info["unchanged"]) == (0, 2)
     assert set(csv_rows(out)) == {names[0], names[2]}
@@ -672,7 +648,7 @@ def test_shards_partition_the_scan_and_merge_back(tmp_path, tiny_args):
     names = make_images(folder, 10, prefix="part")
 
     def scan(out: Path, *extra: str):
-        result = cli(["scan", folder, "--out", out, "--batch-size", "1", "-q", *extra, *tiny_args])
+        result = invoke(["scan", folder, "--out", out, "--batch-size", "1", "-q", *extra, *tiny_args])
         assert result.exit_code == 0, result.output
         return csv_rows(out)
 
@@ -691,7 +667,7 @@ def test_shards_partition_the_scan_and_merge_back(tmp_path, tiny_args):
         assert union == whole  # same paths, same scores, same everything
 
         merged = tmp_path / f"merged-{n}"
-        result = cli(["merge", *shard_dirs[n], "--out", merged])
+        result = invoke(["merge", *shard_dirs[n], "--out", merged])
         assert result.exit_code == 0, result.output
         assert csv_rows(merged) == whole
         check_heatmaps(merged, whole)
@@ -712,7 +688,7 @@ def test_shards_partition_the_scan_and_merge_back(tmp_path, tiny_args):
     other = tmp_path / "shard-3-1-bottle"
     scan(other, "--shard", "1/3", "--class", "bottle")
     refused = tmp_path / "merged-mixed"
-    result = cli(["merge", other, *shard_dirs[3][1:], "--out", refused])
+    result = invoke(["merge", other, *shard_dirs[3][1:], "--out", refused])
     assert result.exit_code == 2
     assert "class_name" in result.stderr and "Traceback" not in result.output
     assert not (refused / "scores.csv").exists()
@@ -723,7 +699,7 @@ def test_bad_shard_values_are_usage_errors(tmp_path, tiny_args, value):
     folder = tmp_path / "images"
     make_images(folder, 1)
     out = tmp_path / "out"
-    result = cli(["scan", folder, "--out", out, "--shard", value, "-q", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "--shard", value, "-q", *tiny_args])
     assert result.exit_code == 2, result.output
     assert "--shard" in result.stderr and "Traceback" not in result.output
     assert not out.exists()
@@ -739,7 +715,7 @@ def test_a_running_scan_locks_its_output_folder(tmp_path, tiny_args):
     try:
         assert wait_for_rows(holder, out, 1), "the scan ended before the test could use its lock"
         assert f"pid {holder.pid} " in (out / ".winclip" / "lock").read_text()
-        result = cli(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
+        result = invoke(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
         assert holder.poll() is None  # the refusal happened while the holder was running
         assert result.exit_code == 4, result.output
         assert str(holder.pid) in result.stderr and "Traceback" not in result.output
@@ -753,7 +729,7 @@ def test_a_running_scan_locks_its_output_folder(tmp_path, tiny_args):
 
     # released on exit: the next scan takes the folder without any stale-lock warning
     assert (out / ".winclip" / "lock").read_text() == ""
-    result = cli(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "-q", "--incremental", *tiny_args])
     assert result.exit_code == 0, result.output
     assert "stale" not in result.stderr
     csv_rows(out, expected=set(names))
@@ -764,7 +740,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, tiny_args):
     names = make_images(folder, 2)
     (out / ".winclip").mkdir(parents=True)
     (out / ".winclip" / "lock").write_text("pid 999999 on ghost-host since 2001-01-01 00:00:00\n")
-    result = cli(["scan", folder, "--out", out, "-q", *tiny_args])
+    result = invoke(["scan", folder, "--out", out, "-q", *tiny_args])
     assert result.exit_code == 0, result.output
     assert "stale lock" in result.stderr and "999999" in result.stderr
     csv_rows(out, expected=set(names))
