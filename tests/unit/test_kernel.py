@@ -9,19 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from winclip_cli.cli.app import app
+from helpers import invoke
 from winclip_cli.core.winclip import ReferenceMemory
 from winclip_cli.io.memory import load_memory
 from winclip_cli.jobs.kernel import Session
 from winclip_cli.jobs.pipeline import InputOptions, collect_references, image_score
-
-runner = CliRunner()
-
-
-def invoke(args: list[object]):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
