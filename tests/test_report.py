@@ -15,14 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from winclip_cli.io.outputs import CSV_COLUMNS, CsvResultWriter, ResultRow, heatmap_relpath, overlay, write_png_atomic
-from winclip_cli.report.page import (
-    THUMB_DIR,
-    THUMB_SIZE,
-    build_report,
-    thumbnail_relpaths,
-    write_thumbnails,
-)
+from winclip_cli.io.layout import THUMB_DIR, heatmap_relpath, thumbnail_relpaths
+from winclip_cli.io.outputs import CSV_COLUMNS, CsvResultWriter, ResultRow, overlay, write_png_atomic
+from winclip_cli.io.thumbnails import THUMB_SIZE, write_thumbnails
+from winclip_cli.report.page import build_report
 
 SCRIPT_NAME = "<script>alert(1)</script>.png"
 AMP_NAME = 'a&b "c".png'
