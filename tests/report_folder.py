@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from winclip_cli.io.outputs import CsvResultWriter, ResultRow, heatmap_relpath, overlay, write_png_atomic
-from winclip_cli.report.page import write_thumbnails
+from winclip_cli.io.layout import heatmap_relpath
+from winclip_cli.io.outputs import CsvResultWriter, ResultRow, overlay, write_png_atomic
+from winclip_cli.io.thumbnails import write_thumbnails
 
 SCRIPT_NAME = "<script>alert(1)</script>.png"
 AMP_NAME = 'a&b "c".png'

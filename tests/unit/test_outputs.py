@@ -15,6 +15,7 @@ import tifffile
 from PIL import Image
 
 from winclip_cli.io import outputs
+from winclip_cli.io.layout import heatmap_relpath
 from winclip_cli.io.outputs import (
     CSV_COLUMNS,
     LUT,
@@ -22,7 +23,6 @@ from winclip_cli.io.outputs import (
     ResultRow,
     atomic_path,
     colorize,
-    heatmap_relpath,
     overlay,
     read_results_csv,
     write_float_tiff_atomic,

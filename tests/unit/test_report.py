@@ -30,14 +30,10 @@ from report_folder import (
     ok_row,
     random_image,
 )
-from winclip_cli.io.outputs import CSV_COLUMNS, CsvResultWriter, ResultRow, heatmap_relpath, write_png_atomic
-from winclip_cli.report.page import (
-    THUMB_DIR,
-    THUMB_SIZE,
-    build_report,
-    thumbnail_relpaths,
-    write_thumbnails,
-)
+from winclip_cli.io.layout import THUMB_DIR, heatmap_relpath, thumbnail_relpaths
+from winclip_cli.io.outputs import CSV_COLUMNS, CsvResultWriter, ResultRow, write_png_atomic
+from winclip_cli.io.thumbnails import THUMB_SIZE, write_thumbnails
+from winclip_cli.report.page import build_report
 
 # --------------------------------------------------------------------------------------------------------
 # A small HTML model built with the standard library parser

@@ -49,6 +49,7 @@ from winclip_cli.errors import (
     SetupError,
     WinclipError,
 )
+from winclip_cli.io.layout import OutputLayout
 from winclip_cli.options import (
     DEFAULT_CALIBRATION_FILE,
     DEFAULT_FPR,
@@ -436,7 +437,7 @@ def scan(
             f"{stopped}[bold]{plural(result.total_rows, 'image')}[/]: "
             f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, "
             f"[bold]{plural(result.total_errors, 'error')}[/]{scored_now} "
-            f"in {result.seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(out / 'scores.csv'))}"
+            f"in {result.seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(OutputLayout(out).scores_csv))}"
         )
     if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -546,7 +547,7 @@ def watch(
     if not quiet:
         stderr.print(
             f"watch stopped: [bold]{result.scored}[/] scored, [bold]{result.anomalies}[/] anomalous, "
-            f"[bold]{plural(result.errors, 'error')}[/] -> {_escape(str(out / 'scores.csv'))}"
+            f"[bold]{plural(result.errors, 'error')}[/] -> {_escape(str(OutputLayout(out).scores_csv))}"
         )
     raise typer.Exit(EXIT_OK)
 
@@ -869,7 +870,8 @@ def merge(
             f"[yellow]warning:[/] {plural(result.duplicates, 'row')} appeared in several folders; the first was kept"
         )
     stderr.print(
-        f"{plural(len(result.rows), 'row')} from {plural(len(folders), 'folder')} -> {_escape(str(out / 'scores.csv'))}"
+        f"{plural(len(result.rows), 'row')} from {plural(len(folders), 'folder')} "
+        f"-> {_escape(str(OutputLayout(out).scores_csv))}"
     )
 
 
@@ -888,7 +890,7 @@ def report_command(
     with user_errors():
         if not out_dir.exists():
             raise SetupError(f"output folder not found: {out_dir}")
-        if not (out_dir / "scores.csv").is_file():
+        if not OutputLayout(out_dir).scores_csv.is_file():
             raise SetupError(f"{out_dir} has no scores.csv (is it the --out folder of a scan?)")
         page = build_report(out_dir)
     stderr.print(f"report: {_escape(str(page))}")

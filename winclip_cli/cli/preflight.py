@@ -76,9 +76,10 @@ def check_not_busy(out: Path) -> None:
     """Exit 4 at once when another scan holds the output folder's lock (the job takes the lock itself)."""
     if not out.is_dir():
         return
-    from winclip_cli.io.state import STATE_DIR, OutputBusyError
+    from winclip_cli.io.layout import OutputLayout
+    from winclip_cli.io.state import OutputBusyError
 
-    lock = out / STATE_DIR / "lock"
+    lock = OutputLayout(out).lock
     try:
         handle = open(lock, encoding="utf-8", errors="replace")
     except OSError:
@@ -115,7 +116,7 @@ def removed_if_unused(out: Path) -> Iterator[None]:
 
 
 def _only_run_state(out: Path) -> bool:
-    from winclip_cli.io.state import STATE_DIR
+    from winclip_cli.io.layout import STATE_DIR
 
     try:
         names = [entry.name for entry in out.iterdir()]

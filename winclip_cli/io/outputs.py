@@ -1,4 +1,5 @@
-"""Everything the scan writes to disk: the streaming scores.csv, heatmap PNGs, float TIFF maps, run.json.
+"""Everything the scan writes to disk: the streaming scores.csv, heatmap PNGs, float TIFF maps, run.json
+(where each goes: io/layout.py; thumbnails: io/thumbnails.py).
 
 This module only does file I/O and colouring of already computed score maps; it computes no scores and
 knows nothing about the CLI.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import hashlib
 import io
 import math
 import os
@@ -30,14 +30,12 @@ from PIL import Image
 
 __all__ = [
     "CSV_COLUMNS",
-    "HEATMAP_DIR",
     "CsvResultWriter",
     "ResultRow",
     "atomic_path",
     "LinkInOutputError",
     "colorize",
     "confined_path",
-    "heatmap_relpath",
     "overlay",
     "read_results_csv",
     "write_float_tiff_atomic",
@@ -72,13 +70,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "sha256",
 )
 
-HEATMAP_DIR = "heatmaps"
-
 _STATUSES = frozenset({"ok", "error"})
 _LABELS = frozenset({"anomalous", "normal", ""})
-
-# Most file systems cap one name at 255 bytes; the ".png" we append must not push a long name over it.
-_NAME_MAX_BYTES = 255
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -302,70 +295,6 @@ def read_results_csv(path: Path) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Heatmap file names
-# --------------------------------------------------------------------------------------------------------
-
-
-def _split_parts(relpath: str) -> list[str]:
-    # '/' is the documented separator; on Windows '\\' is one too, and leaving it in a part would let
-    # '..\\..\\x' escape once the string is joined to a Path there. On POSIX '\\' is an ordinary character.
-    if os.name == "nt":
-        relpath = relpath.replace("\\", "/")
-    return relpath.split("/")
-
-
-def _fit_name(name: str, suffix: str = ".png") -> str:
-    """Shorten a too-long name (in UTF-8 bytes) and add a hash, so distinct long names stay distinct."""
-    if len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX_BYTES:
-        return name
-    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    tail = f"~{digest}{suffix}"
-    budget = _NAME_MAX_BYTES - len(tail)
-    head = name
-    while len(head.encode("utf-8", "surrogateescape")) > budget:
-        head = head[:-1]
-    return head + tail
-
-
-def _portable_part(part: str) -> str:
-    """A name part that is valid UTF-8: bytes that were not (surrogate-escaped in Python, e.g. b'\\xff' ->
-    '\\udcff') become '%FF', plus a short hash of the original so a name that really holds '%FF' stays
-    distinct. The same text is then the file's name on disk and the CSV's `heatmap` cell."""
-    if not any("\ud800" <= char <= "\udfff" for char in part):
-        return part
-    escaped = "".join(
-        (f"%{ord(char) - 0xDC00:02X}" if "\udc80" <= char <= "\udcff" else f"%u{ord(char):04X}")
-        if "\ud800" <= char <= "\udfff"
-        else char
-        for char in part
-    )
-    digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    return f"{escaped}~{digest}"
-
-
-def heatmap_relpath(image_relpath: str, suffix: str = ".png") -> str:
-    """'good/001.jpg' -> 'heatmaps/good/001.jpg.png' (POSIX separators, relative to the output folder);
-    ``suffix`` ".jpg" for JPEG heatmaps.
-
-    Subfolders are mirrored and the full file name is kept, so 'a.jpg' and 'a.png' never collide. The
-    result always stays inside the output folder: empty, '.' and root parts are dropped and '..' becomes
-    '__'. Only NUL (invalid everywhere) is replaced; unicode, spaces and newlines are kept; bytes that are
-    not UTF-8 are written as '%XX' (see ``_portable_part``), so the name in scores.csv is the name on disk.
-    """
-    parts: list[str] = []
-    for part in _split_parts(image_relpath):
-        if part in ("", "."):
-            continue  # absolute paths and doubled slashes: the root/empty parts simply vanish
-        if part == "..":
-            part = "__"  # neutralised rather than dropped so '../a.jpg' and 'a.jpg' do not collide
-        parts.append(_portable_part(part.replace("\x00", "_")))
-    if not parts:
-        raise ValueError(f"cannot derive a heatmap name from {image_relpath!r}")
-    parts[-1] = _fit_name(parts[-1] + suffix, suffix)
-    return "/".join([HEATMAP_DIR, *parts])
-
-
-# --------------------------------------------------------------------------------------------------------
 # Colouring
 # --------------------------------------------------------------------------------------------------------
 
@@ -397,16 +326,6 @@ def _build_lut() -> np.ndarray:
 
 LUT: np.ndarray = _build_lut()  # (256, 3) uint8
 LUT.flags.writeable = False  # shared module state: nobody should be able to repaint it by accident
-
-
-def map_relpath(image_relpath: str) -> str:
-    """'good/001.jpg' -> 'maps/good/001.jpg.tiff': the raw float map, beside the heatmap's naming."""
-    return map_relpath_of_heatmap(heatmap_relpath(image_relpath))
-
-
-def map_relpath_of_heatmap(heatmap: str) -> str:
-    """'heatmaps/good/001.jpg.png' (or a JPEG heatmap '... .jpg.jpg') -> 'maps/good/001.jpg.tiff'."""
-    return "maps/" + heatmap[len(HEATMAP_DIR) + 1 : -len(".png")] + ".tiff"
 
 
 _ROWS_PER_CHUNK = 256  # colour a large map a band of rows at a time: temporaries stay small

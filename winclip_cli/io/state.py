@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from winclip_cli.errors import SetupError, WinclipError
+from winclip_cli.io.layout import OWN_FILES, OWN_FOLDERS, OutputLayout
 from winclip_cli.io.outputs import LinkInOutputError, ResultRow
 
-STATE_DIR = ".winclip"
 EXIT_BUSY = 4
 
 
@@ -71,7 +71,7 @@ class OutputLock:
     """
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / STATE_DIR / "lock"
+        self.path = OutputLayout(out_dir).lock
         self._fh: Any = None
         self.previous_holder: str = ""
 
@@ -161,7 +161,7 @@ class RunState:
     """Per-file results of an output folder, durable as soon as they are recorded."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / STATE_DIR / "state.sqlite"
+        self.path = OutputLayout(out_dir).state_db
         refuse_link(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for suffix in _SQLITE_SUFFIXES:
@@ -340,12 +340,13 @@ def refuse_link(path: Path) -> None:
 def refuse_links(out_dir: Path) -> None:
     """Refuse (exit 2, naming it) a symbolic link anywhere winclip writes, deletes or locks in ``out_dir``:
     a (root) cron job must never follow one out of the output folder. ``out_dir`` itself may be a link."""
-    state = out_dir / STATE_DIR
+    layout = OutputLayout(out_dir)
     for path in (
-        state,
-        state / "lock",
-        *(Path(f"{state / 'state.sqlite'}{suffix}") for suffix in _SQLITE_SUFFIXES),
-        *(out_dir / name for name in (*OWN_FOLDERS, *OWN_FILES)),
+        layout.state_dir,
+        layout.lock,
+        *(Path(f"{layout.state_db}{suffix}") for suffix in _SQLITE_SUFFIXES),
+        *layout.own_folders,
+        *layout.own_files,
     ):
         refuse_link(path)
 
@@ -356,10 +357,6 @@ def _key(path: str) -> bytes:
 
 def _path(key: bytes) -> str:
     return bytes(key).decode("utf-8", "surrogateescape")
-
-
-OWN_FOLDERS = ("heatmaps", "maps", "thumbs")
-OWN_FILES = ("scores.csv", "run.json", "report.html")
 
 
 def clean_stale_temporaries(out_dir: Path) -> int:

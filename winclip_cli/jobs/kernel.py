@@ -22,9 +22,9 @@ from winclip_cli.core.backbone import Backbone
 from winclip_cli.core.engine import Engine, ModelOptions, build_backbone, build_engine
 from winclip_cli.core.winclip import WinClipScorer
 from winclip_cli.errors import SetupError
+from winclip_cli.io.layout import OutputLayout
 from winclip_cli.io.memory import MemoryFile, attach_memory
 from winclip_cli.io.outputs import ResultRow
-from winclip_cli.io.state import OWN_FOLDERS
 from winclip_cli.jobs.pipeline import (
     Decoded,
     InputOptions,
@@ -104,7 +104,7 @@ def discover(directory: Path, out: Path, reporter: Reporter, unlisted: list[str]
         raise SetupError(f"input not found: {directory}")
     # OUT is never scanned, whatever its relation to the input: a separate folder or one inside the
     # input is left out whole; when OUT is the input (or holds it), winclip's own folders in OUT are.
-    own = [out / folder for folder in OWN_FOLDERS]
+    own = list(OutputLayout(out).own_folders)
     real_input = directory.resolve()
     for folder in own:
         if real_input.is_relative_to(folder.resolve()):

@@ -17,20 +17,24 @@ from typing import Any
 
 from winclip_cli import __version__
 from winclip_cli.errors import SetupError
-from winclip_cli.io.outputs import (
+from winclip_cli.io.layout import (
     HEATMAP_DIR,
-    LinkInOutputError,
-    ResultRow,
-    confined_path,
+    OutputLayout,
     heatmap_relpath,
     map_relpath,
     map_relpath_of_heatmap,
+    thumbnail_relpaths,
+    thumbnail_relpaths_of_heatmap,
+)
+from winclip_cli.io.outputs import (
+    LinkInOutputError,
+    ResultRow,
+    confined_path,
     read_results_csv,
     write_results_csv_atomic,
     write_text_atomic,
 )
 from winclip_cli.io.state import refuse_links
-from winclip_cli.report.page import thumbnail_relpaths, thumbnail_relpaths_of_heatmap
 
 # run.json keys that must agree for rows to be comparable
 CONFIG_KEYS = (
@@ -109,14 +113,15 @@ def completeness_warnings(sources: list[Path], runs: list[dict[str, Any]]) -> li
 
 
 def _read_run(folder: Path) -> dict[str, Any]:
+    run_json = OutputLayout(folder).run_json
     try:
-        info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        info = json.loads(run_json.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SetupError(f"{folder} is not a winclip output folder (no run.json)") from None
     except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON, an endless number
-        raise SetupError(f"cannot read {folder / 'run.json'}: {str(err)[:120] or 'nested too deeply'}") from None
+        raise SetupError(f"cannot read {run_json}: {str(err)[:120] or 'nested too deeply'}") from None
     if not isinstance(info, dict):
-        raise SetupError(f"{folder / 'run.json'} is not a winclip run record")
+        raise SetupError(f"{run_json} is not a winclip run record")
     return info
 
 
@@ -179,7 +184,7 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
     duplicates = 0
     origin: dict[str, Path] = {}
     for folder in sources:
-        csv_path = folder / "scores.csv"
+        csv_path = OutputLayout(folder).scores_csv
         if not csv_path.is_file():
             raise SetupError(f"{folder} has no scores.csv")
         for number, values in enumerate(read_results_csv(csv_path), start=2):
@@ -218,7 +223,7 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
                 except LinkInOutputError as err:
                     raise SetupError(err.strerror) from None
     rows = sorted(merged.values(), key=lambda row: row.path)
-    write_results_csv_atomic(out / "scores.csv", rows)
+    write_results_csv_atomic(OutputLayout(out).scores_csv, rows)
     info = {key: value for key, value in reference.items() if key not in PER_RUN_KEYS}
     counts = {
         "images": len(rows),
@@ -244,5 +249,5 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         interrupted=any(bool(run.get("interrupted")) for run in runs),
         unlisted_dirs=[folder for run in runs for folder in run.get("unlisted_dirs") or []],
     )
-    write_text_atomic(out / "run.json", json.dumps(info, indent=2) + "\n")
+    write_text_atomic(OutputLayout(out).run_json, json.dumps(info, indent=2) + "\n")
     return MergeResult(rows=rows, duplicates=duplicates, sources=sources, warnings=completeness_warnings(sources, runs))

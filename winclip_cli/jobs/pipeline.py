@@ -31,18 +31,18 @@ from winclip_cli.core.winclip import ReferenceMemory, WinClipScorer
 from winclip_cli.errors import ImageDecodeError
 from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess, unreadable_reason
+from winclip_cli.io.layout import heatmap_relpath, map_relpath
 from winclip_cli.io.outputs import (
     LUT,
     ResultRow,
     confined_path,
-    heatmap_relpath,
-    map_relpath,
     overlay,
     write_float_tiff_atomic,
     write_jpeg_atomic,
     write_png_atomic,
 )
 from winclip_cli.io.state import FileStamp
+from winclip_cli.io.thumbnails import THUMB_SIZE, write_thumbnails
 from winclip_cli.options import HEATMAP_FORMATS, check_tile_size
 
 
@@ -719,8 +719,6 @@ class ResultWriter:
                 target = confined_path(self.out_dir, map_relpath(item.relpath))
                 write_float_tiff_atomic(target, score_map, fsync=False)
             if self.thumbnails:
-                from winclip_cli.report.page import write_thumbnails
-
                 write_thumbnails(self.out_dir, item.relpath, *_small_overlay(display, item, score_map))
         except OSError as err:
             # The score stands (an anomaly must still be reported); the missing file is said in `error`.
@@ -757,8 +755,6 @@ def _small_overlay(display: np.ndarray, item: Decoded, score_map: np.ndarray | N
     thumbnail size looks the same.
     """
     from PIL import Image
-
-    from winclip_cli.report.page import THUMB_SIZE
 
     small = Image.fromarray(display)
     small.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)

@@ -19,13 +19,18 @@ from winclip_cli import __version__
 from winclip_cli.core.backbone import Backbone
 from winclip_cli.core.engine import Engine, ModelOptions
 from winclip_cli.errors import SetupError
+from winclip_cli.io.layout import (
+    HEATMAP_DIR,
+    OutputLayout,
+    heatmap_relpath,
+    map_relpath_of_heatmap,
+    thumbnail_relpaths_of_heatmap,
+)
 from winclip_cli.io.memory import MemoryFile
 from winclip_cli.io.outputs import (
     CSV_COLUMNS,
     CsvResultWriter,
     ResultRow,
-    heatmap_relpath,
-    map_relpath_of_heatmap,
     sync_filesystem,
     write_results_csv_atomic,
     write_text_atomic,
@@ -266,7 +271,7 @@ class ScanSession:
         self.options = options
         self.reporter = reporter
         self.requested_threshold = requested_threshold
-        self.csv_path = options.out / "scores.csv"
+        self.csv_path = OutputLayout(options.out).scores_csv
         self.run_info: dict[str, Any] = {}
         self._hold_lock = hold_lock
         self._backbone = backbone
@@ -444,7 +449,7 @@ class ScanSession:
         self.state.set_meta("csv", _stamp_of(self.csv_path))
 
     def write_run_info(self) -> None:
-        write_text_atomic(self.options.out / "run.json", json.dumps(self.run_info, indent=2) + "\n")
+        write_text_atomic(OutputLayout(self.options.out).run_json, json.dumps(self.run_info, indent=2) + "\n")
 
 
 def _current_header(path: Path) -> bool:
@@ -565,15 +570,15 @@ def _remove_outputs(out_dir: Path, rows: list[ResultRow]) -> None:
 def remove_outputs_of(out_dir: Path, entries: list[tuple[str, str]]) -> None:
     """Delete the heatmaps, maps and thumbnails of these (input file, heatmap cell) entries from OUT;
     the heatmap cell may be empty, or name an output of an older winclip that named it differently."""
-    from winclip_cli.report.page import thumbnail_relpaths_of_heatmap
-
     for name, heatmap_cell in entries:
         # either format of --heatmaps (png, jpg), and the name an older winclip may have written
         heatmaps = {heatmap_relpath(name), heatmap_relpath(name, ".jpg"), heatmap_cell} - {""}
         relpaths = [
             relpath
             for heatmap in heatmaps
-            if heatmap.startswith("heatmaps/") and heatmap.endswith((".png", ".jpg")) and ".." not in heatmap.split("/")
+            if heatmap.startswith(f"{HEATMAP_DIR}/")
+            and heatmap.endswith((".png", ".jpg"))
+            and ".." not in heatmap.split("/")
             for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap))
         ]
         for relpath in relpaths:

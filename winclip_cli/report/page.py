@@ -2,12 +2,15 @@
 
 The page (OUT/report.html) uses inline CSS and JS only and references its images by relative paths, so it
 works from file:// on another machine or a file share, offline. Nothing here computes scores or knows the CLI.
+
+The page's skeleton, style and script are package data files beside this module (template.html,
+style.css, script.js); this module renders the parts that depend on the run and fills them in, every
+piece of text from the output folder escaped by ``_esc`` (or ``_url`` for links).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import json
 import math
@@ -17,114 +20,35 @@ import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
+from string import Template
 from urllib.parse import quote
 
-import numpy as np
 from PIL import Image
 
-from winclip_cli.io.outputs import HEATMAP_DIR, atomic_path, confined_path, heatmap_relpath, write_text_atomic
+from winclip_cli.io.layout import (
+    HEATMAP_DIR,
+    SCORES_NAME,
+    OutputLayout,
+    heatmap_relpath,
+    thumbnail_relpaths,
+    thumbnail_relpaths_of_heatmap,
+)
+from winclip_cli.io.outputs import confined_path, write_text_atomic
 from winclip_cli.io.state import refuse_link
+from winclip_cli.io.thumbnails import save_thumbnail
 
-__all__ = [
-    "REPORT_NAME",
-    "THUMB_DIR",
-    "THUMB_SIZE",
-    "build_report",
-    "thumbnail_relpaths",
-    "write_thumbnails",
-]
+__all__ = ["TEMPLATE_FILES", "build_report"]
 
-REPORT_NAME = "report.html"
-THUMB_DIR = "thumbs"
-THUMB_SIZE = 256  # longest side in pixels
-THUMB_QUALITY = 85
+# The page's package data files (listed in pyproject.toml's package-data, so a wheel ships them).
+TEMPLATE_FILES = ("template.html", "style.css", "script.js")
 
-_IMAGE_SUFFIX = ".img.jpg"  # distinct endings: no image name can produce another's heatmap thumbnail
-_HEAT_SUFFIX = ".heat.jpg"
-_NAME_MAX_BYTES = 255
 _HIST_BINS = 20
 
 # C0 controls (bar tab/newline) and DEL: invalid or invisible in HTML text, shown as U+FFFD instead.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Thumbnails
-# --------------------------------------------------------------------------------------------------------
-
-
-def _name_bytes(name: str) -> int:
-    return len(name.encode("utf-8", "surrogateescape"))
-
-
-def _fit_stem(stem: str) -> str:
-    """Shorten ``stem`` so that stem + the longest thumbnail suffix fits one file name (255 bytes)."""
-    if _name_bytes(stem + _HEAT_SUFFIX) <= _NAME_MAX_BYTES:
-        return stem
-    digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    tail = f"~{digest}"
-    head = stem
-    while _name_bytes(head + tail + _HEAT_SUFFIX) > _NAME_MAX_BYTES:
-        head = head[:-1]
-    return head + tail
-
-
-def thumbnail_relpaths(image_relpath: str) -> tuple[str, str]:
-    """(image thumbnail, heatmap thumbnail) paths relative to OUT, e.g. 'good/001.jpg' ->
-    ('thumbs/good/001.jpg.img.jpg', 'thumbs/good/001.jpg.heat.jpg').
-
-    Derived from :func:`heatmap_relpath`, so the same safe naming applies ('..' neutralised, never outside
-    OUT, long names shortened with a hash).
-    """
-    return thumbnail_relpaths_of_heatmap(heatmap_relpath(image_relpath))
-
-
-def thumbnail_relpaths_of_heatmap(heat: str) -> tuple[str, str]:
-    """The thumbnails that belong to the heatmap ``heat`` ('heatmaps/good/001.jpg.png')."""
-    parts = heat.split("/")[1:]  # drop the 'heatmaps' folder
-    stem = parts[-1][: -len(".png")] if parts[-1].endswith((".png", ".jpg")) else parts[-1]  # PNG or JPEG heatmap
-    stem = _fit_stem(stem)
-    folder = "/".join([THUMB_DIR, *parts[:-1]])
-    return f"{folder}/{stem}{_IMAGE_SUFFIX}", f"{folder}/{stem}{_HEAT_SUFFIX}"
-
-
-def _as_rgb_image(array: np.ndarray, what: str) -> Image.Image:
-    arr = np.asarray(array)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"{what} must be uint8, got {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        return Image.fromarray(np.ascontiguousarray(arr[:, :, :3]))
-    raise ValueError(f"{what} must be (H, W) or (H, W, 3) uint8, got shape {arr.shape}")
-
-
-def _save_thumbnail(image: Image.Image, path: Path, owned: bool = False) -> None:
-    """Shrink (never enlarge) to THUMB_SIZE on the longest side and write a JPEG atomically.
-
-    ``owned``: the caller's image may be shrunk in place (saves copying a full-size image)."""
-    thumb = image.convert("RGB") if image.mode != "RGB" else image if owned else image.copy()
-    thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
-    # No fsync: thumbnails can be regenerated, and a scan writes thousands. An empty file left by a power
-    # cut is treated as missing by build_report.
-    with atomic_path(path, fsync=False) as tmp:
-        thumb.save(tmp, format="JPEG", quality=THUMB_QUALITY)
-
-
-def write_thumbnails(
-    out_dir: Path, image_relpath: str, image_rgb: np.ndarray, heatmap_rgb: np.ndarray
-) -> tuple[str, str]:
-    """Write JPEG thumbnails of the image and its heatmap overlay under OUT/thumbs/; return their relpaths."""
-    image_rel, heat_rel = thumbnail_relpaths(image_relpath)
-    image = _as_rgb_image(image_rgb, "image")
-    heat = _as_rgb_image(heatmap_rgb, "heatmap")
-    out_dir = Path(out_dir)
-    _save_thumbnail(image, confined_path(out_dir, image_rel), owned=True)  # both made from the arrays above
-    _save_thumbnail(heat, confined_path(out_dir, heat_rel), owned=True)
-    return image_rel, heat_rel
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -268,7 +192,7 @@ def _prepare_card(out: _Confined, row: _Row) -> _Card:
     if heat_path is not None and heatmap_path is not None and not _nonempty_file(heat_path):
         try:
             with Image.open(heatmap_path) as img:
-                _save_thumbnail(img, confined_path(out.root, heat_rel))
+                save_thumbnail(img, confined_path(out.root, heat_rel))
         except (OSError, ValueError, Image.DecompressionBombError):
             pass  # a broken heatmap: the card simply shows less
     return _Card(
@@ -340,7 +264,7 @@ def _threshold(run: dict[str, object], rows: list[_Row]) -> tuple[float | None, 
         return float(value), str(source) if source not in (None, "") else row_source or "--threshold"
     found = Counter(row.threshold for row in rows if row.threshold is not None)
     if found:
-        return found.most_common(1)[0][0], row_source or "scores.csv"
+        return found.most_common(1)[0][0], row_source or SCORES_NAME
     return None, ""
 
 
@@ -508,135 +432,33 @@ def _failures_html(failures: list[_Row]) -> str:
     )
 
 
-_CSS = """
-:root{--fg:#1b1b1f;--bg:#f6f6f8;--card:#fff;--muted:#666;--bad:#c0392b;--ok:#2e7d32;--line:#ddd}
-*{box-sizing:border-box}
-body{margin:0 auto;max-width:1600px;padding:16px 24px;font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;
-color:var(--fg);background:var(--bg)}
-h1{font-size:22px;margin:0 0 12px}h2{font-size:17px;margin:20px 0 8px}
-[hidden]{display:none!important}
-.counts{list-style:none;padding:0;margin:0 0 10px;display:flex;gap:22px;flex-wrap:wrap}.counts b{font-size:20px}
-table{border-collapse:collapse}td,th{padding:3px 10px 3px 0;text-align:left;vertical-align:top}
-table.run th{color:var(--muted);font-weight:500;white-space:nowrap}
-td{overflow-wrap:anywhere}
-#failures table{width:100%;background:var(--card)}#failures td,#failures th{border-bottom:1px solid var(--line);
-padding:4px 8px}
-#histogram{max-width:100%;height:auto;background:var(--card);border:1px solid var(--line)}
-#histogram .bar.normal{fill:#7aa6c2}#histogram .bar.anomalous{fill:var(--bad)}
-#histogram .axis{stroke:#888}#histogram .tick,#histogram .thr{font-size:11px;fill:#555}
-#threshold-line{stroke:#111;stroke-width:2;stroke-dasharray:5 3}
-.controls{position:sticky;top:0;z-index:1;background:var(--bg);padding:8px 0;display:flex;gap:12px;
-align-items:center;flex-wrap:wrap;border-bottom:1px solid var(--line)}
-#search{width:320px;max-width:100%;padding:4px 6px}
-#gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:12px;margin-top:12px}
-.card{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:8px;
-content-visibility:auto;contain-intrinsic-size:340px 240px}
-.thumbs{display:flex;gap:6px}.thumbs a,.thumbs img{display:block}
-.thumbs img{width:160px;height:160px;object-fit:contain;background:#eee}
-.nothumb{display:flex;align-items:center;justify-content:center;width:160px;height:160px;background:#eee;
-color:var(--muted)}
-.meta{margin-top:6px}.score{font-weight:700;font-size:16px}.maxpx,.area{color:var(--muted)}
-.label{padding:1px 6px;border-radius:3px;background:#eee}.label.anomalous{background:var(--bad);color:#fff}
-.label.normal{background:#dcefdc;color:var(--ok)}
-.path{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;overflow-wrap:anywhere;color:#333}
-.empty{color:var(--muted)}
-"""
-
-# Reads '#label=anomalous&q=text' on load, filters the cards by label and path substring (case-insensitive),
-# and writes the current filter back to the hash so a filtered view can be shared.
-_JS = """
-(function () {
-  "use strict";
-  var cards = Array.prototype.slice.call(document.querySelectorAll("#gallery .card"));
-  var paths = cards.map(function (c) { return (c.getAttribute("data-path") || "").toLowerCase(); });
-  var labels = cards.map(function (c) { return c.getAttribute("data-label") || ""; });
-  var select = document.getElementById("filter-label");
-  var search = document.getElementById("search");
-  var counter = document.getElementById("visible-count");
-  var timer = null;
-  function apply() {
-    timer = null;
-    var want = select.value, q = search.value.toLowerCase(), n = 0;
-    for (var i = 0; i < cards.length; i++) {
-      var show = (want === "all" || labels[i] === want) && (q === "" || paths[i].indexOf(q) !== -1);
-      if (show) { n++; }
-      if (cards[i].hidden === show) { cards[i].hidden = !show; }
-    }
-    counter.textContent = String(n);
-    var state = new URLSearchParams();
-    if (want !== "all") { state.set("label", want); }
-    if (q !== "") { state.set("q", search.value); }
-    var hash = state.toString();
-    if (hash !== location.hash.replace(/^#/, "")) {
-      try { history.replaceState(null, "", hash ? "#" + hash : location.pathname + location.search); }
-      catch (e) { /* some browsers refuse on file:// */ }
-    }
-  }
-  function schedule() {
-    if (timer !== null) { clearTimeout(timer); }
-    timer = setTimeout(apply, cards.length > 2000 ? 120 : 0);
-  }
-  function readHash() {
-    var state = new URLSearchParams(location.hash.replace(/^#/, ""));
-    var label = state.get("label");
-    var ok = false;
-    for (var i = 0; i < select.options.length; i++) { if (select.options[i].value === label) { ok = true; } }
-    select.value = ok ? label : "all";
-    search.value = state.get("q") || "";
-  }
-  select.addEventListener("change", apply);
-  search.addEventListener("input", schedule);
-  window.addEventListener("hashchange", function () { readHash(); apply(); });
-  readHash();
-  apply();
-  document.documentElement.setAttribute("data-ready", "1");
-})();
-"""
-
-# Nothing may be fetched from anywhere but the report's own folder, whatever ends up in the page.
-_CSP = (
-    "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-    "base-uri 'none'; form-action 'none'"
-)
+@cache
+def _read_template_file(name: str) -> str:
+    return files("winclip_cli.report").joinpath(name).read_text(encoding="utf-8")
 
 
+# template.html holds the Content-Security-Policy: nothing may be fetched from anywhere but the report's own
+# folder, whatever ends up in the page. script.js reads '#label=anomalous&q=text' on load, filters the cards
+# by label and path substring (case-insensitive), and writes the current filter back to the hash so a
+# filtered view can be shared.
 def _page(title: str, summary: str, histogram: str, cards: list[_Card], failures: str) -> str:
     anomalous = sum(1 for c in cards if c.row.label == "anomalous")
     normal = sum(1 for c in cards if c.row.label == "normal")
     gallery = "\n".join(_card_html(c) for c in cards) or '<p class="empty">No scored images.</p>'
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
-<meta name="referrer" content="no-referrer">
-<title>{_esc(title)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<h1>{_esc(title)}</h1>
-{summary}
-<section id="distribution"><h2>Score distribution</h2>
-{histogram}
-<p class="legend"><span class="n-normal">{normal}</span> normal, <span class="n-anomalous">{anomalous}</span> anomalous
-(fixed 0–1 axis, 20 bins; dashed line: threshold)</p>
-</section>
-<h2>Images, worst first</h2>
-<div class="controls">
-<label>Label <select id="filter-label"><option value="all">all</option>
-<option value="anomalous">anomalous</option><option value="normal">normal</option></select></label>
-<label>Path <input id="search" type="search" placeholder="filter by path" autocomplete="off"></label>
-<span><span id="visible-count">{len(cards)}</span> of {len(cards)} shown</span>
-</div>
-<div id="gallery" data-count="{len(cards)}">
-{gallery}
-</div>
-{failures}
-<script>{_JS}</script>
-</body>
-</html>
-"""
+    # One pass of substitution: the values (HTML already escaped where it came from the folder, the
+    # style and the script) are inserted as they are, never scanned for placeholders themselves.
+    return Template(_read_template_file("template.html")).substitute(
+        title=_esc(title),
+        style=_read_template_file("style.css"),
+        script=_read_template_file("script.js"),
+        summary=summary,
+        histogram=histogram,
+        normal=normal,
+        anomalous=anomalous,
+        count=len(cards),
+        gallery=gallery,
+        failures=failures,
+    )
 
 
 def _sort_key(card: _Card) -> tuple[int, float, str]:
@@ -651,10 +473,11 @@ def build_report(out_dir: Path, title: str | None = None) -> Path:
     has several CSV rows (incremental runs append), the last one wins.
     """
     out_dir = Path(out_dir)
-    for written in (REPORT_NAME, THUMB_DIR):
-        refuse_link(out_dir / written)  # never write through a link planted in OUT
-    rows = _read_rows(out_dir / "scores.csv")
-    run, run_problem = _read_run(out_dir / "run.json")
+    layout = OutputLayout(out_dir)
+    for written in (layout.report_html, layout.thumbs):
+        refuse_link(written)  # never write through a link planted in OUT
+    rows = _read_rows(layout.scores_csv)
+    run, run_problem = _read_run(layout.run_json)
     failures = [row for row in rows if row.status == "error"]
     confined = _Confined(out_dir)
     cards = sorted((_prepare_card(confined, row) for row in rows if row.status == "ok"), key=_sort_key)
@@ -669,6 +492,6 @@ def build_report(out_dir: Path, title: str | None = None) -> Path:
         cards,
         _failures_html(failures),
     )
-    target = out_dir / REPORT_NAME
+    target = layout.report_html
     write_text_atomic(target, page)
     return target
