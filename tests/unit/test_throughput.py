@@ -4,6 +4,7 @@ against Pillow's decoder; plus bounded memory for thin images and ``--heatmaps p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -228,7 +229,8 @@ def test_writer_device_path_gives_the_cpu_outputs(tmp_path, tiny_backbone):
     rows = {}
     for name, device in (("cpu", None), ("device", torch.device("cpu"))):
         writer = ResultWriter(tmp_path / name, RowContext(0.5, "test", "zero-shot"), lambda group: None)
-        writer.device = device  # what a CUDA device sets; the same code runs on the CPU here
+        # what a CUDA device sets; the same code runs on the CPU here
+        writer.settings = dataclasses.replace(writer.settings, device=device)
         item = Decoded(SAMPLE_TEST / "x.jpg", "x.jpg", image=image, outputs=[(0.25, grid)])
         rows[name] = writer.make_row(item)
         writer.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,15 +124,12 @@ def nearest_similarity(
     return best.reshape(queries.shape[:-1])
 
 
-def association_scores(
-    queries: torch.Tensor,
-    memory: torch.Tensor,
-    chunk_size: int = 8192,
-    memory_owner: torch.Tensor | None = None,
-    exclude_owner: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Few-shot association score: (1 - max cosine similarity to the memory) / 2, shape of queries minus D."""
-    return (1.0 - nearest_similarity(queries, memory, chunk_size, memory_owner, exclude_owner)) / 2.0
+def association_scores(queries: torch.Tensor, memory: torch.Tensor, **neighbours: Any) -> torch.Tensor:
+    """Few-shot association score: (1 - max cosine similarity to the memory) / 2, shape of queries minus D.
+
+    ``neighbours`` go to :func:`nearest_similarity` (``chunk_size``, ``memory_owner``, ``exclude_owner``).
+    """
+    return (1.0 - nearest_similarity(queries, memory, **neighbours)) / 2.0
 
 
 # ------------------------------------------------------------------------------------------------ embeddings
@@ -348,10 +346,11 @@ class WinClipScorer:
         assert memory is not None
         n = emb.image.shape[0]
         window_owners = memory.window_owner or [None] * len(memory.windows)
-        per_scale = [association_scores(emb.patches, memory.patches, self.nn_chunk_size, memory.patch_owner, exclude)]
+        neighbours = {"chunk_size": self.nn_chunk_size, "exclude_owner": exclude}
+        per_scale = [association_scores(emb.patches, memory.patches, memory_owner=memory.patch_owner, **neighbours)]
         for window_embeddings, rows, owner, coverage in zip(
             emb.windows, memory.windows, window_owners, self.encoder.coverage, strict=True
         ):
-            scores = association_scores(window_embeddings, rows, self.nn_chunk_size, owner, exclude)
+            scores = association_scores(window_embeddings, rows, memory_owner=owner, **neighbours)
             per_scale.append(harmonic_aggregation(scores, coverage))
         return torch.stack(per_scale).mean(dim=0).reshape(n, *self.grid_size)

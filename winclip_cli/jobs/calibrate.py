@@ -83,15 +83,7 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
     if not files:
         raise SetupError(f"no images found under {options.good_dir}")
     memory: MemoryFile | None = load_memory(options.refs) if options.refs is not None else None
-    session = Session.open(
-        options.model,
-        options,
-        class_name=options.class_name,
-        prompts=options.prompts,
-        use_cache=options.use_cache,
-        memory=memory,
-        reporter=reporter,
-    )
+    session = Session.for_job(options, memory=memory, reporter=reporter)
     engine = session.engine
     assert engine is not None
     reference_of = memory.reference_index() if memory is not None else {}

@@ -177,6 +177,28 @@ class Session:
             memory=memory,
         )
 
+    @classmethod
+    def for_job(
+        cls,
+        options: Any,
+        *,
+        memory: MemoryFile | None = None,
+        reporter: Reporter | None = None,
+        backbone: Backbone | None = None,
+    ) -> Session:
+        """The scoring session of a job whose options (InputOptions) also carry ``model``, ``class_name``,
+        ``prompts`` and ``use_cache``: scan, watch and calibrate."""
+        return cls.open(
+            options.model,
+            options,
+            class_name=options.class_name,
+            prompts=options.prompts,
+            use_cache=options.use_cache,
+            memory=memory,
+            reporter=reporter,
+            backbone=backbone,
+        )
+
     @property
     def memory_id(self) -> str:
         return self.memory.content_id if self.memory is not None else ""

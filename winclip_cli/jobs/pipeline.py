@@ -552,6 +552,98 @@ def _pixels(item: Decoded) -> int:
 _NOTHING = object()  # "no new item yet" for the collector's polling loop
 
 
+@dataclass(frozen=True)
+class OutputSettings:
+    """What a scan writes for each scored file, and where."""
+
+    out_dir: Path
+    context: RowContext
+    save_maps: bool = False
+    thumbnails: bool = True
+    heatmaps: str = "png"  # png, jpg or none
+    device: torch.device | None = None  # a CUDA device: maps are upsampled and coloured there
+
+
+def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
+    """A scored (or failed) file's row, after writing its heatmap, map and thumbnails as ``settings`` say.
+
+    Anything that goes wrong with the outputs is said in the row's ``error``; the score stands.
+    """
+    ctx = settings.context
+    sha = item.stamp.sha256 if item.stamp else ""
+    if item.error:
+        return ResultRow(path=item.relpath, status="error", error=item.error, sha256=sha, **ctx.common())
+    image = item.image
+    assert image is not None
+    score, best_tile = image_score(item)
+    heatmap = heatmap_relpath(item.relpath, "." + settings.heatmaps) if settings.heatmaps != "none" else ""
+    area, bbox, max_pixel_score = None, "", None
+    problem = ""
+    try:
+        # On an accelerator an untiled map is upsampled and coloured there; it comes back to the
+        # CPU only where something needs its values (a TIFF, the calibrated area, tiled thumbnails).
+        on_device = settings.device is not None and item.tiles is None
+        tiled_thumbs = settings.thumbnails and item.tiles is not None
+        needs_map = settings.save_maps or ctx.pixel_threshold is not None or tiled_thumbs
+        device_map = None
+        if on_device:
+            device_map = upsample_grid_tensor(item.outputs[0][1].to(settings.device), image.height, image.width)
+            max_pixel_score = float(device_map.max())
+            score_map = device_map.cpu().numpy() if needs_map else None
+        else:
+            score_map = full_resolution_map(item)
+            max_pixel_score = float(score_map.max())
+        if ctx.pixel_threshold is not None:
+            from winclip_cli.core.calibration import anomalous_area
+
+            area, box = anomalous_area(score_map, ctx.pixel_threshold)
+            bbox = box_text(*box) if box else ""
+        display = image.to_display_uint8()
+        heat = None
+        if settings.heatmaps != "none":
+            if device_map is not None:
+                heat = overlay_tensor(torch.from_numpy(display).to(settings.device), device_map).cpu().numpy()
+            else:
+                heat = overlay(display, score_map)
+        # No fsync per file: the scan syncs the file system once per group of rows, before it
+        # commits them (see scanjob). Level 1: heatmaps of textured parts barely compress anyway.
+        # confined_path: no planted symlink inside OUT can redirect a write outside it
+        if settings.heatmaps == "png":
+            write_png_atomic(confined_path(settings.out_dir, heatmap), heat, fsync=False, compress_level=1)
+        elif settings.heatmaps == "jpg":
+            write_jpeg_atomic(confined_path(settings.out_dir, heatmap), heat, fsync=False)
+        if settings.save_maps:
+            target = confined_path(settings.out_dir, map_relpath(item.relpath))
+            write_float_tiff_atomic(target, score_map, fsync=False)
+        if settings.thumbnails:
+            write_thumbnails(settings.out_dir, item.relpath, *_small_overlay(display, item, score_map))
+    except OSError as err:
+        # The score stands (an anomaly must still be reported); the missing file is said in `error`.
+        problem = f"cannot write outputs: {err.strerror or err}"
+    except Exception as err:  # e.g. out of memory for the full-size map: the score stands too
+        problem = f"cannot write outputs: {failure_reason('making the heatmap', err)}"
+    if problem and heatmap and not (settings.out_dir / heatmap).is_file():
+        heatmap = ""
+    return ResultRow(
+        path=item.relpath,
+        status="ok",
+        score=score,
+        label=ctx.label(score),
+        threshold=ctx.threshold,
+        max_pixel_score=max_pixel_score,
+        heatmap=heatmap,
+        width=image.width,
+        height=image.height,
+        note=image.note,
+        anomalous_area=area,
+        bbox=bbox,
+        tiles=len(item.tiles) if item.tiles else None,
+        best_tile=box_text(best_tile.x0, best_tile.y0, best_tile.x1, best_tile.y1) if best_tile else "",
+        sha256=sha,
+        error=problem,
+        **ctx.common(),
+    )
+
 class ResultWriter:
     """Turns scored files into heatmaps, raw maps, thumbnails and rows, behind the model.
 
@@ -576,16 +668,12 @@ class ResultWriter:
     ) -> None:
         if heatmaps not in HEATMAP_FORMATS:
             raise ValueError(f"heatmaps must be one of {HEATMAP_FORMATS}, got {heatmaps!r}")
-        self.heatmaps = heatmaps
+        out_dir.mkdir(parents=True, exist_ok=True)
         # Upsampling and colouring run where the model ran when that is a GPU: the CPU keeps to
         # decoding and encoding.
-        self.device = device if device is not None and torch.device(device).type == "cuda" else None
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.out_dir = out_dir
-        self.context = context
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        self.settings = OutputSettings(out_dir, context, save_maps, thumbnails, heatmaps, device if on_gpu else None)
         self.on_rows = on_rows
-        self.save_maps = save_maps
-        self.thumbnails = thumbnails
         self.summary = ScanSummary()
         self._workers = workers or default_writer_workers()
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="winclip-write")
@@ -667,85 +755,13 @@ class ResultWriter:
         except Exception as err:  # one file's failure is that file's row, not the end of the scan
             sha = item.stamp.sha256 if item.stamp else ""
             error = failure_reason("scoring", err)
-            return ResultRow(path=item.relpath, status="error", error=error, sha256=sha, **self.context.common())
+            common = self.settings.context.common()
+            return ResultRow(path=item.relpath, status="error", error=error, sha256=sha, **common)
         finally:
             self._gate.release(pixels)
 
     def make_row(self, item: Decoded) -> ResultRow:
-        ctx = self.context
-        sha = item.stamp.sha256 if item.stamp else ""
-        if item.error:
-            return ResultRow(path=item.relpath, status="error", error=item.error, sha256=sha, **ctx.common())
-        image = item.image
-        assert image is not None
-        score, best_tile = image_score(item)
-        heatmap = heatmap_relpath(item.relpath, "." + self.heatmaps) if self.heatmaps != "none" else ""
-        area, bbox, max_pixel_score = None, "", None
-        problem = ""
-        try:
-            # On an accelerator an untiled map is upsampled and coloured there; it comes back to the
-            # CPU only where something needs its values (a TIFF, the calibrated area, tiled thumbnails).
-            on_device = self.device is not None and item.tiles is None
-            tiled_thumbs = self.thumbnails and item.tiles is not None
-            needs_map = self.save_maps or ctx.pixel_threshold is not None or tiled_thumbs
-            device_map = None
-            if on_device:
-                device_map = upsample_grid_tensor(item.outputs[0][1].to(self.device), image.height, image.width)
-                max_pixel_score = float(device_map.max())
-                score_map = device_map.cpu().numpy() if needs_map else None
-            else:
-                score_map = full_resolution_map(item)
-                max_pixel_score = float(score_map.max())
-            if ctx.pixel_threshold is not None:
-                from winclip_cli.core.calibration import anomalous_area
-
-                area, box = anomalous_area(score_map, ctx.pixel_threshold)
-                bbox = box_text(*box) if box else ""
-            display = image.to_display_uint8()
-            heat = None
-            if self.heatmaps != "none":
-                if device_map is not None:
-                    heat = overlay_tensor(torch.from_numpy(display).to(self.device), device_map).cpu().numpy()
-                else:
-                    heat = overlay(display, score_map)
-            # No fsync per file: the scan syncs the file system once per group of rows, before it
-            # commits them (see scanjob). Level 1: heatmaps of textured parts barely compress anyway.
-            # confined_path: no planted symlink inside OUT can redirect a write outside it
-            if self.heatmaps == "png":
-                write_png_atomic(confined_path(self.out_dir, heatmap), heat, fsync=False, compress_level=1)
-            elif self.heatmaps == "jpg":
-                write_jpeg_atomic(confined_path(self.out_dir, heatmap), heat, fsync=False)
-            if self.save_maps:
-                target = confined_path(self.out_dir, map_relpath(item.relpath))
-                write_float_tiff_atomic(target, score_map, fsync=False)
-            if self.thumbnails:
-                write_thumbnails(self.out_dir, item.relpath, *_small_overlay(display, item, score_map))
-        except OSError as err:
-            # The score stands (an anomaly must still be reported); the missing file is said in `error`.
-            problem = f"cannot write outputs: {err.strerror or err}"
-        except Exception as err:  # e.g. out of memory for the full-size map: the score stands too
-            problem = f"cannot write outputs: {failure_reason('making the heatmap', err)}"
-        if problem and heatmap and not (self.out_dir / heatmap).is_file():
-            heatmap = ""
-        return ResultRow(
-            path=item.relpath,
-            status="ok",
-            score=score,
-            label=ctx.label(score),
-            threshold=ctx.threshold,
-            max_pixel_score=max_pixel_score,
-            heatmap=heatmap,
-            width=image.width,
-            height=image.height,
-            note=image.note,
-            anomalous_area=area,
-            bbox=bbox,
-            tiles=len(item.tiles) if item.tiles else None,
-            best_tile=box_text(best_tile.x0, best_tile.y0, best_tile.x1, best_tile.y1) if best_tile else "",
-            sha256=sha,
-            error=problem,
-            **ctx.common(),
-        )
+        return build_row(item, self.settings)
 
 def _small_overlay(display: np.ndarray, item: Decoded, score_map: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The image shrunk to thumbnail size, and its heatmap overlay coloured at that size.

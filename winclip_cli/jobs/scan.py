@@ -320,16 +320,7 @@ class ScanSession:
             if self._lock.previous_holder:
                 reporter.warn(f"took over a stale lock in {options.out} ({self._lock.previous_holder})")
         clean_stale_temporaries(options.out)
-        self.session = Session.open(
-            options.model,
-            options,
-            class_name=options.class_name,
-            prompts=options.prompts,
-            use_cache=options.use_cache,
-            memory=memory,
-            reporter=reporter,
-            backbone=self._backbone,
-        )
+        self.session = Session.for_job(options, memory=memory, reporter=reporter, backbone=self._backbone)
         engine = self.engine
         context = RowContext(
             threshold=DEFAULT_THRESHOLD, threshold_source="", mode="zero-shot", vocabulary_sha256=engine.ensemble.sha256
