@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from winclip_cli import __version__, preflight
+from winclip_cli import __version__
+from winclip_cli.cli import preflight
 from winclip_cli.cli.args import (
     DEFAULT_OUT,
     CalibrationOpt,
