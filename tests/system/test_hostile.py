@@ -274,7 +274,7 @@ def test_incremental_retries_rows_whose_outputs_were_lost(tmp_path, tiny_args, m
     monkeypatch.setattr(pipeline, "write_png_atomic", real)  # space is free again
     result = invoke(["scan", folder, "--out", out, "--incremental", *tiny_args])
     assert result.exit_code == 0, result.output
-    assert "1 images to score (2 unchanged)" in result.output
+    assert "1 image to score (2 unchanged)" in result.output
     rows = rows_of(out)
     assert rows["good1.png"]["error"] == "" and rows["good1.png"]["heatmap"] == "heatmaps/good1.png.png"
     assert (out / "heatmaps" / "good1.png.png").is_file()

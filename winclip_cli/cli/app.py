@@ -27,6 +27,7 @@ from winclip_cli.cli.args import (
     DEFAULT_OUT,
     CalibrationOpt,
     ClassOpt,
+    HeatmapsOpt,
     InputArgs,
     JsonLinesOpt,
     ModelArgs,
@@ -59,6 +60,7 @@ from winclip_cli.options import (
     parse_shard,
     parse_threshold,
 )
+from winclip_cli.wording import plural
 
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
@@ -193,11 +195,6 @@ def main_callback(
 # Every shared option is declared once, in cli/args.py: the model, input and tiling groups
 # (``with_options`` adds them to a command) and the options scan and watch have in common.
 
-def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """'1 image', '3 images'."""
-    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
-
-
 def _progress(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -276,7 +273,7 @@ class ConsoleReporter:
             self.progress.advance(self.task)
 
     def row(self, row) -> None:
-        if row.status == "error":
+        if row.error:  # unreadable, or scored but its outputs could not be written
             self.progress.console.print(f"[yellow]warning:[/] {_escape(row.path)}: {_escape(row.error)}")
         if self.json_lines:
             sys.stdout.write(json.dumps(row.as_json_dict(), ensure_ascii=False) + "\n")
@@ -303,6 +300,7 @@ def _checked_scan_options(
     torch is imported: a mistake fails at once."""
     model_options = model_args.parse()
     parse_threshold(threshold)
+    check_heatmaps(settings.get("heatmaps", "png"))
     tiling = tile_args.parse(model_args.model)
     preflight.check_input(directory)
     preflight.check_output_folder("--out", out)
@@ -363,14 +361,7 @@ def scan(
         typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.", show_default=False),
     ] = None,
     save_maps: SaveMapsOpt = False,
-    heatmaps: Annotated[
-        str,
-        typer.Option(
-            "--heatmaps",
-            help="Heatmap files: png, jpg (a tenth of the size, much faster: for high-rate lines) or none "
-            "(scores only; the report still shows a small heatmap thumbnail).",
-        ),
-    ] = "png",
+    heatmaps: HeatmapsOpt = "png",
     report: Annotated[bool, typer.Option("--report", help="Write OUT/report.html after the scan.")] = False,
     json_lines: JsonLinesOpt = False,
     prompts: PromptsOpt = None,
@@ -379,9 +370,9 @@ def scan(
 ) -> None:
     """Score every image in DIRECTORY: anomaly score, pass/fail label and a heatmap per image.
 
-    Writes OUT/scores.csv (one row per file, bad files included), a heatmap PNG per image under
-    OUT/heatmaps/ (mirroring the input's subfolders) and OUT/run.json (model, weights, device,
-    vocabulary: what is needed to reproduce the run).
+    Writes OUT/scores.csv (one row per file, bad files included), a heatmap per image under
+    OUT/heatmaps/ (PNG, or JPEG or none with --heatmaps; mirroring the input's subfolders) and
+    OUT/run.json (model, weights, device, vocabulary: what is needed to reproduce the run).
 
     Examples:
 
@@ -395,7 +386,6 @@ def scan(
     """
     with user_errors():
         # Everything that needs no model is checked before torch is imported: mistakes fail at once.
-        check_heatmaps(heatmaps)
         shard_of = parse_shard(shard)
         options = _checked_scan_options(
             directory,
@@ -500,6 +490,7 @@ def watch(
         float, typer.Option("--hook-timeout", min=0.1, help="Seconds an --on-anomaly command may run.")
     ] = 10.0,
     save_maps: SaveMapsOpt = False,
+    heatmaps: HeatmapsOpt = "png",
     json_lines: JsonLinesOpt = False,
     prompts: PromptsOpt = None,
     no_cache: NoCacheOpt = False,
@@ -537,6 +528,7 @@ def watch(
             prompts=prompts,
             use_cache=not no_cache,
             save_maps=save_maps,
+            heatmaps=heatmaps,
             incremental=True,
         )
         from winclip_cli.jobs.watch import WatchOptions, run_watch

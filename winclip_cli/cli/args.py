@@ -74,6 +74,14 @@ CalibrationOpt = Annotated[
     typer.Option("--calibration", help="Calibration file from `winclip calibrate`.", show_default=False),
 ]
 SaveMapsOpt = Annotated[bool, typer.Option("--save-maps", help="Also write raw float32 maps as TIFF.")]
+HeatmapsOpt = Annotated[
+    str,
+    typer.Option(
+        "--heatmaps",
+        help="Heatmap files: png, jpg (a tenth of the size, much faster: for high-rate lines) or none "
+        "(scores only; the report still shows a small heatmap thumbnail).",
+    ),
+]
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per image on stdout.")]
 
 

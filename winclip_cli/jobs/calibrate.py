@@ -33,6 +33,7 @@ from winclip_cli.jobs.pipeline import (
     relative_name,
 )
 from winclip_cli.options import DEFAULT_CALIBRATION_FILE, DEFAULT_FPR, check_rate
+from winclip_cli.wording import plural
 
 
 @dataclass
@@ -109,7 +110,7 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
                 "leaves nothing to compare with; calibrate on other good images or build a larger memory"
             )
     reporter.info(
-        f"winclip {__version__}: calibrating on {len(files)} good images"
+        f"winclip {__version__}: calibrating on {plural(len(files), 'good image')}"
         + (f" ({left_out} are references: scored leave-one-out)" if left_out else "")
         + f", {session.describe()}"
     )

@@ -612,6 +612,9 @@ def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
             write_png_atomic(confined_path(settings.out_dir, heatmap), heat, fsync=False, compress_level=1)
         elif settings.heatmaps == "jpg":
             write_jpeg_atomic(confined_path(settings.out_dir, heatmap), heat, fsync=False)
+        # a file scored before with another --heatmaps keeps no heatmap of the other format, which
+        # the report or merge would take for this run's
+        _remove_other_heatmaps(settings.out_dir, item.relpath, heatmap)
         if settings.save_maps:
             target = confined_path(settings.out_dir, map_relpath(item.relpath))
             write_float_tiff_atomic(target, score_map, fsync=False)
@@ -643,6 +646,17 @@ def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
         error=problem,
         **ctx.common(),
     )
+
+def _remove_other_heatmaps(out_dir: Path, relpath: str, keep: str) -> None:
+    """Delete this file's heatmaps in the formats it was not written in now (never through a link)."""
+    for suffix in (".png", ".jpg"):
+        other = heatmap_relpath(relpath, suffix)
+        if other == keep:
+            continue
+        path = out_dir / other
+        if path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(out_dir.resolve()):
+            path.unlink(missing_ok=True)
+
 
 class ResultWriter:
     """Turns scored files into heatmaps, raw maps, thumbnails and rows, behind the model.

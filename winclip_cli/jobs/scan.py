@@ -47,6 +47,7 @@ from winclip_cli.jobs.pipeline import (
     write_all,
 )
 from winclip_cli.options import check_heatmaps, parse_threshold
+from winclip_cli.wording import plural
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -378,7 +379,7 @@ class ScanSession:
         mode = f"few-shot k={context.k_shot}" if self.memory is not None else "zero-shot"
         shard = f", shard {options.shard[0]}/{options.shard[1]}" if options.shard else ""
         self.reporter.info(
-            f"winclip {__version__}: {len(todo)} images to score"
+            f"winclip {__version__}: {plural(len(todo), 'image')} to score"
             + (f" ({skipped} unchanged)" if skipped else "")
             + f"{shard}, {backbone.architecture} ({backbone.weights}) on {backbone.device} {backbone.precision}, "
             f"{mode}, class '{self.engine.ensemble.class_name}', threshold {choice.value:g} ({choice.source})"
@@ -521,7 +522,7 @@ def _select(
         )
     elif gone:
         # scores.csv describes the folder as it is: results of files that disappeared go too
-        reporter.info(f"{len(gone)} files scanned earlier are gone: their rows and heatmaps are removed")
+        reporter.info(f"{plural(len(gone), 'file')} scanned earlier gone: their rows and heatmaps are removed")
         state.forget([row.path for row in gone])
         _remove_outputs(state.path.parent.parent, gone)
         changed_rows = True

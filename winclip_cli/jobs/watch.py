@@ -42,6 +42,7 @@ from winclip_cli.jobs.kernel import Reporter
 from winclip_cli.jobs.pipeline import relative_name
 from winclip_cli.jobs.scan import ScanOptions, ScanSession, check_output_options, remove_outputs_of
 from winclip_cli.options import parse_threshold
+from winclip_cli.wording import plural
 
 DEFAULT_SETTLE = 0.5  # seconds a file must stay unchanged when no event says it is complete
 SAFETY_LISTING = 30.0  # seconds between full listings when events are used (events can be lost)
@@ -574,7 +575,7 @@ class _Watch:
         state.forget(stored)
         remove_outputs_of(self.scan.out, [(name, "") for name in stored])
         self.session.rewrite_csv()
-        self.reporter.info(f"{len(stored)} files are gone: their rows and heatmaps are removed")
+        self.reporter.info(f"{plural(len(stored), 'file')} gone: their rows and heatmaps are removed")
 
     def _score(self, ready: list[tuple[Path, str]]) -> None:
         """Score the complete files whose stored result is not for their current content."""
@@ -606,7 +607,7 @@ class _Watch:
             result.anomalies += summary.anomalies
             result.errors += summary.errors
             self.reporter.info(
-                f"{summary.images} scored: {summary.anomalies} anomalous, {summary.errors} errors "
+                f"{summary.images} scored: {summary.anomalies} anomalous, {plural(summary.errors, 'error')} "
                 f"({time.monotonic() - started:.2f} s)"
             )
 
