@@ -159,7 +159,7 @@ def test_watch_scores_backlog_renames_and_a_burst_then_stops_on_sigterm_and_rest
     assert scan.returncode == 4, scan.stderr
     assert "another winclip scan is writing to" in scan.stderr
 
-    batches_before = sum(" scored: " in m for m in watch.messages)
+    messages_before = len(watch.messages)
     burst = {f"burst_{i:02d}.png": png_bytes(200 + i) for i in range(50)}
     for name, data in burst.items():
         temporary = folder / f".{name}.part"
@@ -167,7 +167,12 @@ def test_watch_scores_backlog_renames_and_a_burst_then_stops_on_sigterm_and_rest
         os.replace(temporary, folder / name)
     contents.update(burst)
     watch.wait_rows(54)
-    batches = sum(" scored: " in m for m in watch.messages) - batches_before
+    # a batch's line reaches stderr just after its rows reach stdout: wait for the lines of all 50
+    batch_lines = lambda: [m for m in watch.messages[messages_before:] if " scored: " in m]  # noqa: E731
+    wait_until(
+        lambda: sum(int(m.split(" scored: ")[0]) for m in batch_lines()) >= 50, "the burst's batch lines", watch.proc
+    )
+    batches = len(batch_lines())
     assert 1 <= batches < 10, watch.messages  # a burst is scored in a few batches, not file by file
     assert all(row["status"] == "ok" for row in watch.rows)
     assert {row["path"]: row["sha256"] for row in watch.rows} == {n: sha256(d) for n, d in contents.items()}
