@@ -294,13 +294,14 @@ def _checked_scan_options(
     refs: Path | None,
     calibration: Path | None,
     prompts: Path | None,
+    heatmaps: str,
     **settings: Any,
 ):
     """The options of a scan or a watch, with everything that needs no model checked first, before
     torch is imported: a mistake fails at once."""
     model_options = model_args.parse()
     parse_threshold(threshold)
-    check_heatmaps(settings.get("heatmaps", "png"))
+    check_heatmaps(heatmaps)
     tiling = tile_args.parse(model_args.model)
     preflight.check_input(directory)
     preflight.check_output_folder("--out", out)
@@ -319,6 +320,7 @@ def _checked_scan_options(
         refs=refs,
         calibration=calibration,
         prompts=prompts,
+        heatmaps=heatmaps,
         **settings,
         **input_args.parse(),
         **tiling,

@@ -38,6 +38,7 @@ __all__ = [
     "confined_path",
     "overlay",
     "read_results_csv",
+    "remove_inside",
     "write_float_tiff_atomic",
     "write_jpeg_atomic",
     "write_png",
@@ -449,6 +450,13 @@ def confined_path(root: Path, relpath: str) -> Path:
 # --------------------------------------------------------------------------------------------------------
 # Atomic writes
 # --------------------------------------------------------------------------------------------------------
+
+
+def remove_inside(root: Path, relpath: str) -> None:
+    """Delete the file ``root/relpath``, but never a file that a link leads to outside ``root``."""
+    target = root / relpath
+    if target.is_file() and target.resolve().is_relative_to(root.resolve()):
+        target.unlink(missing_ok=True)
 
 
 def _read_umask() -> int:

@@ -37,6 +37,7 @@ from winclip_cli.io.outputs import (
     ResultRow,
     confined_path,
     overlay,
+    remove_inside,
     write_float_tiff_atomic,
     write_jpeg_atomic,
     write_png_atomic,
@@ -651,11 +652,8 @@ def _remove_other_heatmaps(out_dir: Path, relpath: str, keep: str) -> None:
     """Delete this file's heatmaps in the formats it was not written in now (never through a link)."""
     for suffix in (".png", ".jpg"):
         other = heatmap_relpath(relpath, suffix)
-        if other == keep:
-            continue
-        path = out_dir / other
-        if path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(out_dir.resolve()):
-            path.unlink(missing_ok=True)
+        if other != keep:
+            remove_inside(out_dir, other)
 
 
 class ResultWriter:

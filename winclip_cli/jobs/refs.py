@@ -110,8 +110,7 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
         for warning in check_compatible(existing, model_info):
             reporter.warn(warning)
     reporter.info(
-        f"winclip {__version__}: embedding {len(fresh)} references with {backbone.architecture} "
-        f"on {backbone.device} {backbone.precision}"
+        f"winclip {__version__}: embedding {len(fresh)} references with {session.describe()}"
         + (f" ({skipped} already in the memory, skipped)" if skipped else "")
     )
     reporter.start("embedding references", len(fresh))

@@ -31,6 +31,7 @@ from winclip_cli.io.outputs import (
     CSV_COLUMNS,
     CsvResultWriter,
     ResultRow,
+    remove_inside,
     sync_filesystem,
     write_results_csv_atomic,
     write_text_atomic,
@@ -574,9 +575,7 @@ def remove_outputs_of(out_dir: Path, entries: list[tuple[str, str]]) -> None:
             for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap))
         ]
         for relpath in relpaths:
-            target = out_dir / relpath
-            if target.resolve().is_relative_to(out_dir.resolve()):  # never outside OUT, whatever the CSV says
-                target.unlink(missing_ok=True)
+            remove_inside(out_dir, relpath)  # never outside OUT, whatever the CSV says
 
 
 def _relabel(row: ResultRow, context: RowContext) -> ResultRow:
