@@ -27,6 +27,13 @@ _BLOCK_ELEMENTS = 1 << 21  # floats converted per block (8 MB): bounds the tempo
 _GROUP_TAPS = 1 << 20  # weights computed at once for one group of outputs
 _DENSE_WEIGHTS = 1 << 22  # on an accelerator, a group's weights up to this size are used dense
 _CACHED_WEIGHTS = 1 << 21  # axes whose weights are at most this many are cached (same-sized images)
+# On the CPU, ordinary sizes take dense blocks of a few outputs each (below): outputs per block in the
+# first pass (rows of a wide product) and in the second (columns of a narrow one), measured fastest for
+# 2 MP -> 240 px; an axis whose dense blocks would hold more weights than _DENSE_BLOCK_WEIGHTS (or need
+# more than _MAX_DENSE_BLOCKS blocks) takes the sparse path.
+_BLOCK_OUTPUTS = (8, 16)
+_DENSE_BLOCK_WEIGHTS = 1 << 20
+_MAX_DENSE_BLOCKS = 1024
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
@@ -158,6 +165,82 @@ def _resize_leading(x: torch.Tensor, out_size: int) -> torch.Tensor:
     return out
 
 
+# ----------------------------------------------------------------------------------- dense blocks (CPU)
+#
+# The sparse product above copies its dense operand into the layout it wants: for a 2 MP frame those
+# copies cost more than the arithmetic.  Cut each axis into blocks of a few consecutive outputs instead:
+# a block reads one contiguous run of inputs, so it is one small dense product straight on (a float
+# copy of) the rows of the image, written in place.  The zeros in a block cost about twice the
+# arithmetic of the band alone, which BLAS still does faster than any gather.  Same weights, so the
+# same values within float rounding (only the order of the sums differs).
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Outputs ``first..last-1`` of an axis read inputs ``lo..hi-1`` with these dense weights."""
+
+    first: int
+    last: int
+    lo: int
+    hi: int
+    weights: torch.Tensor  # (last - first, hi - lo) float32
+
+
+@lru_cache(maxsize=16)
+def _dense_blocks(in_size: int, out_size: int, outputs: int) -> tuple[_Block, ...] | None:
+    """The axis in dense blocks of ``outputs`` outputs, or None where that would be too large."""
+    taps = _taps(in_size, out_size)
+    bounds = [(first, min(first + outputs, out_size)) for first in range(0, out_size, outputs)]
+    total = sum((last - first) * int(taps.stop[last - 1] - taps.start[first]) for first, last in bounds)
+    if len(bounds) > _MAX_DENSE_BLOCKS or total > _DENSE_BLOCK_WEIGHTS:
+        return None
+    blocks = []
+    for first, last in bounds:
+        rows, columns, values = _weights(taps, first, last)  # columns count from start[first]
+        lo, hi = int(taps.start[first]), int(taps.stop[last - 1])  # start and stop never decrease
+        dense = np.zeros((last - first, hi - lo), dtype=np.float32)
+        dense[np.repeat(np.arange(last - first), np.diff(rows)), columns] = values
+        blocks.append(_Block(first, last, lo, hi, torch.from_numpy(dense)))
+    return tuple(blocks)
+
+
+def _resize_dense(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor | None:
+    """:func:`resize_bicubic_aa` in dense blocks, rows first, for a contiguous (H, W, C) CPU image of
+    ordinary size; None where this path does not apply (the caller takes the sparse one)."""
+    height, width, channels = image.shape
+    row_width = width * channels
+    rows = _dense_blocks(height, out_h, _BLOCK_OUTPUTS[0])
+    columns = _dense_blocks(width, out_w, _BLOCK_OUTPUTS[1])
+    if (
+        rows is None
+        or columns is None
+        or image.device.type != "cpu"
+        or not image.is_contiguous()
+        or out_h * row_width > max(height * out_w * channels, _BLOCK_ELEMENTS)  # the intermediate stays small
+        or max(block.hi - block.lo for block in rows) * row_width > _BLOCK_ELEMENTS
+    ):
+        return None
+    flat = image.reshape(height, row_width)
+    middle = torch.empty((out_h, row_width), dtype=torch.float32)
+    chunk_rows = _BLOCK_ELEMENTS // row_width  # input rows converted to float at once (8 MB)
+    i = 0
+    while i < len(rows):  # consecutive blocks whose inputs fit in one chunk share its conversion
+        j = i + 1
+        while j < len(rows) and rows[j].hi - rows[i].lo <= chunk_rows:
+            j += 1
+        lo = rows[i].lo
+        chunk = flat[lo : rows[j - 1].hi].to(torch.float32)
+        for block in rows[i:j]:
+            torch.mm(block.weights, chunk[block.lo - lo : block.hi - lo], out=middle[block.first : block.last])
+        i = j
+    # (h, W, C) -> (h * C, W): the second pass multiplies on the right, each block into its own columns
+    middle = middle.reshape(out_h, width, channels).permute(0, 2, 1).reshape(out_h * channels, width)
+    out = torch.empty((out_h * channels, out_w), dtype=torch.float32)
+    for block in columns:
+        out[:, block.first : block.last] = middle[:, block.lo : block.hi] @ block.weights.T
+    return out.reshape(out_h, channels, out_w).permute(1, 0, 2)  # (C, h, w)
+
+
 def resize_bicubic_aa(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(H, W, C) image of any dtype -> (C, h, w) float32, as ``F.interpolate(image as float (1, C, H, W),
     size, mode="bicubic", antialias=True, align_corners=False)`` within float rounding.
@@ -171,6 +254,9 @@ def resize_bicubic_aa(image: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     out_h, out_w = (int(s) for s in size)
     if min(height, width, out_h, out_w) < 1:
         raise ValueError(f"cannot resize {width}x{height} to {out_w}x{out_h}")
+    dense = _resize_dense(image, out_h, out_w)
+    if dense is not None:
+        return dense
     # Rows first reads whole contiguous rows (faster); columns first when rows first would expand a
     # thin image (e.g. 1 x 2,000,000) to out_h full-width rows.
     if out_h * width <= max(height * out_w, _BLOCK_ELEMENTS):
