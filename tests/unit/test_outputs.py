@@ -284,14 +284,12 @@ def test_colorize_rejects_wrong_rank() -> None:
         colorize(np.zeros((2, 2, 3)))
 
 
-def test_overlay_alpha_extremes() -> None:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
-    scores = rng.random((5, 7))
-    assert np.array_equal(overlay(image, scores, alpha=0.0), image)
-    assert np.array_equal(overlay(image, scores, alpha=1.0), colorize(scores))
-    half = overlay(image, scores)
-    assert half.dtype == np.uint8 and half.shape == image.shape
+def test_overlay_is_the_mean_rounded_down() -> None:
+    image = np.array([[[10, 11, 255], [0, 1, 2]]], dtype=np.uint8)
+    scores = np.array([[0.0, 1.0]])
+    assert list(LUT[0]) == [0, 0, 4] and list(LUT[255]) == [252, 255, 164]
+    # (10 + 0) // 2, (11 + 0) // 2, (255 + 4) // 2; then (0 + 252) // 2, (1 + 255) // 2, (2 + 164) // 2
+    assert overlay(image, scores).tolist() == [[[5, 5, 129], [126, 128, 83]]]
 
 
 def test_overlay_rejects_bad_input() -> None:
@@ -300,8 +298,6 @@ def test_overlay_rejects_bad_input() -> None:
         overlay(image, np.zeros((4, 5)))
     with pytest.raises(ValueError):
         overlay(image.astype(np.float32), np.zeros((4, 4)))
-    with pytest.raises(ValueError):
-        overlay(image, np.zeros((4, 4)), alpha=1.5)
 
 
 # --- atomic writes ---

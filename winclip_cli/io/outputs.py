@@ -330,24 +330,34 @@ LUT.flags.writeable = False  # shared module state: nobody should be able to rep
 
 
 _ROWS_PER_CHUNK = 256  # colour a large map a band of rows at a time: temporaries stay small
+_PALETTE = LUT.tobytes()
 
 
 def colour_index(score_map: np.ndarray) -> np.ndarray:
-    """(H, W) scores -> (H, W) uint8 index into LUT: round(clip(score, 0, 1) * 255), NaN as 0, +inf as 1.
+    """(H, W) scores -> (H, W) uint8 index into LUT: ``score * 255 + 0.5`` rounded down, clipped to
+    0..255; NaN counts as 0.
 
-    The product is taken in float64 so that the rounding is the same for float32 and float64 maps.
+    Exactly: the product and sum in float64, rounded once to float32, then truncated (float64 maps are
+    taken as float32 first). That is what Pillow's point transform and float-to-8-bit conversion
+    compute, which do it in two C passes instead of five numpy ones; the GPU path computes the same.
     """
     scores = np.asarray(score_map)
     if scores.ndim != 2:
         raise ValueError(f"score_map must be 2-D (H, W), got shape {scores.shape}")
     out = np.empty(scores.shape, dtype=np.uint8)
     for top in range(0, scores.shape[0], _ROWS_PER_CHUNK):
-        band = np.multiply(scores[top : top + _ROWS_PER_CHUNK], 255.0, dtype=np.float64)
-        np.nan_to_num(band, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
-        np.clip(band, 0.0, 255.0, out=band)
-        np.rint(band, out=band)
-        out[top : top + _ROWS_PER_CHUNK] = band
+        out[top : top + _ROWS_PER_CHUNK] = np.asarray(_index_image(scores[top : top + _ROWS_PER_CHUNK]))
     return out
+
+
+def _index_image(scores: np.ndarray) -> Image.Image:
+    """colour_index of a band of scores as a Pillow "L" image."""
+    band = np.ascontiguousarray(scores, dtype=np.float32)
+    if np.isnan(band.max()):  # Pillow's conversion of NaN to an integer is the C compiler's choice: never ask
+        band = np.nan_to_num(band, nan=0.0, posinf=np.inf, neginf=-np.inf)
+    height, width = band.shape
+    floats = Image.frombuffer("F", (width, height), band, "raw", "F", 0, 1)
+    return floats.point(lambda v: v * 255.0 + 0.5).convert("L")  # clips to 0..255 and truncates
 
 
 def colorize(score_map: np.ndarray) -> np.ndarray:
@@ -356,49 +366,37 @@ def colorize(score_map: np.ndarray) -> np.ndarray:
     Values are clipped to 0..1 and NaN counts as 0. The scale is never normalised per image: a normal
     image must look calm, not have its noise stretched to full red.
     """
-    return np.take(LUT, colour_index(score_map), axis=0)  # take: 5x faster than fancy indexing here
+    return np.take(LUT, colour_index(score_map), axis=0)
 
 
-def _mean_half_to_even(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """rint((a + b) / 2) of uint8 arrays, halves to even, in uint8 arithmetic (no widening: 5x faster).
-
-    k = a // 2 + b // 2 + (both odd); when exactly one is odd the mean is k + 0.5, which rounds to k
-    if k is even and to k + 1 if it is odd.
-    """
-    k = a >> 1
-    k += b >> 1
-    low = a & b
-    low &= 1
-    k += low
-    np.bitwise_xor(a, b, out=low)
-    low &= k
-    low &= 1
-    k += low
-    return k
+def _colours_band(scores: np.ndarray) -> np.ndarray:
+    """LUT colours of a band of scores, through Pillow's palette conversion (5x faster than a gather)."""
+    index = _index_image(scores)
+    index.putpalette(_PALETTE)
+    return np.asarray(index.convert("RGB"))
 
 
-def overlay(image_rgb: np.ndarray, score_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend colorize(score_map) over the (H, W, 3) uint8 image with weight ``alpha`` -> uint8.
+def overlay(image_rgb: np.ndarray, score_map: np.ndarray) -> np.ndarray:
+    """The (H, W, 3) uint8 image half and half with colorize(score_map): ``(image + colours) // 2``.
 
-    Equal to ``rint((1 - alpha) * image + alpha * colours)`` in float32 (halves to even). Works in
-    bands of rows, so a 50-megapixel heatmap needs megabytes of temporaries, not gigabytes.
+    The mean is rounded down (what Pillow's blend gives) and computed in uint8 without widening.
+    Works in bands of rows, so a 50-megapixel heatmap needs megabytes of temporaries, not gigabytes.
     """
     image = np.asarray(image_rgb)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     if np.shape(score_map) != image.shape[:2]:
         raise ValueError(f"score_map shape {np.shape(score_map)} does not match image {image.shape[:2]}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be within 0..1, got {alpha}")
     out = np.empty_like(image)
     for top in range(0, image.shape[0], _ROWS_PER_CHUNK):
         rows = slice(top, top + _ROWS_PER_CHUNK)
-        colours = np.take(LUT, colour_index(score_map[rows]), axis=0)
-        if alpha == 0.5:
-            out[rows] = _mean_half_to_even(image[rows], colours)
-        else:
-            blended = (1.0 - alpha) * image[rows].astype(np.float32) + alpha * colours.astype(np.float32)
-            out[rows] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        colours = _colours_band(np.asarray(score_map[rows]))
+        half = out[rows]
+        np.right_shift(image[rows], 1, out=half)
+        half += colours >> 1
+        both_odd = image[rows] & colours
+        both_odd &= 1
+        half += both_odd
     return out
 
 

@@ -437,16 +437,15 @@ _LUTS: dict[torch.device, torch.Tensor] = {}
 
 
 def overlay_tensor(image: torch.Tensor, score_map: torch.Tensor) -> torch.Tensor:
-    """:func:`outputs.overlay` (alpha 0.5) with torch on the tensors' device: (H, W, 3) uint8 image and
-    (H, W) scores -> (H, W, 3) uint8, the same values (quantised in float64, halves rounded to even)."""
+    """:func:`outputs.overlay` with torch on the tensors' device: (H, W, 3) uint8 image and (H, W)
+    scores -> (H, W, 3) uint8, the same values (the index as ``outputs.colour_index`` defines it)."""
     lut = _LUTS.get(image.device)
     if lut is None:
         lut = _LUTS.setdefault(image.device, torch.from_numpy(LUT.copy()).to(image.device))
-    scaled = torch.nan_to_num(score_map.double() * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
-    index = torch.round(scaled.clamp_(0.0, 255.0)).long()
-    colours = lut[index]
-    k = (image >> 1) + (colours >> 1) + (image & colours & 1)  # as outputs._mean_half_to_even
-    return k + ((image ^ colours) & k & 1)
+    scaled = (score_map.float().double() * 255.0 + 0.5).float()  # rounded to float32 once, as Pillow does
+    scaled = torch.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0).clamp_(0.0, 255.0)
+    colours = lut[scaled.long()]  # truncation: the values are not negative
+    return (image >> 1) + (colours >> 1) + (image & colours & 1)  # the mean rounded down, as outputs.overlay
 
 
 def full_resolution_map(item: Decoded) -> np.ndarray:
