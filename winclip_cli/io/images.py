@@ -545,7 +545,8 @@ def _pillow_to_rgb(im: Image.Image) -> tuple[np.ndarray, list[str]]:
             rgba = np.array(im.convert("RGBA"))
             alpha = rgba[..., 3].astype(np.float32) / np.float32(255.0)
             return _composite_on_black(rgba[..., :3], alpha), []
-        return np.array(im.convert("RGB")), []
+        # An RGB image is read as is: convert("RGB") would first copy it inside Pillow (2 ms for 2 MP)
+        return np.array(im if mode == "RGB" else im.convert("RGB")), []
     except ValueError as exc:  # Pillow has no conversion for a few exotic modes
         raise ImageDecodeError(f"unsupported pixel mode {mode}: {_exc_reason(exc)}") from None
 
