@@ -403,3 +403,24 @@ def test_thin_and_huge_images_take_the_sparse_band():
 
     assert resize._resize_dense(torch.zeros((1, 300_000, 3), dtype=torch.uint8), 240, 240) is None
     assert resize._resize_dense(torch.zeros((300_000, 1, 3), dtype=torch.uint8), 240, 240) is None
+
+
+def test_merging_shards_of_different_heatmap_formats_says_so(tmp_path, tiny_args):
+    """A png shard and a --heatmaps none shard: each row keeps what it has, run.json names both."""
+    shards = []
+    for k, fmt in ((1, "png"), (2, "none")):
+        shards.append(tmp_path / f"shard{k}")
+        result = scan(shards[-1], tiny_args, "--heatmaps", fmt, "--shard", f"{k}/2")
+        assert result.exit_code == 0, result.output
+    merged = tmp_path / "merged"
+    result = invoke(["merge", *map(str, shards), "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((merged / "run.json").read_text())["heatmaps"] == "png,none"
+    rows = read_results_csv(merged / "scores.csv")
+    from_png = {row["path"] for row in read_results_csv(shards[0] / "scores.csv")}
+    for row in rows:
+        if row["path"] in from_png:
+            assert row["heatmap"] == f"heatmaps/{row['path']}.png" and (merged / row["heatmap"]).is_file()
+        else:
+            assert row["heatmap"] == ""
+    assert len(rows) == 6 and 0 < len(from_png) < 6
