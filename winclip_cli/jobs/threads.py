@@ -9,9 +9,10 @@ as it needs to keep up with the pipeline, and no more:
 
 On C cores the process as a whole does (model + pipeline) / C seconds of work per image at best.
 The model keeps up on one thread while its own time per image stays below that, as with a small
-model or a GPU doing the heavy part (then its extra threads only spin and take turns with the
-workers: measured on 2 cores, a tiny model on 2 threads beside busy workers cost the scan a third
-of its rate); a large model on the CPU, the pipeline a few percent of its cost, gets all cores.
+model (then its extra threads only spin and take turns with the workers: on 2 cores, the tiny test
+model on 2 threads beside busy workers cost a scan of 2 MP frames about a quarter of its rate); the
+default model on the CPU, the pipeline a few percent of its cost, gets all cores. A session on a GPU
+leaves the count alone (the budget is disabled): the CPU's threads there are the workers'.
 The budget is measured as the scan runs (thread CPU time of each model batch, of each decoded and
 written file) and followed batch by batch.
 """
