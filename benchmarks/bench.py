@@ -56,7 +56,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny counts everywhere (smoke test of the script)")
     parser.add_argument("--only", choices=["throughput"], help="run only this section")
-    parser.add_argument("--throughput-images", type=int, default=40, help="2 MP frames in the large scan")
+    parser.add_argument(
+        "--throughput-images", type=int, default=120, help="2 MP frames in the large scan (the small one has 8)"
+    )
     parser.add_argument("--throughput-repeats", type=int, default=3, help="interleaved rounds of scans")
     parser.add_argument("--json", dest="json_path", default="benchmarks/results.json", help="output JSON file")
     return parser.parse_args()

@@ -88,11 +88,35 @@ def step_costs(paths: list[Path], work: Path) -> dict:
     costs["thumbnails"] = _cpu_ms(
         lambda i: write_thumbnails(work, "t.jpg", *_small_overlay(displays[i], items[i], None)), range(len(images))
     )
+    costs["model_tiny_one_thread"] = _tiny_model_ms(work)
     shared = costs["decode"] + costs["preprocess"] + costs["upsample"]
     costs["total_png"] = shared + costs["overlay"] + costs["encode_png"] + costs["thumbnails"]
     costs["total_jpg"] = shared + costs["overlay"] + costs["encode_jpg"] + costs["thumbnails"]
     costs["total_none"] = shared + costs["thumbnails"]
+    for fmt in FORMATS:  # the most a scan can reach of the decode rate: all its work against decoding alone
+        work_ms = costs[f"total_{fmt}"] + costs["model_tiny_one_thread"]
+        costs[f"ceiling_{fmt}_of_decode_rate"] = costs["decode"] / work_ms
     return costs
+
+
+def _tiny_model_ms(work: Path) -> float:
+    """CPU ms per image of the tiny model itself (batches of 8, one thread): not negligible next to the
+    steps above on a small CPU, so it is reported beside them."""
+    import open_clip
+    import torch
+
+    from winclip_cli.core.winclip import WinClipScorer
+
+    config = work / "winclip-bench-tiny-steps.json"
+    config.write_text(json.dumps(TINY))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("winclip-bench-tiny-steps").eval()
+    scorer = WinClipScorer(model.visual, torch.randn(2, model.visual.output_dim))
+    batch = torch.randn(8, 3, 240, 240)
+    with torch.inference_mode():
+        scorer.score_embeddings(scorer.embed(batch))
+        return _cpu_ms(lambda _: scorer.score_embeddings(scorer.embed(batch)), range(5)) / 8
 
 
 def _two_cpus() -> list[int]:
@@ -174,7 +198,7 @@ def marginal_rates(small: Path, large: Path, work: Path, repeats: int) -> dict:
     return {"images": [n_small, n_large], "rounds": rounds, "median": summary}
 
 
-def measure(images: int = 40, small: int = 8, repeats: int = 3, steps_only: bool = False) -> dict:
+def measure(images: int = 120, small: int = 8, repeats: int = 3, steps_only: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="winclip-throughput-"))
     os.environ.setdefault("WINCLIP_CACHE_DIR", str(work / "cache"))
     frames = make_frames(work / "large", images)
@@ -191,7 +215,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps-only", action="store_true")
     a = parser.parse_args()
