@@ -70,3 +70,40 @@ def test_a_disabled_budget_measures_and_changes_nothing(monkeypatch):
         with budget.model_batch():
             pass
     assert counts == [8] and budget.threads == 8
+
+
+def test_a_worker_stays_on_one_thread_when_the_model_thread_changes_its_count_meanwhile():
+    """A worker sets itself up before the model's thread moves the process-wide default: its first
+    torch operation after that still runs on one thread."""
+    import threading
+
+    before = torch.get_num_threads()
+    started, moved = threading.Event(), threading.Event()
+
+    def first_operation_later() -> int:
+        started.set()
+        moved.wait(10)
+        return torch.get_num_threads()
+
+    try:
+        with ThreadPoolExecutor(1, initializer=one_torch_thread) as pool:
+            future = pool.submit(first_operation_later)
+            started.wait(10)
+            torch.set_num_threads(before + 2)  # what the budget does on the model's thread
+            moved.set()
+            assert future.result() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_model_thread_gets_every_core_back_when_a_stream_ends(monkeypatch):
+    counts: list[int] = []
+    monkeypatch.setattr(threads.torch, "set_num_threads", counts.append)
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 4)
+    budget = ThreadBudget()
+    budget.start(enabled=True)
+    budget.threads = 1  # as after a decision for a small model
+    budget.stop()
+    assert budget.threads == 4 and counts == [4, 4]
+    budget.start(enabled=False)  # a GPU stream next: left at every core
+    assert counts[-1] == 4

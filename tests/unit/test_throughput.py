@@ -424,3 +424,14 @@ def test_merging_shards_of_different_heatmap_formats_says_so(tmp_path, tiny_args
         else:
             assert row["heatmap"] == ""
     assert len(rows) == 6 and 0 < len(from_png) < 6
+
+
+def test_merging_merged_folders_names_each_heatmap_format_once(tmp_path, tiny_args):
+    shards = []
+    for k, fmt in ((1, "png"), (2, "none")):
+        shards.append(tmp_path / f"shard{k}")
+        assert scan(shards[-1], tiny_args, "--heatmaps", fmt, "--shard", f"{k}/2").exit_code == 0
+    for name, order in (("m1", shards), ("m2", shards[::-1])):
+        assert invoke(["merge", *map(str, order), "--out", str(tmp_path / name)]).exit_code == 0
+    assert invoke(["merge", str(tmp_path / "m1"), str(tmp_path / "m2"), "--out", str(tmp_path / "m3")]).exit_code == 0
+    assert json.loads((tmp_path / "m3" / "run.json").read_text())["heatmaps"] == "png,none"

@@ -213,7 +213,12 @@ class Session:
     ) -> Iterator[Decoded]:
         """(path, name) files decoded ahead by threads, batched through ``process``, in input order."""
         decoded = decode_stream(
-            files, self.prep, workers=self.workers, lookahead=max(2 * self.batch_size, 4), with_stamp=with_stamp
+            files,
+            self.prep,
+            workers=self.workers,
+            lookahead=max(2 * self.batch_size, 4),
+            with_stamp=with_stamp,
+            model_on_cpu=torch.device(self.backbone.device).type == "cpu",
         )
         return processed_stream(decoded, process, self.batch_size, should_stop)
 

@@ -246,10 +246,12 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         # in parallel took less wall-clock time; each shard's own run.json keeps its figures.
         durations="summed over the merged scans",
         **{key: _summed(runs, key) for key in DURATION_KEYS},
-        # shards written with different --heatmaps: each row's heatmap cell says which it has
-        heatmaps=",".join(dict.fromkeys(str(run["heatmaps"]) for run in runs if run.get("heatmaps"))) or None,
         interrupted=any(bool(run.get("interrupted")) for run in runs),
         unlisted_dirs=[folder for run in runs for folder in run.get("unlisted_dirs") or []],
     )
+    # shards written with different --heatmaps (each row's heatmap cell says which it has): all named
+    formats = [f for run in runs for f in str(run.get("heatmaps") or "").split(",") if f]
+    if formats:
+        info["heatmaps"] = ",".join(dict.fromkeys(formats))
     write_text_atomic(OutputLayout(out).run_json, json.dumps(info, indent=2) + "\n")
     return MergeResult(rows=rows, duplicates=duplicates, sources=sources, warnings=completeness_warnings(sources, runs))

@@ -269,15 +269,19 @@ def decode_stream(
     workers: int | None = None,
     lookahead: int = 16,
     with_stamp: bool = True,
+    model_on_cpu: bool = False,
 ) -> Iterator[Decoded]:
     """(path, name) inputs decoded in order by worker threads, at most ``lookahead`` files ahead.
+
+    ``model_on_cpu``: the model that consumes the stream computes on the CPU, so its threads and the
+    workers share the cores (:mod:`winclip_cli.jobs.threads`).
 
     Memory ahead of the consumer is bounded three ways: by file count, by decoded pixels, and by
     model inputs (tiles): a file's inputs are built only once :data:`INPUTS_IN_FLIGHT` has room.
     """
     pending: deque[Future[Decoded]] = deque()
     budget = OrderedBudget(INPUTS_IN_FLIGHT)
-    BUDGET.start(enabled=prep.device == "cpu")
+    BUDGET.start(enabled=model_on_cpu)
     with ThreadPoolExecutor(
         max_workers=workers or default_workers(), thread_name_prefix="winclip-decode", initializer=one_torch_thread
     ) as pool:
@@ -300,6 +304,7 @@ def decode_stream(
             for future in pending:
                 future.cancel()
             budget.close()  # files waiting for their turn give up
+            BUDGET.stop()
 
 
 def _decoded_pixels(pending: deque[Future[Decoded]]) -> int:

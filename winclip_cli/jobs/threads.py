@@ -42,9 +42,11 @@ def model_threads(cores: int, model_seconds: float, pipeline_seconds: float) -> 
 def one_torch_thread() -> None:
     """Initializer of decoding and writing threads: their torch operations run on the calling thread.
 
-    With torch's OpenMP backend the thread count is per thread (the model's thread keeps its own,
-    see :meth:`ThreadBudget.start`).
+    With torch's OpenMP backend the thread count is per thread, but a thread sets itself up at its
+    first parallel operation with the count last set anywhere in the process, which would undo this
+    if the model's thread changed its count in between: the setup is done here first.
     """
+    torch.get_num_threads()  # this thread's own setup, now
     torch.set_num_threads(1)
 
 
@@ -69,20 +71,28 @@ class ThreadBudget:
         self._batches = 0
 
     def start(self, enabled: bool) -> None:
-        """Called on the model's thread before its workers start: fixes that thread's own torch thread
-        count first, since a thread takes the count last set anywhere when it first runs a parallel
-        operation, and the workers set theirs to one. A budget stays measured across the streams of a
-        process (``watch`` starts one per burst of files)."""
+        """Called on the model's thread before its workers start, ``enabled`` where the model computes
+        on the CPU. Fixes that thread's own torch thread count first (workers set theirs to one). A
+        budget stays measured across the streams of a process (``watch`` starts one per burst)."""
         with self._lock:
             if self.cores is None:
                 self.cores = self.threads = torch.get_num_threads()  # all cores, or what OMP_NUM_THREADS says
             if enabled and not self.enabled:
-                self.threads = self.cores
                 self._model = self._pipeline = 0.0
                 self._batches = 0
             self.enabled = enabled
+            self.threads = self.cores if not enabled else self.threads
             threads = self.threads
         torch.set_num_threads(threads)
+
+    def stop(self) -> None:
+        """At the end of a stream: the model's thread gets every core back for whatever runs next
+        (measurements are kept for the next stream)."""
+        with self._lock:
+            if self.cores is None or self.threads == self.cores:
+                return
+            self.threads = self.cores
+        torch.set_num_threads(self.cores)
 
     def pipeline_work(self, seconds: float) -> None:
         if self.enabled:
