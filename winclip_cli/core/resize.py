@@ -91,12 +91,21 @@ def _weights(taps: _Taps, first: int, last: int) -> tuple[np.ndarray, np.ndarray
     return rows, (index - start[0])[inside], w[inside]
 
 
+def _dense_weights(taps: _Taps, first: int, last: int) -> np.ndarray:
+    """Weights of outputs first..last-1 as a dense (last - first, stop[last - 1] - start[first]) array
+    over the inputs they read (start and stop never decrease along an axis)."""
+    rows, columns, values = _weights(taps, first, last)
+    dense = np.zeros((last - first, int(taps.stop[last - 1] - taps.start[first])), dtype=np.float32)
+    dense[np.repeat(np.arange(last - first), np.diff(rows)), columns] = values
+    return dense
+
+
 def axis_weights(in_size: int, out_size: int) -> np.ndarray:
     """The full (out_size, in_size) float32 weight matrix of one axis (for tests and small sizes)."""
     taps = _taps(in_size, out_size)
     full = np.zeros((out_size, in_size), dtype=np.float32)
-    rows, columns, values = _weights(taps, 0, out_size)
-    full[np.repeat(np.arange(out_size), np.diff(rows)), columns + int(taps.start[0])] = values
+    lo, hi = int(taps.start[0]), int(taps.stop[-1])
+    full[:, lo:hi] = _dense_weights(taps, 0, out_size)
     return full
 
 
@@ -196,11 +205,8 @@ def _dense_blocks(in_size: int, out_size: int, outputs: int) -> tuple[_Block, ..
         return None
     blocks = []
     for first, last in bounds:
-        rows, columns, values = _weights(taps, first, last)  # columns count from start[first]
-        lo, hi = int(taps.start[first]), int(taps.stop[last - 1])  # start and stop never decrease
-        dense = np.zeros((last - first, hi - lo), dtype=np.float32)
-        dense[np.repeat(np.arange(last - first), np.diff(rows)), columns] = values
-        blocks.append(_Block(first, last, lo, hi, torch.from_numpy(dense)))
+        weights = torch.from_numpy(_dense_weights(taps, first, last))
+        blocks.append(_Block(first, last, int(taps.start[first]), int(taps.stop[last - 1]), weights))
     return tuple(blocks)
 
 

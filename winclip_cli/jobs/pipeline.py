@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -252,13 +251,12 @@ def _decode_in_turn(
         budget.take(ticket, count)
         taken.append(count)
 
-    started = time.thread_time()
     try:
-        item = decode_file(path, name, prep, with_stamp, take_inputs=take)
+        with BUDGET.pipeline_step():
+            item = decode_file(path, name, prep, with_stamp, take_inputs=take)
     finally:
         if not taken:  # failed before its inputs: its turn still passes, in order
             budget.take(ticket, 0)
-        BUDGET.pipeline_work(time.thread_time() - started)
     item.inputs_taken = taken[0] if taken else 0
     return item
 
@@ -778,16 +776,15 @@ class ResultWriter:
     def _gated_row(self, item: Decoded) -> ResultRow:
         pixels = _pixels(item)
         self._gate.acquire(pixels)
-        started = time.thread_time()
         try:
-            return self.make_row(item)
+            with BUDGET.pipeline_step():
+                return self.make_row(item)
         except Exception as err:  # one file's failure is that file's row, not the end of the scan
             sha = item.stamp.sha256 if item.stamp else ""
             error = failure_reason("scoring", err)
             common = self.settings.context.common()
             return ResultRow(path=item.relpath, status="error", error=error, sha256=sha, **common)
         finally:
-            BUDGET.pipeline_work(time.thread_time() - started)
             self._gate.release(pixels)
 
     def make_row(self, item: Decoded) -> ResultRow:

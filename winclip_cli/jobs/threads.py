@@ -81,9 +81,8 @@ class ThreadBudget:
                 self._model = self._pipeline = 0.0
                 self._batches = 0
             self.enabled = enabled
-            self.threads = self.cores if not enabled else self.threads
-            threads = self.threads
-        torch.set_num_threads(threads)
+            self.threads = self.cores  # each stream starts on every core (stop() gives them back)
+        torch.set_num_threads(self.cores)
 
     def stop(self) -> None:
         """At the end of a stream: the model's thread gets every core back for whatever runs next
@@ -98,6 +97,18 @@ class ThreadBudget:
         if self.enabled:
             with self._lock:
                 self._pipeline += seconds
+
+    @contextmanager
+    def pipeline_step(self) -> Iterator[None]:
+        """Wrap one file's decoding or writing on a worker thread: its thread CPU time is counted."""
+        if not self.enabled:
+            yield
+            return
+        start = time.thread_time()
+        try:
+            yield
+        finally:
+            self.pipeline_work(time.thread_time() - start)
 
     @contextmanager
     def model_batch(self) -> Iterator[None]:
