@@ -61,7 +61,8 @@ def step_costs(paths: list[Path], work: Path) -> dict:
     from winclip_cli.io.images import load_image, preprocess
     from winclip_cli.io.outputs import overlay, write_jpeg_atomic, write_png_atomic
     from winclip_cli.io.thumbnails import write_thumbnails
-    from winclip_cli.jobs.pipeline import _small_overlay, upsample_grid
+    from winclip_cli.jobs.maps import upsample_grid
+    from winclip_cli.jobs.write import _small_overlay
 
     torch.set_num_threads(1)
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -65,10 +65,11 @@ def tiny_model_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_model_files):
     """The tiny model loaded through the product's own loader (config JSON + checkpoint file)."""
-    from winclip_cli.core.engine import ModelOptions, build_backbone
+    from winclip_cli.core.engine import build_backbone
+    from winclip_cli.spec import ModelSpec
 
     config, checkpoint = tiny_model_files
-    return build_backbone(ModelOptions(model=str(config), weights=str(checkpoint), device="cpu"))
+    return build_backbone(ModelSpec(model=str(config), weights=str(checkpoint), device="cpu"))
 
 
 @pytest.fixture
@@ -80,10 +81,10 @@ def tiny_args(tiny_model_files) -> list[str]:
 
 @pytest.fixture
 def tiny_options(tiny_model_files):
-    from winclip_cli.core.engine import ModelOptions
+    from winclip_cli.spec import ModelSpec
 
     config, checkpoint = tiny_model_files
-    return ModelOptions(model=str(config), weights=str(checkpoint), device="cpu")
+    return ModelSpec(model=str(config), weights=str(checkpoint), device="cpu")
 
 
 SYSTEM_TESTS = Path(__file__).resolve().parent / "system"

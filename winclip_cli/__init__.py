@@ -23,7 +23,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "ModelOptions": "winclip_cli.options",
+    "ModelOptions": "winclip_cli.spec",
+    "ModelSpec": "winclip_cli.spec",
+    "InputSpec": "winclip_cli.spec",
     "Engine": "winclip_cli.core.engine",
     "build_engine": "winclip_cli.core.engine",
     "build_backbone": "winclip_cli.core.engine",

@@ -1,7 +1,11 @@
-"""Defaults and option parsing, written once: every layer reads its defaults here.
+"""What each option means, written once: its default, its value type and the parser of its text.
 
-The parsers turn option text into checked values and raise ``SetupError`` (exit 2) with one line.
-The command-line declarations of these options (names, help, panels) are in ``cli/args.py``.
+Each value type (``HeatmapFormat``, ``Precision``, ``Device``, ``Tiling``, ``Threshold``,
+``ScoringMode``, ``BatchSize``) is frozen and carries its behaviour; its ``parse`` turns option text
+into the value and raises ``SetupError`` (exit 2) with one line. The command line parses every
+option once; the specs the jobs receive (``winclip_cli.spec``) hold only these values, so nothing
+below ``cli/`` reads option text or restates a default. The command-line declarations (names,
+help, panels) are in ``cli/args.py``.
 
 This module imports neither torch nor Typer: the CLI checks every argument with it before the
 model is loaded, so a mistake fails in a fraction of a second, and the core can import its
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from winclip_cli.errors import SetupError
@@ -22,11 +27,183 @@ DEFAULT_MAX_PIXELS = 80_000_000  # decompression-bomb guard: larger images are r
 DEFAULT_SCALES: tuple[int, ...] = (2, 3)  # window sizes in patches
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_TILE_OVERLAP = 0.25
+DEFAULT_THRESHOLD = 0.5  # image score above which an image is anomalous, when nothing else decides
 DEFAULT_FPR = 0.01  # calibrate: largest false-alarm rate on good parts
 DEFAULT_CALIBRATION_FILE = Path("winclip-calibration.json")
+DEFAULT_DEVICE = "auto"
+DEFAULT_PRECISION = "fp32"
+DEFAULT_HEATMAPS = "png"
 DEVICES = ("auto", "cuda", "mps", "cpu")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-HEATMAP_FORMATS = ("png", "jpg", "none")  # scan --heatmaps: PNG, JPEG, or scores only
+
+
+# ------------------------------------------------------------------------------------------- value types
+# What an option means, as a frozen value with its behaviour. Each is parsed from option text once,
+# at the command line (or by a Python caller building a spec); every layer below takes the value.
+
+
+class HeatmapFormat(Enum):
+    """scan --heatmaps: PNG, JPEG, or scores only. A new format is a member here and its encoder in
+    ``io/outputs.py`` (``write_heatmap``); file names, merge and the report follow ``suffix``."""
+
+    PNG = "png"
+    JPG = "jpg"
+    NONE = "none"
+
+    @classmethod
+    def parse(cls, text: str) -> HeatmapFormat:
+        try:
+            return cls(text)
+        except ValueError:
+            raise SetupError(f"--heatmaps takes {', '.join(HEATMAP_FORMATS)}, not {text!r}") from None
+
+    @property
+    def suffix(self) -> str:
+        """The file-name ending of its heatmaps ('' when none is written)."""
+        return "" if self is HeatmapFormat.NONE else "." + self.value
+
+
+HEATMAP_FORMATS = tuple(member.value for member in HeatmapFormat)
+HEATMAP_SUFFIXES = tuple(member.suffix for member in HeatmapFormat if member.suffix)  # every written format
+
+
+class Precision(Enum):
+    """The dtype the visual tower computes in; AUTO is resolved when the model loads (bf16/fp16 where fast)."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @classmethod
+    def parse(cls, text: str | Precision) -> Precision:
+        if isinstance(text, Precision):
+            return text
+        try:
+            return cls(text.lower())
+        except ValueError:
+            choices = ", ".join(member.value for member in cls)
+            raise SetupError(f"unknown precision {text!r} (choose from {choices})") from None
+
+    @property
+    def dtype_name(self) -> str:
+        """The torch dtype's name (``getattr(torch, name)``): this module stays free of torch."""
+        if self is Precision.AUTO:
+            raise ValueError("precision auto is resolved when the model loads")
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.value]
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device name winclip knows: auto, cuda, cuda:N, mps or cpu; whether it exists is checked when
+    the model loads."""
+
+    name: str = DEFAULT_DEVICE
+
+    @classmethod
+    def parse(cls, text: str | Device) -> Device:
+        if isinstance(text, Device):
+            return text
+        lowered = text.lower()
+        if lowered not in DEVICES and not (lowered.startswith("cuda:") and lowered[5:].isdigit()):
+            raise SetupError(f"unknown device {text!r} (choose from {', '.join(DEVICES)} or cuda:N)")
+        return cls(lowered)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """--tile and --tile-overlap: whole images (size None), tiles of ``size`` pixels, or 'auto'."""
+
+    size: int | str | None = None  # pixels, "auto", or None for whole images
+    overlap: float = DEFAULT_TILE_OVERLAP
+
+    @classmethod
+    def parse(cls, tile: str | None, overlap: float = DEFAULT_TILE_OVERLAP) -> Tiling:
+        if not 0.0 <= overlap < 1.0:
+            raise SetupError(f"--tile-overlap must be in [0, 1), got {overlap}")
+        if tile is None or tile == "auto":
+            return cls(tile, overlap)
+        try:
+            size = int(tile)
+        except ValueError:
+            raise SetupError(f"--tile takes a size in pixels or 'auto', not {tile!r}") from None
+        if size < 1:
+            raise SetupError(f"--tile {size} is too small (a size in pixels)")
+        return cls(size, overlap)
+
+    @property
+    def enabled(self) -> bool:
+        return self.size is not None
+
+    @property
+    def recorded_overlap(self) -> float | None:
+        """The overlap as run.json and the fingerprints record it: none without tiles."""
+        return self.overlap if self.size is not None else None
+
+    def check_fits(self, input_size: Sequence[int]) -> None:
+        """A tile smaller than the model's input would be upsampled: no detail gained, many more tiles to score."""
+        if isinstance(self.size, int) and self.size < min(input_size):
+            raise SetupError(
+                f"--tile {self.size} is too small: the model's input is {input_size[0]}x{input_size[1]} pixels, "
+                f"so tiles must be at least {min(input_size)} (or use --tile auto)"
+            )
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """--threshold: a number in [0, 1], or auto (``value`` None: a calibration, else the default)."""
+
+    value: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Threshold:
+        if text == "auto":
+            return cls(None)
+        try:
+            value = float(text)
+        except ValueError:
+            raise SetupError(f"--threshold takes a number between 0 and 1 or 'auto', not {text!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise SetupError(f"--threshold must be between 0 and 1, got {text}")
+        return cls(value)
+
+    @property
+    def auto(self) -> bool:
+        return self.value is None
+
+
+class ScoringMode(Enum):
+    """How an image is scored: against the prompts only, or also against reference images. The mode
+    chooses the scorer (``jobs/kernel.py``); a new mode is a member here and its scorer there."""
+
+    ZERO_SHOT = "zero-shot"
+    FEW_SHOT = "few-shot"
+
+    @property
+    def uses_references(self) -> bool:
+        """Whether this mode compares with a memory of reference images (``--refs``)."""
+        return self is ScoringMode.FEW_SHOT
+
+    @classmethod
+    def of_refs(cls, refs: Path | None) -> ScoringMode:
+        """scan's mode from its options: a reference memory makes it few-shot."""
+        return cls.FEW_SHOT if refs is not None else cls.ZERO_SHOT
+
+
+@dataclass(frozen=True)
+class BatchSize:
+    """Model inputs (images or tiles) per batch."""
+
+    value: int = DEFAULT_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.value < 1:
+            raise SetupError(f"--batch-size must be at least 1, got {self.value}")
+
+    def __int__(self) -> int:
+        return self.value
 
 
 # --------------------------------------------------------------------------------------------------- parsers
@@ -58,69 +235,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def parse_threshold(text: str) -> float | None:
-    """'auto' -> None, else a number in [0, 1]."""
-    if text == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise SetupError(f"--threshold takes a number between 0 and 1 or 'auto', not {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise SetupError(f"--threshold must be between 0 and 1, got {text}")
-    return value
-
-
-def parse_tile(text: str | None) -> int | str | None:
-    """None (no tiling), 'auto', or a size in pixels (checked against the model's input by ``check_tile_size``)."""
-    if text is None:
-        return None
-    if text == "auto":
-        return "auto"
-    try:
-        size = int(text)
-    except ValueError:
-        raise SetupError(f"--tile takes a size in pixels or 'auto', not {text!r}") from None
-    if size < 1:
-        raise SetupError(f"--tile {size} is too small (a size in pixels)")
-    return size
-
-
-def check_tile_size(tile: int | str | None, input_size: Sequence[int]) -> None:
-    """A tile smaller than the model's input would be upsampled: no detail gained, many more tiles to score."""
-    if isinstance(tile, int) and tile < min(input_size):
-        raise SetupError(
-            f"--tile {tile} is too small: the model's input is {input_size[0]}x{input_size[1]} pixels, "
-            f"so tiles must be at least {min(input_size)} (or use --tile auto)"
-        )
-
-
 def check_rate(option: str, value: float | None) -> float | None:
     """A false-positive rate: in [0, 1)."""
     if value is not None and not 0.0 <= value < 1.0:
         raise SetupError(f"{option} must be in [0, 1), got {value}")
     return value
-
-
-def check_heatmaps(name: str) -> str:
-    if name not in HEATMAP_FORMATS:
-        raise SetupError(f"--heatmaps takes {', '.join(HEATMAP_FORMATS)}, not {name!r}")
-    return name
-
-
-def check_device(name: str) -> str:
-    """A device name winclip knows; whether that device exists is checked when the model loads."""
-    lowered = name.lower()
-    if lowered not in DEVICES and not (lowered.startswith("cuda:") and lowered[5:].isdigit()):
-        raise SetupError(f"unknown device {name!r} (choose from {', '.join(DEVICES)} or cuda:N)")
-    return lowered
-
-
-def check_precision(name: str) -> str:
-    lowered = name.lower()
-    if lowered not in PRECISIONS:
-        raise SetupError(f"unknown precision {name!r} (choose from {', '.join(PRECISIONS)})")
-    return lowered
 
 
 def model_input_size(model: str) -> tuple[int, int] | None:
@@ -141,14 +260,3 @@ def model_input_size(model: str) -> tuple[int, int] | None:
         return (int(size[0]), int(size[1])) if isinstance(size, list | tuple) else (int(size), int(size))
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
-
-
-@dataclass
-class ModelOptions:
-    """Which model, on which device, in which precision, with which window sizes (checked values)."""
-
-    model: str = DEFAULT_ARCHITECTURE
-    weights: str | None = None
-    device: str = "auto"
-    precision: str = "fp32"
-    scales: Sequence[int] = DEFAULT_SCALES

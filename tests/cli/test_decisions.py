@@ -15,8 +15,9 @@ from helpers import invoke
 from winclip_cli.core.calibration import threshold_for_fpr
 from winclip_cli.io.memory import load_memory
 from winclip_cli.io.outputs import read_results_csv
-from winclip_cli.jobs.calibrate import CalibrateOptions, run_calibrate_job
+from winclip_cli.jobs.calibrate import CalibrateSpec, run_calibrate_job
 from winclip_cli.jobs.kernel import SilentReporter
+from winclip_cli.spec import InputSpec, TextSpec
 
 GOOD = SAMPLE_DATA / "fabric" / "good"
 TEST = SAMPLE_DATA / "fabric" / "test"
@@ -26,7 +27,7 @@ def test_leave_one_out_equals_a_memory_without_the_image(tmp_path, tiny_args, ti
     refs = tmp_path / "refs.npz"
     assert invoke(["build-refs", str(GOOD), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
     result = run_calibrate_job(
-        CalibrateOptions(good_dir=GOOD, model=tiny_options, class_name="object", fpr=0.25, refs=refs), SilentReporter()
+        CalibrateSpec(GOOD, tiny_options, InputSpec(), TextSpec("object"), fpr=0.25, refs=refs), SilentReporter()
     )
     assert result.left_out == 4 and result.calibration.n_images == 4
     files = sorted(GOOD.glob("*.jpg"))

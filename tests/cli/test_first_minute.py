@@ -119,11 +119,13 @@ def test_a_free_lock_left_behind_is_no_obstacle_to_the_fast_checks(setup):
 
 def test_a_tile_smaller_than_the_input_is_refused_after_load_when_the_config_is_unknown(setup, tiny_backbone):
     from winclip_cli.errors import SetupError
-    from winclip_cli.jobs.pipeline import InputOptions
+    from winclip_cli.jobs.decode import Preprocessing
+    from winclip_cli.options import Tiling
+    from winclip_cli.spec import InputSpec
 
     with pytest.raises(SetupError, match="tiles must be at least 240"):
-        InputOptions(tile=200).preprocessing(tiny_backbone)
-    assert InputOptions(tile=240).preprocessing(tiny_backbone).tile == 240
+        Preprocessing.for_backbone(tiny_backbone, InputSpec(tiling=Tiling(200)))
+    assert Preprocessing.for_backbone(tiny_backbone, InputSpec(tiling=Tiling(240))).tiling.size == 240
 
 
 # ============================================================================ 1. browser tests without Chromium

@@ -28,9 +28,12 @@ from PIL import Image
 
 from helpers import invoke, run_cli
 from winclip_cli.core.tiling import tile_count
+from winclip_cli.io import outputs
 from winclip_cli.io.images import load_image
-from winclip_cli.jobs import pipeline
-from winclip_cli.jobs.pipeline import MAX_TILES, Preprocessing, decode_stream, processed_stream
+from winclip_cli.jobs import decode, write
+from winclip_cli.jobs.batches import processed_stream
+from winclip_cli.jobs.decode import MAX_TILES, Preprocessing, decode_stream
+from winclip_cli.options import Tiling
 
 SUBPROCESS_TIMEOUT = 180
 # The tiny model's scan of a few small images peaks at about 0.95 GB (torch and the model); each
@@ -102,14 +105,14 @@ def test_a_failure_while_preprocessing_one_file_is_that_files_row(tmp_path, tiny
     folder, out = tmp_path / "in", tmp_path / "out"
     good = good_images(folder)
     Image.new("RGB", (300, 7), (9, 9, 9)).save(folder / "odd.png")
-    real = pipeline.preprocess
+    real = decode.preprocess
 
     def failing(image, *args, **kwargs):
         if image.width == 300:
             raise failure
         return real(image, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "preprocess", failing)
+    monkeypatch.setattr(decode, "preprocess", failing)
     result = invoke(["scan", folder, "--out", out, "-q", *tiny_args])
     assert result.exit_code == 3, result.output
     rows = rows_of(out)
@@ -121,14 +124,14 @@ def test_a_failure_while_preprocessing_one_file_is_that_files_row(tmp_path, tiny
 def test_a_failure_while_making_the_heatmap_keeps_the_score(tmp_path, tiny_args, monkeypatch):
     folder, out = tmp_path / "in", tmp_path / "out"
     good_images(folder)
-    real = pipeline.full_resolution_map
+    real = write.full_resolution_map
 
     def failing(item):
         if item.relpath == "good1.png":
             raise MemoryError
         return real(item)
 
-    monkeypatch.setattr(pipeline, "full_resolution_map", failing)
+    monkeypatch.setattr(write, "full_resolution_map", failing)
     result = invoke(["scan", folder, "--out", out, "-q", *tiny_args])
     assert result.exit_code == 3, result.output
     row = rows_of(out)["good1.png"]
@@ -191,12 +194,12 @@ def test_model_inputs_decoded_ahead_stay_within_the_budget(tmp_path, monkeypatch
     for i in range(6):
         write_gray_png(tmp_path / f"s{i}.png", 6000, 1)
         names.append((tmp_path / f"s{i}.png", f"s{i}.png"))
-    prep = Preprocessing((8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tile=16, tile_overlap=0.0)
+    prep = Preprocessing((8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tiling=Tiling(16, 0.0))
     per_file = tile_count(1, 6000, 16, 0.0)  # 375 tiles of 16 x 1
     budget = 400
-    monkeypatch.setattr(pipeline, "INPUTS_IN_FLIGHT", budget)
+    monkeypatch.setattr(decode, "INPUTS_IN_FLIGHT", budget)
     alive, peak, lock = [0], [0], threading.Lock()
-    real = pipeline.preprocess
+    real = decode.preprocess
 
     def counted(*args, **kwargs):
         tensor = real(*args, **kwargs)
@@ -211,7 +214,7 @@ def test_model_inputs_decoded_ahead_stay_within_the_budget(tmp_path, monkeypatch
         weakref.finalize(tensor, freed)
         return tensor
 
-    monkeypatch.setattr(pipeline, "preprocess", counted)
+    monkeypatch.setattr(decode, "preprocess", counted)
     batches = []
 
     def process(batch, items):
@@ -236,13 +239,13 @@ def test_a_huge_file_that_is_no_image_is_not_hashed(tmp_path, tiny_args, monkeyp
     with open(folder / "huge.png", "wb") as handle:
         handle.truncate(20 << 30)  # 20 GiB, sparse
     hashed = []
-    real = pipeline.sha256_file
+    real = decode.sha256_file
 
     def recording(path):
         hashed.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(pipeline, "sha256_file", recording)
+    monkeypatch.setattr(decode, "sha256_file", recording)
     result = invoke(["scan", folder, "--out", out, "-q", *tiny_args])
     assert result.exit_code == 3, result.output
     rows = rows_of(out)
@@ -258,14 +261,14 @@ def test_a_huge_file_that_is_no_image_is_not_hashed(tmp_path, tiny_args, monkeyp
 def test_incremental_retries_rows_whose_outputs_were_lost(tmp_path, tiny_args, monkeypatch):
     folder, out = tmp_path / "in", tmp_path / "out"
     good = good_images(folder, 3)
-    real = pipeline.write_png_atomic
+    real = outputs.write_png_atomic
 
     def disk_full(path, *args, **kwargs):
         if path.name == "good1.png.png":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "write_png_atomic", disk_full)
+    monkeypatch.setattr(outputs, "write_png_atomic", disk_full)
     # one image per batch in both runs: a batch of 3 and a batch of 1 round differently in the 8th
     # digit, which can tip the CSV's 6th decimal (the score itself is the same file's)
     one = ["--batch-size", "1"]
@@ -274,7 +277,7 @@ def test_incremental_retries_rows_whose_outputs_were_lost(tmp_path, tiny_args, m
     assert lost["status"] == "ok" and lost["error"] == "cannot write outputs: No space left on device"
     assert lost["heatmap"] == "" and not (out / "heatmaps" / "good1.png.png").exists()
 
-    monkeypatch.setattr(pipeline, "write_png_atomic", real)  # space is free again
+    monkeypatch.setattr(outputs, "write_png_atomic", real)  # space is free again
     result = invoke(["scan", folder, "--out", out, "--incremental", *one, *tiny_args])
     assert result.exit_code == 0, result.output
     assert "1 image to score (2 unchanged)" in result.output

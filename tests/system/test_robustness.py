@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import SAMPLE_DATA
 from helpers import invoke
 from winclip_cli.io.outputs import CSV_COLUMNS, read_results_csv
-from winclip_cli.jobs.pipeline import RowContext
+from winclip_cli.jobs.write import RowContext
 
 GOOD = SAMPLE_DATA / "fabric" / "good"
 
@@ -186,7 +186,7 @@ def test_banded_overlay_equals_the_whole_image_formula():
 def test_pixel_gate_admits_one_huge_item_and_holds_others_back():
     import threading
 
-    from winclip_cli.jobs.pipeline import PixelGate
+    from winclip_cli.jobs.write import PixelGate
 
     gate = PixelGate(100)
     gate.acquire(500)  # alone: admitted although over capacity

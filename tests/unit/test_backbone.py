@@ -8,6 +8,7 @@ import torch
 
 from winclip_cli.core.backbone import create_uninitialised, load_weights, select_device, select_precision
 from winclip_cli.errors import SetupError
+from winclip_cli.options import Device, Precision
 
 
 def reference_model(config, checkpoint):
@@ -71,12 +72,12 @@ def test_a_pickled_object_in_a_checkpoint_is_refused(tmp_path, tiny_model_files)
 
 def test_device_and_precision_choice_on_this_machine():
     cpu = torch.device("cpu")
-    assert select_device("cpu") == cpu
-    assert select_precision("fp32", cpu) == "fp32"
-    assert select_precision("auto", cpu) in ("fp32", "bf16")
+    assert select_device(Device("cpu")) == cpu
+    assert select_precision(Precision.FP32, cpu) == "fp32"
+    assert select_precision(Precision.AUTO, cpu) in ("fp32", "bf16")
     with pytest.raises(SetupError, match="fp16"):
-        select_precision("fp16", cpu)
+        select_precision(Precision.FP16, cpu)
     if not torch.cuda.is_available():
-        assert select_device("auto") in (cpu, torch.device("mps"))
+        assert select_device(Device("auto")) in (cpu, torch.device("mps"))
         with pytest.raises(SetupError, match="no CUDA GPU"):
-            select_device("cuda")
+            select_device(Device("cuda"))

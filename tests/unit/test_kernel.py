@@ -14,7 +14,9 @@ from helpers import invoke
 from winclip_cli.core.winclip import ReferenceMemory
 from winclip_cli.io.memory import load_memory
 from winclip_cli.jobs.kernel import Session
-from winclip_cli.jobs.pipeline import InputOptions, collect_references, image_score
+from winclip_cli.jobs.maps import image_score
+from winclip_cli.jobs.references import collect_references
+from winclip_cli.spec import InputSpec, TextSpec
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -71,10 +73,11 @@ def test_eval_memory_is_the_memory_a_memory_file_gives(tmp_path, tiny_args, tiny
     good = make_images(tmp_path / "good", 3)
     refs = tmp_path / "refs.npz"
     assert invoke(["build-refs", tmp_path / "good", "--out", refs, "-q", *tiny_args]).exit_code == 0
-    session = Session.open(tiny_options, InputOptions(), class_name=None)
+    session = Session.open(tiny_options, InputSpec(), text=None)
+    assert session.scorer is None and session.engine is None  # an embedding-only session loads no text
     embedded = collect_references(session.embedded([(p, p.name) for p in good]))
-    from_embeddings = embedded.to_reference_memory(session.scorer.scales, session.backbone.device)
-    from_file = load_memory(refs).to_reference_memory(session.scorer.scales, session.backbone.device)
+    from_embeddings = embedded.to_reference_memory(session.encoder.scales, session.backbone.device)
+    from_file = load_memory(refs).to_reference_memory(session.encoder.scales, session.backbone.device)
     assert torch.equal(from_embeddings.patches, from_file.patches)
     for a, b in zip(from_embeddings.windows, from_file.windows, strict=True):
         assert torch.equal(a, b)
@@ -86,7 +89,7 @@ def test_a_session_scores_a_file_like_the_scorer_does(tmp_path, tiny_options):
     from winclip_cli.io.images import load_image, preprocess
 
     (path,) = make_images(tmp_path, 1)
-    session = Session.open(tiny_options, InputOptions(), class_name="object")
+    session = Session.open(tiny_options, InputSpec(), text=TextSpec("object"))
     (item,) = list(session.scored([(path, path.name)]))
     prep = session.prep
     batch = preprocess(load_image(path), prep.size, prep.mean, prep.std)[None]
@@ -98,13 +101,16 @@ def test_a_failing_collector_stops_the_writer_instead_of_hanging(tmp_path, monke
     """A bug in the writer's collector thread is raised at the next submit or at close, never a hang."""
     import threading
 
-    from winclip_cli.jobs.pipeline import Decoded, ResultWriter, RowContext
+    from winclip_cli.jobs.decode import Decoded
+    from winclip_cli.jobs.write import ResultWriter, RowContext
+    from winclip_cli.spec import OutputSpec
 
     def broken_count(self, row):
         raise RuntimeError("bug in the collector")
 
     monkeypatch.setattr(ResultWriter, "_count", broken_count)
-    writer = ResultWriter(tmp_path, RowContext(threshold=0.5, threshold_source="default", mode="zero-shot"), print)
+    context = RowContext(threshold=0.5, threshold_source="default", mode="zero-shot")
+    writer = ResultWriter(OutputSpec(tmp_path), context, print)
     outcome: list[BaseException] = []
 
     def produce() -> None:
@@ -126,7 +132,7 @@ def test_a_failing_collector_stops_the_writer_instead_of_hanging(tmp_path, monke
     ("height", "width", "chunk"), [(1, 7000, 1000), (3, 10001, 4096), (7001, 2, 999), (37, 1000, 64)]
 )
 def test_chunked_upsampling_equals_torchs_bilinear(height, width, chunk):
-    from winclip_cli.jobs.pipeline import upsample_grid_in_chunks, upsample_grid_tensor
+    from winclip_cli.jobs.maps import upsample_grid_in_chunks, upsample_grid_tensor
 
     grid = torch.rand(15, 15, generator=torch.Generator().manual_seed(height))
     chunked = upsample_grid_in_chunks(grid.numpy(), height, width, chunk)
@@ -141,7 +147,7 @@ def test_a_strip_is_upsampled_in_bounded_memory():
 
     code = (
         "import resource, torch\n"
-        "from winclip_cli.jobs.pipeline import upsample_grid\n"
+        "from winclip_cli.jobs.maps import upsample_grid\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "m = upsample_grid(torch.rand(15, 15), 1, 20_000_000)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, m.shape)\n"

@@ -218,7 +218,7 @@ def test_colours_look_as_before():
 
 
 def test_overlay_on_a_device_equals_the_numpy_overlay():
-    from winclip_cli.jobs.pipeline import overlay_tensor
+    from winclip_cli.jobs.maps import overlay_tensor
 
     rng = np.random.default_rng(12)
     image = rng.integers(0, 256, (270, 300, 3), dtype=np.uint8)
@@ -258,13 +258,15 @@ def test_png_encoder_works_with_the_standard_zlib(monkeypatch, tmp_path):
 
 def test_writer_device_path_gives_the_cpu_outputs(tmp_path, tiny_backbone):
     """The GPU branch of the writer (upsample and colour where the model ran), exercised on the CPU."""
-    from winclip_cli.jobs.pipeline import Decoded, ResultWriter, RowContext
+    from winclip_cli.jobs.decode import Decoded
+    from winclip_cli.jobs.write import ResultWriter, RowContext
+    from winclip_cli.spec import OutputSpec
 
     image = load_image(SAMPLE_TEST / "local" / "textile_0001.jpg")
     grid = torch.from_numpy(np.random.default_rng(4).random((15, 15), dtype=np.float32))
     rows = {}
     for name, device in (("cpu", None), ("device", torch.device("cpu"))):
-        writer = ResultWriter(tmp_path / name, RowContext(0.5, "test", "zero-shot"), lambda group: None)
+        writer = ResultWriter(OutputSpec(tmp_path / name), RowContext(0.5, "test", "zero-shot"), lambda group: None)
         # what a CUDA device sets; the same code runs on the CPU here
         writer.settings = dataclasses.replace(writer.settings, device=device)
         item = Decoded(SAMPLE_TEST / "x.jpg", "x.jpg", image=image, outputs=[(0.25, grid)])
@@ -287,7 +289,7 @@ def scan(out: Path, tiny_args: list[str], *extra: str):
 
 
 def test_scan_heatmaps_jpg_and_none_keep_the_png_scores(tmp_path, tiny_args, monkeypatch):
-    import winclip_cli.jobs.pipeline as pipeline
+    from winclip_cli import options
 
     results = {}
     for fmt in ("png", "jpg", "none"):
@@ -326,7 +328,7 @@ def test_scan_heatmaps_jpg_and_none_keep_the_png_scores(tmp_path, tiny_args, mon
         np.testing.assert_array_equal(
             tifffile.imread(tmp_path / "png" / "maps" / name), tifffile.imread(tmp_path / "none" / "maps" / name)
         )
-    assert pipeline.HEATMAP_FORMATS == ("png", "jpg", "none")
+    assert options.HEATMAP_FORMATS == ("png", "jpg", "none")
 
 
 def test_scan_heatmaps_rejects_an_unknown_format(tmp_path, tiny_args):
@@ -340,7 +342,7 @@ def test_sample_data_scores_and_maps_match_the_torch_resize(tmp_path, tiny_args,
     """The whole scan with the new resize against the same scan with F.interpolate: scores within one unit
     of the CSV's 6th decimal (float rounding can tip a value across a rounding boundary), maps within
     float rounding."""
-    import winclip_cli.jobs.pipeline as pipeline
+    import winclip_cli.jobs.decode as decode
 
     out_new = tmp_path / "new"
     assert scan(out_new, tiny_args, "--save-maps").exit_code == 0
@@ -348,7 +350,7 @@ def test_sample_data_scores_and_maps_match_the_torch_resize(tmp_path, tiny_args,
     def torch_preprocess(image, size, mean, std, device=None):
         return reference_preprocess(image, tuple(size), mean, std)
 
-    monkeypatch.setattr(pipeline, "preprocess", torch_preprocess)
+    monkeypatch.setattr(decode, "preprocess", torch_preprocess)
     out_old = tmp_path / "old"
     assert scan(out_old, tiny_args, "--save-maps").exit_code == 0
     new_rows, old_rows = read_results_csv(out_new / "scores.csv"), read_results_csv(out_old / "scores.csv")

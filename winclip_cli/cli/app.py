@@ -55,11 +55,13 @@ from winclip_cli.io.layout import OutputLayout
 from winclip_cli.options import (
     DEFAULT_CALIBRATION_FILE,
     DEFAULT_FPR,
-    check_heatmaps,
+    DEFAULT_HEATMAPS,
+    HeatmapFormat,
+    Threshold,
     check_rate,
     parse_shard,
-    parse_threshold,
 )
+from winclip_cli.spec import OutputSpec, TextSpec
 from winclip_cli.wording import plural
 
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
@@ -283,25 +285,29 @@ class ConsoleReporter:
 # ------------------------------------------------------------------------------------------------------ scan
 
 
-def _checked_scan_options(
+def _checked_scan_spec(
     directory: Path,
     out: Path,
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
     *,
+    class_name: str,
     threshold: str,
     refs: Path | None,
     calibration: Path | None,
     prompts: Path | None,
+    use_cache: bool,
     heatmaps: str,
-    **settings: Any,
+    save_maps: bool,
+    incremental: bool,
+    shard: tuple[int, int] | None = None,
 ):
-    """The options of a scan or a watch, with everything that needs no model checked first, before
+    """The spec of a scan or a watch, with everything that needs no model checked first, before
     torch is imported: a mistake fails at once."""
-    model_options = model_args.parse()
-    parse_threshold(threshold)
-    check_heatmaps(heatmaps)
+    model = model_args.parse()
+    parsed_threshold = Threshold.parse(threshold)
+    heatmap_format = HeatmapFormat.parse(heatmaps)
     tiling = tile_args.parse(model_args.model)
     preflight.check_input(directory)
     preflight.check_output_folder("--out", out)
@@ -310,22 +316,20 @@ def _checked_scan_options(
     load_vocabulary(prompts)
     preflight.check_not_busy(out)
 
-    from winclip_cli.jobs.scan import ScanOptions
+    from winclip_cli.jobs.scan import ScanSpec
 
-    return ScanOptions(
+    return ScanSpec(
         directory=directory,
-        out=out,
-        model=model_options,
-        threshold=threshold,
+        model=model,
+        inputs=input_args.parse(tiling),
+        text=TextSpec(class_name, prompts, use_cache),
+        output=OutputSpec(out, heatmaps=heatmap_format, save_maps=save_maps),
+        threshold=parsed_threshold,
         refs=refs,
         calibration=calibration,
-        prompts=prompts,
-        heatmaps=heatmaps,
-        **settings,
-        **input_args.parse(),
-        **tiling,
+        incremental=incremental,
+        shard=shard,
     )
-
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -363,7 +367,7 @@ def scan(
         typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.", show_default=False),
     ] = None,
     save_maps: SaveMapsOpt = False,
-    heatmaps: HeatmapsOpt = "png",
+    heatmaps: HeatmapsOpt = DEFAULT_HEATMAPS,
     report: Annotated[bool, typer.Option("--report", help="Write OUT/report.html after the scan.")] = False,
     json_lines: JsonLinesOpt = False,
     prompts: PromptsOpt = None,
@@ -389,7 +393,7 @@ def scan(
     with user_errors():
         # Everything that needs no model is checked before torch is imported: mistakes fail at once.
         shard_of = parse_shard(shard)
-        options = _checked_scan_options(
+        options = _checked_scan_spec(
             directory,
             out,
             model_args,
@@ -401,8 +405,8 @@ def scan(
             calibration=calibration,
             prompts=prompts,
             use_cache=not no_cache,
-            save_maps=save_maps,
             heatmaps=heatmaps,
+            save_maps=save_maps,
             incremental=incremental,
             shard=shard_of,
         )
@@ -492,7 +496,7 @@ def watch(
         float, typer.Option("--hook-timeout", min=0.1, help="Seconds an --on-anomaly command may run.")
     ] = 10.0,
     save_maps: SaveMapsOpt = False,
-    heatmaps: HeatmapsOpt = "png",
+    heatmaps: HeatmapsOpt = DEFAULT_HEATMAPS,
     json_lines: JsonLinesOpt = False,
     prompts: PromptsOpt = None,
     no_cache: NoCacheOpt = False,
@@ -517,7 +521,7 @@ def watch(
     with user_errors():
         if poll is not None and poll <= 0:
             raise SetupError(f"--poll takes a positive number of seconds, not {poll:g}")
-        scan_options = _checked_scan_options(
+        scan_spec = _checked_scan_spec(
             directory,
             out,
             model_args,
@@ -529,13 +533,13 @@ def watch(
             calibration=calibration,
             prompts=prompts,
             use_cache=not no_cache,
-            save_maps=save_maps,
             heatmaps=heatmaps,
+            save_maps=save_maps,
             incremental=True,
         )
-        from winclip_cli.jobs.watch import WatchOptions, run_watch
+        from winclip_cli.jobs.watch import WatchSpec, run_watch
 
-        options = WatchOptions(scan_options, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
+        options = WatchSpec(scan_spec, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
         stop = StopFlag()
         with _WatchReporter(quiet, json_lines) as reporter, stop.installed():
             result = run_watch(options, reporter, should_stop=stop)
@@ -595,7 +599,7 @@ def build_refs(
       winclip build-refs ./more-good --out refs.npz --append
     """
     with user_errors():
-        model_options = model_args.parse()
+        model = model_args.parse()
         tiling = tile_args.parse(model_args.model)
         for source in sources:
             preflight.check_input(source, "reference source")
@@ -604,19 +608,17 @@ def build_refs(
             preflight.check_memory_file(out)
         load_vocabulary(prompts)
 
-        from winclip_cli.jobs.refs import RefsOptions, run_refs_job
+        from winclip_cli.jobs.refs import RefsSpec, run_refs_job
 
-        options = RefsOptions(
+        options = RefsSpec(
             sources=sources,
             out=out,
-            model=model_options,
-            class_name=class_name,
+            model=model,
+            inputs=input_args.parse(tiling),
+            text=TextSpec(class_name, prompts),
             k=k,
             seed=seed,
             append=append,
-            prompts=prompts,
-            **input_args.parse(),
-            **tiling,
         )
         with ConsoleReporter(quiet) as reporter:
             result = run_refs_job(options, reporter)
@@ -690,7 +692,7 @@ def calibrate(
       winclip scan ./new --class bottle --calibration bottle-calibration.json
     """
     with user_errors():
-        model_options = model_args.parse()
+        model = model_args.parse()
         tiling = tile_args.parse(model_args.model)
         check_rate("--fpr", fpr)
         check_rate("--pixel-fpr", pixel_fpr)
@@ -705,20 +707,17 @@ def calibrate(
         load_vocabulary(prompts)
 
         from winclip_cli.core.calibration import histogram
-        from winclip_cli.jobs.calibrate import CalibrateOptions, run_calibrate_job
+        from winclip_cli.jobs.calibrate import CalibrateSpec, run_calibrate_job
 
-        options = CalibrateOptions(
+        options = CalibrateSpec(
             good_dir=good_dir,
-            model=model_options,
-            class_name=class_name,
+            model=model,
+            inputs=input_args.parse(tiling),
+            text=TextSpec(class_name, prompts, use_cache=not no_cache),
             fpr=fpr,
             pixel_fpr=pixel_fpr,
             refs=refs,
-            out=out,
-            prompts=prompts,
-            use_cache=not no_cache,
-            **input_args.parse(),
-            **tiling,
+            out=out or DEFAULT_CALIBRATION_FILE,
         )
         with ConsoleReporter(quiet) as reporter:
             result = run_calibrate_job(options, reporter)
@@ -793,23 +792,23 @@ def evaluate(
       winclip eval /data/mvtec_anomaly_detection/bottle --k-shot 4 --seed 0 --out eval-bottle
     """
     with user_errors():
-        model_options = model_args.parse()
+        model = model_args.parse()
         preflight.check_input(root, "evaluation data folder")
         preflight.check_output_folder("--out", out)
         load_vocabulary(prompts)
 
-        from winclip_cli.jobs.evaluate import METRICS, EvalOptions, mean_metrics, run_eval_job
+        from winclip_cli.jobs.evaluate import METRICS, EvalSpec, mean_metrics, run_eval_job
 
-        options = EvalOptions(
+        options = EvalSpec(
             root=root,
-            model=model_options,
-            class_name=class_name,
-            k_shot=k_shot,
-            seed=seed,
             out=out,
+            model=model,
+            inputs=input_args.parse(),
+            class_name=class_name,
             prompts=prompts,
             use_cache=not no_cache,
-            **input_args.parse(),
+            k_shot=k_shot,
+            seed=seed,
         )
         with ConsoleReporter(quiet) as reporter:
             results = run_eval_job(options, reporter)

@@ -18,21 +18,22 @@ from typing import Annotated, Any, TypeVar, get_type_hints
 
 import typer
 
-from winclip_cli.errors import SetupError
 from winclip_cli.options import (
     DEFAULT_ARCHITECTURE,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_DEVICE,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_PRECISION,
     DEFAULT_SCALES,
     DEFAULT_TILE_OVERLAP,
-    ModelOptions,
-    check_device,
-    check_precision,
-    check_tile_size,
+    BatchSize,
+    Device,
+    Precision,
+    Tiling,
     model_input_size,
     parse_scales,
-    parse_tile,
 )
+from winclip_cli.spec import InputSpec, ModelSpec
 
 MODEL_PANEL = "Model"
 INPUT_PANEL = "Input"
@@ -117,7 +118,7 @@ class ModelArgs:
             help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu.",
             rich_help_panel=MODEL_PANEL,
         ),
-    ] = "auto"
+    ] = DEFAULT_DEVICE
     precision: Annotated[
         str,
         typer.Option(
@@ -125,18 +126,18 @@ class ModelArgs:
             help="Visual tower precision: fp32, bf16, fp16, or auto (bf16/fp16 where fast).",
             rich_help_panel=MODEL_PANEL,
         ),
-    ] = "fp32"
+    ] = DEFAULT_PRECISION
     scales: Annotated[
         str,
         typer.Option("--scales", help="Window sizes in patches, e.g. '2,3'.", rich_help_panel=MODEL_PANEL),
     ] = ",".join(map(str, DEFAULT_SCALES))
 
-    def parse(self) -> ModelOptions:
-        return ModelOptions(
+    def parse(self) -> ModelSpec:
+        return ModelSpec(
             model=self.model,
             weights=self.weights,
-            device=check_device(self.device),
-            precision=check_precision(self.precision),
+            device=Device.parse(self.device),
+            precision=Precision.parse(self.precision),
             scales=parse_scales(self.scales),
         )
 
@@ -164,9 +165,14 @@ class InputArgs:
         int, typer.Option("--workers", min=0, help="Decoding threads (0: automatic).", rich_help_panel=INPUT_PANEL)
     ] = 0
 
-    def parse(self) -> dict[str, Any]:
-        """Keyword arguments of the jobs' InputOptions."""
-        return {"batch_size": self.batch_size, "max_pixels": self.max_pixels, "workers": self.workers or None}
+    def parse(self, tiling: Tiling | None = None) -> InputSpec:
+        """The input spec, with the tiling of ``TileArgs`` where the command takes those options."""
+        return InputSpec(
+            batch_size=BatchSize(self.batch_size),
+            max_pixels=self.max_pixels,
+            workers=self.workers or None,
+            tiling=tiling or Tiling(),
+        )
 
 
 @dataclass(frozen=True)
@@ -190,16 +196,14 @@ class TileArgs:
         ),
     ] = DEFAULT_TILE_OVERLAP
 
-    def parse(self, model: str) -> dict[str, Any]:
-        """Keyword arguments of the jobs' InputOptions; a tile smaller than the model input is refused here
-        when the model's config can be read without loading it (else when the model has loaded)."""
-        tile = parse_tile(self.tile)
-        if not 0.0 <= self.tile_overlap < 1.0:
-            raise SetupError(f"--tile-overlap must be in [0, 1), got {self.tile_overlap}")
+    def parse(self, model: str) -> Tiling:
+        """The tiling; a tile smaller than the model input is refused here when the model's config can be
+        read without loading it (else when the model has loaded)."""
+        tiling = Tiling.parse(self.tile, self.tile_overlap)
         input_size = model_input_size(model)
         if input_size is not None:
-            check_tile_size(tile, input_size)
-        return {"tile": tile, "tile_overlap": self.tile_overlap}
+            tiling.check_fits(input_size)
+        return tiling
 
 
 def with_options(**groups: type) -> Callable[[F], F]:

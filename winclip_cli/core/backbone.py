@@ -18,7 +18,7 @@ from torch import nn
 
 from winclip_cli.errors import SetupError, WeightsUnavailableError
 from winclip_cli.io.hashing import cached_sha256_file
-from winclip_cli.options import DEFAULT_ARCHITECTURE, DEVICES, PRECISIONS
+from winclip_cli.options import DEFAULT_ARCHITECTURE, DEFAULT_PRECISION, Device, Precision
 from winclip_cli.settings import cache_dir
 
 DEFAULT_WEIGHTS = "laion400m_e31"
@@ -43,7 +43,8 @@ class Backbone:
 
     @property
     def dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        dtype: torch.dtype = getattr(torch, Precision(self.precision).dtype_name)
+        return dtype
 
     @property
     def identity(self) -> dict[str, str]:
@@ -59,11 +60,9 @@ class Backbone:
 # ------------------------------------------------------------------------------------------- device, precision
 
 
-def select_device(requested: str = "auto") -> torch.device:
+def select_device(device: Device) -> torch.device:
     """CUDA, then Apple MPS, then CPU; an explicit request that cannot be met is a setup error."""
-    requested = requested.lower()
-    if requested not in DEVICES and not requested.startswith("cuda:"):
-        raise SetupError(f"unknown device {requested!r} (choose from {', '.join(DEVICES)} or cuda:N)")
+    requested = device.name
     mps = getattr(torch.backends, "mps", None)
     mps_ok = bool(mps is not None and mps.is_available())
     if requested == "auto":
@@ -88,14 +87,13 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
-def select_precision(requested: str, device: torch.device) -> str:
-    requested = requested.lower()
-    if requested not in PRECISIONS:
-        raise SetupError(f"unknown precision {requested!r} (choose from {', '.join(PRECISIONS)})")
-    if requested != "auto":
-        if requested == "fp16" and device.type == "cpu":
+def select_precision(precision: Precision, device: torch.device) -> str:
+    """The precision the visual tower computes in ("fp32", "bf16" or "fp16"): as asked, or for auto
+    the fast one of this device."""
+    if precision is not Precision.AUTO:
+        if precision is Precision.FP16 and device.type == "cpu":
             raise SetupError("fp16 is not supported on the CPU; use --precision bf16 or fp32")
-        return requested
+        return precision.value
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu" and cpu_has_native_bf16():
@@ -296,8 +294,8 @@ def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor] | None:
 def load_backbone(
     model: str = DEFAULT_ARCHITECTURE,
     weights: str | None = None,
-    device: str = "auto",
-    precision: str = "fp32",
+    device: Device = Device(),
+    precision: Precision = Precision(DEFAULT_PRECISION),
 ) -> Backbone:
     """Create the open_clip model with its weights on the chosen device, in eval mode."""
     architecture = resolve_architecture(model)
@@ -324,7 +322,7 @@ def load_backbone(
     clip.to(torch_device)
     if chosen_precision != "fp32":
         # The visual tower computes in reduced precision; scores are taken in fp32 by the core.
-        clip.visual.to({"bf16": torch.bfloat16, "fp16": torch.float16}[chosen_precision])
+        clip.visual.to(getattr(torch, Precision(chosen_precision).dtype_name))
     preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
     mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))

@@ -17,7 +17,8 @@ from winclip_cli.core.prompts import DEFAULT_CLASS, PromptEnsemble, load_vocabul
 from winclip_cli.core.text import TextEmbeddingCache, text_embeddings
 from winclip_cli.core.winclip import WinClipScorer
 from winclip_cli.errors import SetupError
-from winclip_cli.options import ModelOptions
+from winclip_cli.spec import ModelOptions as ModelOptions  # the older import path of the Python API
+from winclip_cli.spec import ModelSpec
 
 
 @dataclass
@@ -40,13 +41,13 @@ def quiet_open_clip() -> Iterator[None]:
         root.setLevel(level)
 
 
-def build_backbone(options: ModelOptions) -> Backbone:
+def build_backbone(options: ModelSpec) -> Backbone:
     with quiet_open_clip():
         return load_backbone(options.model, options.weights, options.device, options.precision)
 
 
 def build_engine(
-    options: ModelOptions,
+    options: ModelSpec,
     class_name: str = DEFAULT_CLASS,
     prompts_file: Path | None = None,
     use_cache: bool = True,

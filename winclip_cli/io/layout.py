@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from winclip_cli.options import DEFAULT_HEATMAPS, HEATMAP_SUFFIXES, HeatmapFormat
+
 __all__ = [
     "HEATMAP_DIR",
     "LOCK_NAME",
@@ -118,7 +120,7 @@ def _split_parts(relpath: str) -> list[str]:
     return relpath.split("/")
 
 
-def _fit_name(name: str, suffix: str = ".png") -> str:
+def _fit_name(name: str, suffix: str) -> str:
     """Shorten a too-long name (in UTF-8 bytes) and add a hash, so distinct long names stay distinct."""
     if len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX_BYTES:
         return name
@@ -147,9 +149,9 @@ def _portable_part(part: str) -> str:
     return f"{escaped}~{digest}"
 
 
-def heatmap_relpath(image_relpath: str, suffix: str = ".png") -> str:
+def heatmap_relpath(image_relpath: str, suffix: str = HeatmapFormat(DEFAULT_HEATMAPS).suffix) -> str:
     """'good/001.jpg' -> 'heatmaps/good/001.jpg.png' (POSIX separators, relative to the output folder);
-    ``suffix`` ".jpg" for JPEG heatmaps.
+    ``suffix`` another format's (``HeatmapFormat.suffix``), e.g. ".jpg" for JPEG heatmaps.
 
     Subfolders are mirrored and the full file name is kept, so 'a.jpg' and 'a.png' never collide. The
     result always stays inside the output folder: empty, '.' and root parts are dropped and '..' becomes
@@ -176,7 +178,20 @@ def map_relpath(image_relpath: str) -> str:
 
 def map_relpath_of_heatmap(heatmap: str) -> str:
     """'heatmaps/good/001.jpg.png' (or a JPEG heatmap '... .jpg.jpg') -> 'maps/good/001.jpg.tiff'."""
-    return MAP_DIR + "/" + heatmap[len(HEATMAP_DIR) + 1 : -len(".png")] + ".tiff"
+    return MAP_DIR + "/" + heatmap_stem(heatmap[len(HEATMAP_DIR) + 1 :]) + ".tiff"
+
+
+def is_heatmap_name(name: str) -> bool:
+    """Whether ``name`` ends as a heatmap of some ``--heatmaps`` format does."""
+    return name.endswith(HEATMAP_SUFFIXES)
+
+
+def heatmap_stem(name: str) -> str:
+    """A heatmap's name without its format's suffix (the name itself when it has none)."""
+    for suffix in HEATMAP_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -213,7 +228,6 @@ def thumbnail_relpaths(image_relpath: str) -> tuple[str, str]:
 def thumbnail_relpaths_of_heatmap(heat: str) -> tuple[str, str]:
     """The thumbnails that belong to the heatmap ``heat`` ('heatmaps/good/001.jpg.png')."""
     parts = heat.split("/")[1:]  # drop the 'heatmaps' folder
-    stem = parts[-1][: -len(".png")] if parts[-1].endswith((".png", ".jpg")) else parts[-1]  # PNG or JPEG heatmap
-    stem = _fit_stem(stem)
+    stem = _fit_stem(heatmap_stem(parts[-1]))
     folder = "/".join([THUMB_DIR, *parts[:-1]])
     return f"{folder}/{stem}{_IMAGE_THUMB_SUFFIX}", f"{folder}/{stem}{_HEAT_THUMB_SUFFIX}"

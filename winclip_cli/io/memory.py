@@ -30,6 +30,7 @@ from winclip_cli.errors import MemoryFileError
 from winclip_cli.io.checks import check_memory_file
 from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.outputs import atomic_path
+from winclip_cli.options import Tiling
 
 FORMAT_VERSION = 1
 REQUIRED_METADATA = (
@@ -99,13 +100,12 @@ def describe_model(
     input_size: tuple[int, int],
     scales: tuple[int, ...],
     grid_size: tuple[int, int],
-    tile: int | str | None = None,
-    tile_overlap: float = 0.25,
+    tiling: Tiling = Tiling(),
 ) -> dict[str, Any]:
     """How images are embedded: what a memory and the scan that uses it must agree on."""
     return {
-        "tile": tile,
-        "tile_overlap": tile_overlap if tile is not None else None,
+        "tile": tiling.size,
+        "tile_overlap": tiling.recorded_overlap,
         "architecture": identity["architecture"],
         "weights": identity["weights"],
         "weights_sha256": identity["weights_sha256"],
@@ -400,11 +400,11 @@ def check_compatible(memory: MemoryFile, model: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def attach_memory(engine, memory: MemoryFile, tile: int | str | None = None, tile_overlap: float = 0.25) -> list[str]:
+def attach_memory(engine, memory: MemoryFile, tiling: Tiling = Tiling()) -> list[str]:
     """Turn the engine's scorer into a few-shot scorer with ``memory`` (after checking it fits); returns warnings."""
     backbone = engine.backbone
     scorer = engine.scorer
-    model = describe_model(backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size, tile, tile_overlap)
+    model = describe_model(backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size, tiling)
     warnings = check_compatible(memory, model)
     scorer.memory = memory.to_reference_memory(scorer.scales, backbone.device)
     return warnings

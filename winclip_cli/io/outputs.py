@@ -28,6 +28,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from winclip_cli.options import HeatmapFormat
+
 __all__ = [
     "CSV_COLUMNS",
     "CsvResultWriter",
@@ -626,3 +628,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
+
+
+def write_heatmap(heatmaps: HeatmapFormat, path: Path, rgb: np.ndarray) -> None:
+    """A heatmap overlay in the chosen format, atomically and without an fsync (the scan syncs the file
+    system once per group of rows, before it commits them). PNG at level 1: heatmaps of textured parts
+    barely compress anyway. A new ``HeatmapFormat`` gets its encoder here."""
+    if heatmaps is HeatmapFormat.PNG:
+        write_png_atomic(path, rgb, fsync=False, compress_level=1)
+    elif heatmaps is HeatmapFormat.JPG:
+        write_jpeg_atomic(path, rgb, fsync=False)
+    elif heatmaps is not HeatmapFormat.NONE:
+        raise ValueError(f"no encoder for heatmap format {heatmaps}")

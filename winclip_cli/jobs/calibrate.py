@@ -12,41 +12,42 @@ import json
 import time
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from winclip_cli import __version__
 from winclip_cli.core.calibration import Calibration, calibrate
-from winclip_cli.core.engine import ModelOptions
 from winclip_cli.errors import SetupError
 from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.memory import MemoryFile, load_memory, update_metadata
 from winclip_cli.io.outputs import write_text_atomic
-from winclip_cli.jobs.kernel import InputProblems, Reporter, Session, calibration_fingerprint, discover
-from winclip_cli.jobs.pipeline import (
-    Decoded,
-    InputOptions,
-    full_resolution_map,
-    image_score,
-    relative_name,
-)
-from winclip_cli.options import DEFAULT_CALIBRATION_FILE, DEFAULT_FPR, check_rate
+from winclip_cli.jobs.decode import Decoded, relative_name
+from winclip_cli.jobs.kernel import InputProblems, Reporter, Session, discover
+from winclip_cli.jobs.maps import full_resolution_map, image_score
+from winclip_cli.jobs.record import calibration_record
+from winclip_cli.options import DEFAULT_CALIBRATION_FILE, DEFAULT_FPR
+from winclip_cli.spec import InputSpec, ModelSpec, TextSpec
 from winclip_cli.wording import plural
 
 
-@dataclass
-class CalibrateOptions(InputOptions):
+@dataclass(frozen=True)
+class CalibrateSpec:
+    """``calibrate``: the good images, the rates, and where the calibration is stored: inside the
+    memory ``refs`` (which also makes the scoring few-shot), else in the file ``out``."""
+
     good_dir: Path
-    model: ModelOptions
-    class_name: str
+    model: ModelSpec
+    inputs: InputSpec
+    text: TextSpec
     fpr: float = DEFAULT_FPR
     pixel_fpr: float | None = None
     refs: Path | None = None
-    out: Path | None = None  # calibration file when there is no memory to store it in
-    prompts: Path | None = None
-    use_cache: bool = True
+    out: Path = DEFAULT_CALIBRATION_FILE  # used only without refs
+
+    @property
+    def stored_in(self) -> Path:
+        return self.refs if self.refs is not None else self.out
 
 
 @dataclass
@@ -75,16 +76,14 @@ def pixel_sample(score_map: np.ndarray, limit: int = PIXELS_PER_IMAGE) -> np.nda
     return np.append(flat[::step], flat.max())
 
 
-def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> CalibrateResult:
+def run_calibrate_job(options: CalibrateSpec, reporter: Reporter) -> CalibrateResult:
     started = time.perf_counter()
-    check_rate("--fpr", options.fpr)
-    check_rate("--pixel-fpr", options.pixel_fpr)
     problems = InputProblems()
-    files = discover(options.good_dir, options.out or DEFAULT_CALIBRATION_FILE, reporter, problems.unlisted)
+    files = discover(options.good_dir, options.stored_in, reporter, problems.unlisted)
     if not files:
         raise SetupError(f"no images found under {options.good_dir}")
     memory: MemoryFile | None = load_memory(options.refs) if options.refs is not None else None
-    session = Session.for_job(options, memory=memory, reporter=reporter)
+    session = Session.open(options.model, options.inputs, text=options.text, memory=memory, reporter=reporter)
     engine = session.engine
     assert engine is not None
     reference_of = memory.reference_index() if memory is not None else {}
@@ -131,20 +130,11 @@ def run_calibrate_job(options: CalibrateOptions, reporter: Reporter) -> Calibrat
         raise SetupError("no good image could be scored; nothing calibrated")
     scores = np.asarray(image_scores, dtype=np.float64)
     result = calibrate(scores, np.concatenate(pixel_scores), options.fpr, options.pixel_fpr)
-    record = {
-        "tool": "winclip",
-        "version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "class_name": engine.ensemble.class_name,
-        "good_dir": str(options.good_dir),
-        "leave_one_out": left_out,
-        "calibration": result.as_dict(),
-        "fingerprint": calibration_fingerprint(session),
-    }
+    record = calibration_record(session, options.good_dir, left_out, result)
     if memory is not None:
         update_metadata(memory, calibration=record)
         stored_in = memory.path
     else:
-        stored_in = options.out or DEFAULT_CALIBRATION_FILE
+        stored_in = options.out
         write_text_atomic(stored_in, json.dumps(record, indent=2) + "\n")
     return CalibrateResult(result, scores, stored_in, left_out, time.perf_counter() - started, problems)

@@ -19,27 +19,35 @@ from typing import Any
 import numpy as np
 
 from winclip_cli import __version__
-from winclip_cli.core.engine import ModelOptions, build_backbone
+from winclip_cli.core.engine import build_backbone
 from winclip_cli.core.metrics import MetricError, f1_max, image_ap, image_auroc, pixel_auroc, pixel_f1_max, pro_auc
 from winclip_cli.errors import SetupError
 from winclip_cli.io.datasets import Category, discover_categories, draw_references, load_mask
 from winclip_cli.io.outputs import write_text_atomic
 from winclip_cli.jobs.kernel import Reporter, Session
-from winclip_cli.jobs.pipeline import InputOptions, collect_references, image_score, map_at_model_size
+from winclip_cli.jobs.maps import image_score, map_at_model_size
+from winclip_cli.jobs.references import collect_references
+from winclip_cli.spec import InputSpec, ModelSpec, TextSpec
 
 METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_f1_max", "pro")
 
 
-@dataclass
-class EvalOptions(InputOptions):
+@dataclass(frozen=True)
+class EvalSpec:
+    """``eval``: labelled data, the folder for the metrics, few-shot references per category."""
+
     root: Path
-    model: ModelOptions
-    class_name: str | None = None
-    k_shot: int = 0
-    seed: int | None = None
-    out: Path = Path("winclip-eval")
+    out: Path
+    model: ModelSpec
+    inputs: InputSpec
+    class_name: str | None = None  # None: each category's name
     prompts: Path | None = None
     use_cache: bool = True
+    k_shot: int = 0
+    seed: int | None = None
+
+    def text_for(self, category: str) -> TextSpec:
+        return TextSpec(self.class_name or category, self.prompts, self.use_cache)
 
 
 @dataclass
@@ -55,7 +63,7 @@ class CategoryResult:
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
-def run_eval_job(options: EvalOptions, reporter: Reporter) -> list[CategoryResult]:
+def run_eval_job(options: EvalSpec, reporter: Reporter) -> list[CategoryResult]:
     started = time.perf_counter()
     categories = discover_categories(options.root)
     backbone = build_backbone(options.model)  # one model for all categories, one session (text) each
@@ -67,21 +75,14 @@ def run_eval_job(options: EvalOptions, reporter: Reporter) -> list[CategoryResul
     )
     results = []
     for category in categories:
-        session = Session.open(
-            options.model,
-            options,
-            class_name=options.class_name or category.name,
-            prompts=options.prompts,
-            use_cache=options.use_cache,
-            backbone=backbone,
-        )
+        session = Session.open(options.model, options.inputs, text=options.text_for(category.name), backbone=backbone)
         results.append(_evaluate_category(category, session, options, reporter))
     _write_outputs(results, options, time.perf_counter() - started)
     return results
 
 
 def _evaluate_category(
-    category: Category, session: Session, options: EvalOptions, reporter: Reporter
+    category: Category, session: Session, options: EvalSpec, reporter: Reporter
 ) -> CategoryResult:
     backbone = session.backbone
     references: list[Path] = []
@@ -92,6 +93,7 @@ def _evaluate_category(
             bad = embedded.failures[0]
             raise SetupError(f"reference {bad.path} of '{category.name}' cannot be read: {bad.error}")
         # the same memory a scan builds from a memory file (references are not left out here)
+        assert session.scorer is not None
         session.scorer.memory = embedded.to_reference_memory(session.scorer.scales, backbone.device)
     # a generic layout draws references from its own good test images: those are not evaluated
     chosen = {p.resolve() for p in references}
@@ -165,7 +167,7 @@ def mean_metrics(results: list[CategoryResult]) -> dict[str, float | None]:
     return out
 
 
-def _write_outputs(results: list[CategoryResult], options: EvalOptions, seconds: float) -> None:
+def _write_outputs(results: list[CategoryResult], options: EvalSpec, seconds: float) -> None:
     import csv
     import io
 

@@ -14,26 +14,21 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from winclip_cli.core.backbone import Backbone
-from winclip_cli.core.engine import Engine, ModelOptions, build_backbone, build_engine
-from winclip_cli.core.winclip import WinClipScorer
+from winclip_cli.core.engine import Engine, build_backbone, build_engine
+from winclip_cli.core.winclip import WinClipScorer, WindowEncoder
 from winclip_cli.errors import SetupError
 from winclip_cli.io.layout import OutputLayout
 from winclip_cli.io.memory import MemoryFile, attach_memory
 from winclip_cli.io.outputs import ResultRow
-from winclip_cli.jobs.pipeline import (
-    Decoded,
-    InputOptions,
-    Preprocessing,
-    decode_stream,
-    embedding_fn,
-    processed_stream,
-    scoring_fn,
-)
+from winclip_cli.jobs.batches import embedding_fn, processed_stream, scoring_fn
+from winclip_cli.jobs.decode import Decoded, Preprocessing, decode_stream
+from winclip_cli.jobs.threads import BUDGET, ThreadBudget
+from winclip_cli.spec import InputSpec, ModelSpec, TextSpec
 
 
 class Reporter(Protocol):
@@ -129,74 +124,54 @@ def decoding_workers(requested: int | None, device: torch.device) -> int | None:
 
 @dataclass
 class Session:
-    """A loaded model ready to stream files: backbone, scorer (with text and memory where the job has
-    them), preprocessing, and how files are decoded and batched."""
+    """A loaded model ready to stream files: backbone, window encoder, scorer (with text and memory where
+    the job has them), preprocessing, how files are decoded and batched, and the thread budget."""
 
     backbone: Backbone
-    scorer: WinClipScorer
+    encoder: WindowEncoder
     prep: Preprocessing
     batch_size: int
     workers: int | None
-    engine: Engine | None = None  # None for a session that only embeds (build-refs needs no text)
+    scorer: WinClipScorer | None = None  # None for a session that only embeds (build-refs needs no text)
+    engine: Engine | None = None
     memory: MemoryFile | None = None
+    threads: ThreadBudget = BUDGET  # torch's thread count is the process's: so is the budget
 
     @classmethod
     def open(
         cls,
-        model: ModelOptions,
-        inputs: InputOptions,
+        model: ModelSpec,
+        inputs: InputSpec,
         *,
-        class_name: str | None,
-        prompts: Path | None = None,
-        use_cache: bool = True,
+        text: TextSpec | None,
         memory: MemoryFile | None = None,
         reporter: Reporter | None = None,
         backbone: Backbone | None = None,
     ) -> Session:
-        """Load the model (or reuse ``backbone``); ``class_name=None`` opens an embedding-only session."""
-        engine = None
-        if class_name is None:
+        """Load the model (or reuse ``backbone``). With ``text`` the session scores (and compares with
+        ``memory`` when given); without, it only embeds and loads no text."""
+        engine = scorer = None
+        if text is None:
+            if memory is not None:
+                raise ValueError("a memory needs a scoring session (text)")
             backbone = backbone or build_backbone(model)
-            # references need no text: this scorer only embeds
-            scorer = WinClipScorer(backbone.model.visual, torch.zeros(2, 1), scales=model.scales)
+            encoder = WindowEncoder(backbone.model.visual, model.scales)
         else:
-            engine = build_engine(model, class_name, prompts, use_cache=use_cache, backbone=backbone)
-            backbone, scorer = engine.backbone, engine.scorer
-        if memory is not None:
-            assert engine is not None, "a memory needs a scoring session"
-            for warning in attach_memory(engine, memory, tile=inputs.tile, tile_overlap=inputs.tile_overlap):
+            engine = build_engine(model, text.class_name, text.prompts, use_cache=text.use_cache, backbone=backbone)
+            backbone, scorer, encoder = engine.backbone, engine.scorer, engine.scorer.encoder
+        if engine is not None and memory is not None:
+            for warning in attach_memory(engine, memory, inputs.tiling):
                 if reporter is not None:
                     reporter.warn(warning)
         return cls(
             backbone=backbone,
-            scorer=scorer,
-            prep=inputs.preprocessing(backbone),
-            batch_size=inputs.batch_size,
+            encoder=encoder,
+            prep=Preprocessing.for_backbone(backbone, inputs),
+            batch_size=int(inputs.batch_size),
             workers=decoding_workers(inputs.workers, backbone.device),
+            scorer=scorer,
             engine=engine,
             memory=memory,
-        )
-
-    @classmethod
-    def for_job(
-        cls,
-        options: Any,
-        *,
-        memory: MemoryFile | None = None,
-        reporter: Reporter | None = None,
-        backbone: Backbone | None = None,
-    ) -> Session:
-        """The scoring session of a job whose options (InputOptions) also carry ``model``, ``class_name``,
-        ``prompts`` and ``use_cache``: scan, watch and calibrate."""
-        return cls.open(
-            options.model,
-            options,
-            class_name=options.class_name,
-            prompts=options.prompts,
-            use_cache=options.use_cache,
-            memory=memory,
-            reporter=reporter,
-            backbone=backbone,
         )
 
     @property
@@ -219,8 +194,9 @@ class Session:
             lookahead=max(2 * self.batch_size, 4),
             with_stamp=with_stamp,
             model_on_cpu=torch.device(self.backbone.device).type == "cpu",
+            threads=self.threads,
         )
-        return processed_stream(decoded, process, self.batch_size, should_stop)
+        return processed_stream(decoded, process, self.batch_size, should_stop, threads=self.threads)
 
     def scored(
         self,
@@ -234,29 +210,15 @@ class Session:
 
         ``exclude_for`` gives, per file, the memory reference it must not be compared with (-1: none);
         ``with_stamp`` hashes each file that decodes (the run state records it)."""
+        if self.scorer is None:
+            raise ValueError("this session only embeds: open it with text to score")
         process = scoring_fn(self.scorer, self.backbone.device, self.backbone.dtype, exclude_for)
         return self.stream(files, process, with_stamp=with_stamp, should_stop=should_stop)
 
     def embedded(self, files: Sequence[tuple[Path, str]]) -> Iterator[Decoded]:
         """Files with ``outputs`` = [(patch tokens, [window embeddings per scale])] per model input."""
-        return self.stream(files, embedding_fn(self.scorer, self.backbone.device, self.backbone.dtype))
+        return self.stream(files, embedding_fn(self.encoder, self.backbone.device, self.backbone.dtype))
 
     def describe(self) -> str:
         backbone = self.backbone
         return f"{backbone.architecture} on {backbone.device} {backbone.precision}"
-
-
-def calibration_fingerprint(session: Session) -> dict[str, Any]:
-    """What a calibration depends on: the same fingerprint must hold when it is used."""
-    engine, prep = session.engine, session.prep
-    assert engine is not None
-    return {
-        "architecture": engine.backbone.architecture,
-        "weights_sha256": engine.backbone.weights_sha256,
-        "precision": engine.backbone.precision,
-        "scales": list(engine.scorer.scales),
-        "vocabulary_sha256": engine.ensemble.sha256,
-        "memory": session.memory_id,
-        "tile": prep.tile,
-        "tile_overlap": prep.tile_overlap if prep.tile is not None else None,
-    }

@@ -11,16 +11,15 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from winclip_cli import __version__
 from winclip_cli.errors import SetupError
 from winclip_cli.io.layout import (
     HEATMAP_DIR,
     OutputLayout,
     heatmap_relpath,
+    is_heatmap_name,
     map_relpath,
     map_relpath_of_heatmap,
     thumbnail_relpaths,
@@ -35,52 +34,14 @@ from winclip_cli.io.outputs import (
     write_text_atomic,
 )
 from winclip_cli.io.state import refuse_links
-
-# run.json keys that must agree for rows to be comparable
-CONFIG_KEYS = (
-    "architecture",
-    "weights_sha256",
-    "precision",
-    "scales",
-    "class_name",
-    "vocabulary_sha256",
-    "memory_id",
-    "tile",
-    "tile_overlap",
-    "threshold",
-    "pixel_threshold",
-)
+from winclip_cli.jobs.record import CONFIG_KEYS, merged_run_json
+from winclip_cli.options import DEFAULT_HEATMAPS, HEATMAP_SUFFIXES, HeatmapFormat
 
 
-# run.json keys that describe one run (its timing and counts): recomputed for the merged folder
-DURATION_KEYS = ("seconds", "setup_seconds", "scan_seconds")
-PER_RUN_KEYS = frozenset(
-    {
-        "started",
-        "finished",
-        *DURATION_KEYS,
-        "images",
-        "scored",
-        "anomalies",
-        "errors",
-        "unchanged",
-        "total_rows",
-        "total_anomalies",
-        "total_errors",
-        "interrupted",
-        "unlisted_dirs",
-    }
-)
-
-
-def _summed(runs: list[dict[str, Any]], key: str) -> float:
-    total = 0.0
-    for run in runs:
-        try:
-            total += float(run.get(key) or 0)
-        except (TypeError, ValueError):
-            pass  # a hand-edited run.json: its figure is left out rather than failing the merge
-    return round(total, 3)
+def _suffix_of(heatmap: str) -> str:
+    """The suffix of the format a CSV's heatmap cell names (the default format's when it names none)."""
+    default = HeatmapFormat(DEFAULT_HEATMAPS).suffix
+    return next((suffix for suffix in HEATMAP_SUFFIXES if heatmap.endswith(suffix)), default)
 
 
 @dataclass
@@ -157,7 +118,7 @@ def _is_own_heatmap(folder: Path, relpath: str) -> bool:
     return (
         len(parts) >= 2
         and parts[0] == HEATMAP_DIR
-        and relpath.endswith((".png", ".jpg"))
+        and is_heatmap_name(relpath)
         and not any(part in ("", ".", "..") for part in parts)
         and "\\" not in relpath
         and _own_file(folder, relpath) is not None
@@ -208,8 +169,8 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         # text): a crafted scores.csv cannot make merge read or write anything outside its folders.
         # The CSV also says which format the heatmap has (--heatmaps png or jpg), or that there is none.
         if row.heatmap:
-            suffix = ".jpg" if row.heatmap.endswith(".jpg") else ".png"
-            heatmap = row.heatmap if _is_own_heatmap(folder, row.heatmap) else heatmap_relpath(row.path, suffix)
+            own = _is_own_heatmap(folder, row.heatmap)
+            heatmap = row.heatmap if own else heatmap_relpath(row.path, _suffix_of(row.heatmap))
             relpaths = [heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap)]
         else:
             heatmap = ""
@@ -224,34 +185,6 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
                     raise SetupError(err.strerror) from None
     rows = sorted(merged.values(), key=lambda row: row.path)
     write_results_csv_atomic(OutputLayout(out).scores_csv, rows)
-    info = {key: value for key, value in reference.items() if key not in PER_RUN_KEYS}
-    counts = {
-        "images": len(rows),
-        "scored": sum(r.status == "ok" for r in rows),
-        "anomalies": sum(r.label == "anomalous" for r in rows),
-        "errors": sum(bool(r.error) for r in rows),  # as a scan counts them: unreadable, or outputs unwritten
-    }
-    info.update(
-        tool="winclip",
-        version=__version__,
-        merged_from=[str(folder) for folder in sources],
-        merged=datetime.now(UTC).isoformat(timespec="seconds"),
-        shard=None,
-        **counts,
-        # the merged scores.csv is the whole result: its totals are the counts above
-        total_rows=counts["images"],
-        total_anomalies=counts["anomalies"],
-        total_errors=counts["errors"],
-        # Durations are summed over the merged scans: the compute they took together. Shards that ran
-        # in parallel took less wall-clock time; each shard's own run.json keeps its figures.
-        durations="summed over the merged scans",
-        **{key: _summed(runs, key) for key in DURATION_KEYS},
-        interrupted=any(bool(run.get("interrupted")) for run in runs),
-        unlisted_dirs=[folder for run in runs for folder in run.get("unlisted_dirs") or []],
-    )
-    # shards written with different --heatmaps (each row's heatmap cell says which it has): all named
-    formats = [f for run in runs for f in str(run.get("heatmaps") or "").split(",") if f]
-    if formats:
-        info["heatmaps"] = ",".join(dict.fromkeys(formats))
+    info = merged_run_json(reference, runs, sources, rows)
     write_text_atomic(OutputLayout(out).run_json, json.dumps(info, indent=2) + "\n")
     return MergeResult(rows=rows, duplicates=duplicates, sources=sources, warnings=completeness_warnings(sources, runs))

@@ -10,27 +10,30 @@ from pathlib import Path
 import numpy as np
 
 from winclip_cli import __version__
-from winclip_cli.core.engine import ModelOptions
 from winclip_cli.core.prompts import load_vocabulary
-from winclip_cli.core.winclip import WinClipScorer
+from winclip_cli.core.winclip import WindowEncoder
 from winclip_cli.errors import SetupError
 from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.images import discover_images
 from winclip_cli.io.memory import MemoryFile, build_metadata, check_compatible, describe_model, load_memory, save_memory
+from winclip_cli.jobs.decode import Decoded
 from winclip_cli.jobs.kernel import InputProblems, Reporter, Session
-from winclip_cli.jobs.pipeline import Decoded, InputOptions, collect_references
+from winclip_cli.jobs.references import collect_references
+from winclip_cli.spec import InputSpec, ModelSpec, TextSpec
 
 
-@dataclass
-class RefsOptions(InputOptions):
+@dataclass(frozen=True)
+class RefsSpec:
+    """``build-refs``: the images to embed, the memory file, and how many (text: recorded in the memory)."""
+
     sources: list[Path]
     out: Path
-    model: ModelOptions
-    class_name: str
+    model: ModelSpec
+    inputs: InputSpec
+    text: TextSpec
     k: int | None = None
     seed: int | None = None
     append: bool = False
-    prompts: Path | None = None
 
 
 @dataclass
@@ -74,9 +77,9 @@ def pick(inputs: list[tuple[Path, str]], k: int | None, seed: int | None) -> lis
     return sorted(random.Random(seed).sample(inputs, k), key=lambda item: item[1])
 
 
-def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
+def run_refs_job(options: RefsSpec, reporter: Reporter) -> RefsResult:
     started = time.perf_counter()
-    vocabulary = load_vocabulary(options.prompts)
+    vocabulary = load_vocabulary(options.text.prompts)
     problems = InputProblems()
     inputs = reference_inputs(options.sources, [options.out], reporter, problems.unlisted)
     existing = load_memory(options.out) if options.append and options.out.exists() else None
@@ -101,10 +104,10 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
         fresh = pick(fresh, options.k, options.seed)
     sizes = {path: path.stat().st_size for path, _ in fresh}
 
-    session = Session.open(options.model, options, class_name=None)  # references need no text
-    backbone, scorer = session.backbone, session.scorer
+    session = Session.open(options.model, options.inputs, text=None)  # references need no text
+    backbone, encoder = session.backbone, session.encoder
     model_info = describe_model(
-        backbone.identity, backbone.image_size, scorer.scales, scorer.grid_size, options.tile, options.tile_overlap
+        backbone.identity, backbone.image_size, encoder.scales, encoder.grid_size, options.inputs.tiling
     )
     if existing is not None:
         for warning in check_compatible(existing, model_info):
@@ -129,21 +132,21 @@ def run_refs_job(options: RefsOptions, reporter: Reporter) -> RefsResult:
     if existing is None and not references:
         raise SetupError("no reference image could be embedded; nothing written")
     patch_dim, embed_dim = _dims(embedded, existing)
-    patches = np.stack(embedded.patches) if embedded.patches else np.zeros((0, *_grid(scorer), patch_dim), np.float32)
+    patches = np.stack(embedded.patches) if embedded.patches else np.zeros((0, *_grid(encoder), patch_dim), np.float32)
     windows = {
         s: np.stack([w[i] for w in embedded.windows])
         if embedded.windows
-        else np.zeros((0, _windows(scorer, s), embed_dim), np.float32)
-        for i, s in enumerate(scorer.scales)
+        else np.zeros((0, _windows(encoder, s), embed_dim), np.float32)
+        for i, s in enumerate(encoder.scales)
     }
     if existing is not None:
         references = existing.metadata["references"] + references
         patches = np.concatenate([existing.patches, patches])
-        windows = {s: np.concatenate([existing.windows[s], windows[s]]) for s in scorer.scales}
+        windows = {s: np.concatenate([existing.windows[s], windows[s]]) for s in encoder.scales}
     metadata = build_metadata(
         model_info,
-        options.class_name,
-        vocabulary.ensemble(options.class_name).sha256,
+        options.text.class_name,
+        vocabulary.ensemble(options.text.class_name).sha256,
         references,
         patch_dim=int(patches.shape[-1]),
         embed_dim=int(next(iter(windows.values())).shape[-1]),
@@ -161,9 +164,9 @@ def _dims(embedded, existing: MemoryFile | None) -> tuple[int, int]:
     return int(existing.metadata["patch_dim"]), int(existing.metadata["embed_dim"])
 
 
-def _grid(scorer: WinClipScorer) -> tuple[int]:
-    return (scorer.grid_size[0] * scorer.grid_size[1],)
+def _grid(encoder: WindowEncoder) -> tuple[int]:
+    return (encoder.grid_size[0] * encoder.grid_size[1],)
 
 
-def _windows(scorer: WinClipScorer, scale: int) -> int:
-    return (scorer.grid_size[0] - scale + 1) * (scorer.grid_size[1] - scale + 1)
+def _windows(encoder: WindowEncoder, scale: int) -> int:
+    return (encoder.grid_size[0] - scale + 1) * (encoder.grid_size[1] - scale + 1)

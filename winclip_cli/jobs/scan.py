@@ -11,18 +11,18 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from winclip_cli import __version__
 from winclip_cli.core.backbone import Backbone
-from winclip_cli.core.engine import Engine, ModelOptions
+from winclip_cli.core.engine import Engine
 from winclip_cli.errors import SetupError
 from winclip_cli.io.layout import (
     HEATMAP_DIR,
     OutputLayout,
     heatmap_relpath,
+    is_heatmap_name,
     map_relpath_of_heatmap,
     thumbnail_relpaths_of_heatmap,
 )
@@ -37,21 +37,13 @@ from winclip_cli.io.outputs import (
     write_text_atomic,
 )
 from winclip_cli.io.state import FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
-from winclip_cli.jobs.kernel import Reporter, Session, calibration_fingerprint, discover
-from winclip_cli.jobs.pipeline import (
-    InputOptions,
-    Preprocessing,
-    ResultWriter,
-    RowContext,
-    ScanSummary,
-    relative_name,
-    write_all,
-)
-from winclip_cli.options import check_heatmaps, parse_threshold
+from winclip_cli.jobs.decode import Preprocessing, relative_name
+from winclip_cli.jobs.kernel import Reporter, Session, discover
+from winclip_cli.jobs.record import ScanRecord, calibration_fingerprint, scan_totals
+from winclip_cli.jobs.write import ResultWriter, RowContext, ScanSummary, write_all
+from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES, ScoringMode, Threshold
+from winclip_cli.spec import InputSpec, ModelSpec, OutputSpec, TextSpec
 from winclip_cli.wording import plural
-
-DEFAULT_THRESHOLD = 0.5
-
 
 # --------------------------------------------------------------------------------------------------- shards
 
@@ -151,22 +143,29 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ job
 
 
-@dataclass
-class ScanOptions(InputOptions):
+@dataclass(frozen=True)
+class ScanSpec:
+    """``scan`` and ``watch``: what is scored (``directory``, this ``shard`` of it), with which model,
+    prompts and scoring mode, against which threshold, written where."""
+
     directory: Path
-    out: Path
-    model: ModelOptions
-    class_name: str
-    threshold: str = "auto"
-    refs: Path | None = None
+    model: ModelSpec
+    inputs: InputSpec
+    text: TextSpec
+    output: OutputSpec
+    threshold: Threshold = Threshold()
+    refs: Path | None = None  # the few-shot memory (mode few-shot)
     calibration: Path | None = None
-    prompts: Path | None = None
-    use_cache: bool = True
-    save_maps: bool = False
-    thumbnails: bool = True
-    heatmaps: str = "png"  # png, jpg or none
     incremental: bool = False
     shard: tuple[int, int] | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.output.out
+
+    @property
+    def mode(self) -> ScoringMode:
+        return ScoringMode.of_refs(self.refs)
 
 
 @dataclass
@@ -185,11 +184,8 @@ class ScanResult:
     total_errors: int = 0
 
 
-def run_scan_job(
-    options: ScanOptions, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False
-) -> ScanResult:
+def run_scan_job(options: ScanSpec, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False) -> ScanResult:
     started = time.perf_counter()
-    requested_threshold = parse_threshold(options.threshold)  # bad options fail before anything slow
     check_output_options(options)
     unlisted: list[str] = []
     files = discover(options.directory, options.out, reporter, unlisted)
@@ -200,7 +196,7 @@ def run_scan_job(
         k, n = options.shard
         inputs = [(path, name) for path, name in inputs if shard_of(name, n) == k]
 
-    with ScanSession(options, reporter, requested_threshold) as session:
+    with ScanSession(options, reporter) as session:
         todo, skipped = session.start(inputs, listing_incomplete=bool(unlisted))
         reporter.start("scanning", len(todo))
         scan_started = time.perf_counter()
@@ -211,20 +207,15 @@ def run_scan_job(
             rows = session.rewrite_csv()
         seconds = time.perf_counter() - started
         session.run_info.update(
-            finished=datetime.now(UTC).isoformat(timespec="seconds"),
-            seconds=round(seconds, 3),
-            setup_seconds=round(seconds - scan_seconds, 3),  # model load, text embeddings, state
-            scan_seconds=round(scan_seconds, 3),  # decoding, model and outputs, overlapped
-            images=summary.images,
-            scored=summary.scored,
-            anomalies=summary.anomalies,
-            errors=summary.errors,
-            unchanged=skipped,
-            total_rows=len(rows),
-            total_anomalies=sum(r.label == "anomalous" for r in rows),
-            total_errors=sum(bool(r.error) for r in rows),  # counted as `errors` is
-            interrupted=bool(should_stop()),
-            unlisted_dirs=unlisted,
+            scan_totals(
+                summary,
+                rows,
+                seconds=seconds,
+                scan_seconds=scan_seconds,
+                unchanged=skipped,
+                interrupted=bool(should_stop()),
+                unlisted=unlisted,
+            )
         )
         session.write_run_info()
     run_info = session.run_info
@@ -242,12 +233,12 @@ def run_scan_job(
     )
 
 
-def check_output_options(options: ScanOptions) -> None:
-    """The cheap checks of a scan's options, done before anything slow."""
+def check_output_options(options: ScanSpec) -> None:
+    """The cheap checks of a scan's files, done before anything slow (again: they may have changed
+    since the command line looked)."""
     from winclip_cli.core.prompts import load_vocabulary
 
-    check_heatmaps(options.heatmaps)
-    load_vocabulary(options.prompts)
+    load_vocabulary(options.text.prompts)
     if options.out.exists() and not options.out.is_dir():
         raise SetupError(f"--out {options.out} exists and is not a folder")
 
@@ -263,16 +254,14 @@ class ScanSession:
 
     def __init__(
         self,
-        options: ScanOptions,
+        options: ScanSpec,
         reporter: Reporter,
-        requested_threshold: float | None,
         *,
         hold_lock: bool = True,
         backbone: Backbone | None = None,
     ) -> None:
         self.options = options
         self.reporter = reporter
-        self.requested_threshold = requested_threshold
         self.csv_path = OutputLayout(options.out).scores_csv
         self.run_info: dict[str, Any] = {}
         self._hold_lock = hold_lock
@@ -308,7 +297,8 @@ class ScanSession:
         from winclip_cli.io.memory import load_memory
 
         options, reporter = self.options, self.reporter
-        memory = load_memory(options.refs) if options.refs is not None else None  # refuse a broken memory early
+        # the scoring mode chooses the scorer: few-shot compares with the memory (refused early when broken)
+        memory = load_memory(options.refs) if options.refs is not None and options.mode.uses_references else None
         calibration, origin = None, ""
         if options.calibration is not None:
             calibration, origin = load_calibration_file(options.calibration), str(options.calibration)
@@ -322,18 +312,28 @@ class ScanSession:
             if self._lock.previous_holder:
                 reporter.warn(f"took over a stale lock in {options.out} ({self._lock.previous_holder})")
         clean_stale_temporaries(options.out)
-        self.session = Session.for_job(options, memory=memory, reporter=reporter, backbone=self._backbone)
+        self.session = Session.open(
+            options.model,
+            options.inputs,
+            text=options.text,
+            memory=memory,
+            reporter=reporter,
+            backbone=self._backbone,
+        )
         engine = self.engine
         context = RowContext(
-            threshold=DEFAULT_THRESHOLD, threshold_source="", mode="zero-shot", vocabulary_sha256=engine.ensemble.sha256
+            threshold=DEFAULT_THRESHOLD,
+            threshold_source="",
+            mode=options.mode.value,
+            vocabulary_sha256=engine.ensemble.sha256,
         )
         memory_id = self.session.memory_id
         if memory is not None:
-            context.mode, context.k_shot = "few-shot", memory.k
+            context.k_shot = memory.k
             context.refs, context.refs_sha256 = str(options.refs), memory.sha256
         fingerprint = calibration_fingerprint(self.session)
         choice = choose_threshold(
-            self.requested_threshold,
+            options.threshold.value,
             calibration,
             origin,
             options.calibration is not None,
@@ -343,15 +343,8 @@ class ScanSession:
         )
         context.threshold, context.threshold_source, context.pixel_threshold = choice.value, choice.source, choice.pixel
         self.context, self.choice, self.memory_id = context, choice, memory_id
-        self.config = {
-            **fingerprint,
-            "class_name": engine.ensemble.class_name,
-            "pixel_threshold": choice.pixel,
-            "max_pixels": options.max_pixels,
-            # another folder or shard in the same OUT must never mix with (or delete) the stored rows
-            "input": str(options.directory.resolve()),
-            "shard": list(options.shard) if options.shard else None,
-        }
+        self.record = ScanRecord(options, self.session, context, choice)
+        self.config = self.record.state_config()
         self.state = RunState(options.out)
         if self.state.recovered_from:
             reporter.warn(
@@ -385,7 +378,7 @@ class ScanSession:
             + f"{shard}, {backbone.architecture} ({backbone.weights}) on {backbone.device} {backbone.precision}, "
             f"{mode}, class '{self.engine.ensemble.class_name}', threshold {choice.value:g} ({choice.source})"
         )
-        self.run_info = _run_info(options, self.engine, context, choice, self.memory_id)
+        self.run_info = self.record.run_json()
         self.write_run_info()
         # The CSV is rebuilt from the state first unless it is exactly what the last run left: a run
         # killed mid-line (or a user's edit) leaves nothing half-written or stale behind.
@@ -407,7 +400,7 @@ class ScanSession:
             tile_notice = TileCountNotice(self.prep, self.reporter)
 
             def on_rows(group: list[tuple[ResultRow, FileStamp | None]]) -> None:
-                if self.prep.tile is not None:
+                if self.prep.tiling.enabled:
                     group = [(tile_notice.seen(row), stamp) for row, stamp in group]
                 sync_filesystem(options.out)  # the group's heatmaps are on disk before its rows
                 state.record_many(group)  # one durable commit: the state is the source of truth
@@ -418,13 +411,11 @@ class ScanSession:
                 on_committed([row for row, _ in group])
 
             writer = ResultWriter(
-                options.out,
+                options.output,
                 self.context,
                 on_rows,
-                save_maps=options.save_maps,
-                thumbnails=options.thumbnails,
-                heatmaps=options.heatmaps,
                 device=self.session.backbone.device,
+                threads=self.session.threads,
             )
             return write_all(self.session.scored(todo, with_stamp=True, should_stop=should_stop), writer)
 
@@ -475,7 +466,7 @@ class TileCountNotice:
             return replace(row, tiles=1)
         if row.tiles > MANY_TILES and not self.said:
             self.said = True
-            size = f" of {self.prep.tile} px" if isinstance(self.prep.tile, int) else ""
+            size = f" of {self.prep.tiling.size} px" if isinstance(self.prep.tiling.size, int) else ""
             self.reporter.warn(
                 f"{row.path} ({row.width}x{row.height}) is cut into {row.tiles} tiles{size}, "
                 f"each scored like a whole image; a larger --tile (or --tile auto) is faster"
@@ -564,13 +555,13 @@ def remove_outputs_of(out_dir: Path, entries: list[tuple[str, str]]) -> None:
     """Delete the heatmaps, maps and thumbnails of these (input file, heatmap cell) entries from OUT;
     the heatmap cell may be empty, or name an output of an older winclip that named it differently."""
     for name, heatmap_cell in entries:
-        # either format of --heatmaps (png, jpg), and the name an older winclip may have written
-        heatmaps = {heatmap_relpath(name), heatmap_relpath(name, ".jpg"), heatmap_cell} - {""}
+        # every format of --heatmaps, and the name an older winclip may have written
+        heatmaps = {*(heatmap_relpath(name, suffix) for suffix in HEATMAP_SUFFIXES), heatmap_cell} - {""}
         relpaths = [
             relpath
             for heatmap in heatmaps
             if heatmap.startswith(f"{HEATMAP_DIR}/")
-            and heatmap.endswith((".png", ".jpg"))
+            and is_heatmap_name(heatmap)
             and ".." not in heatmap.split("/")
             for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap))
         ]
@@ -586,35 +577,3 @@ def _relabel(row: ResultRow, context: RowContext) -> ResultRow:
     return replace(
         row, threshold=context.threshold, label=context.label(row.score), threshold_source=context.threshold_source
     )
-
-
-def _run_info(
-    options: ScanOptions, engine: Engine, context: RowContext, choice: ThresholdChoice, memory_id: str
-) -> dict[str, Any]:
-    backbone = engine.backbone
-    return {
-        "tool": "winclip",
-        "version": __version__,
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "input": str(options.directory),
-        "class_name": engine.ensemble.class_name,
-        **backbone.identity,
-        "device": str(backbone.device),
-        "scales": list(engine.scorer.scales),
-        "threshold": choice.value,
-        "threshold_source": choice.source,
-        "pixel_threshold": choice.pixel,
-        "vocabulary": engine.ensemble.vocabulary.source,
-        "vocabulary_sha256": engine.ensemble.sha256,
-        "mode": context.mode,
-        "refs": context.refs,
-        "refs_sha256": context.refs_sha256,
-        "memory_id": memory_id,
-        "k_shot": context.k_shot,
-        "tile": options.tile,
-        "tile_overlap": options.tile_overlap if options.tile is not None else None,
-        "incremental": options.incremental,
-        "heatmaps": options.heatmaps,
-        "shard": f"{options.shard[0]}/{options.shard[1]}" if options.shard else None,
-        "columns": list(CSV_COLUMNS),
-    }

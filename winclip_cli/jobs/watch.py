@@ -31,17 +31,17 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from stat import S_ISREG
 
 from winclip_cli.errors import SetupError, WinclipError
 from winclip_cli.io.outputs import ResultRow
 from winclip_cli.io.state import OutputLock
+from winclip_cli.jobs.decode import relative_name
 from winclip_cli.jobs.kernel import Reporter
-from winclip_cli.jobs.pipeline import relative_name
-from winclip_cli.jobs.scan import ScanOptions, ScanSession, check_output_options, remove_outputs_of
-from winclip_cli.options import parse_threshold
+from winclip_cli.jobs.record import watch_totals
+from winclip_cli.jobs.scan import ScanSession, ScanSpec, check_output_options, remove_outputs_of
 from winclip_cli.wording import plural
 
 DEFAULT_SETTLE = 0.5  # seconds a file must stay unchanged when no event says it is complete
@@ -55,9 +55,11 @@ Stamp = tuple[int, int]  # (size, mtime_ns)
 Listing = dict[str, tuple[Path, Stamp]]
 
 
-@dataclass
-class WatchOptions:
-    scan: ScanOptions
+@dataclass(frozen=True)
+class WatchSpec:
+    """``watch``: a scan's spec (always incremental), and how arrivals are noticed and reported."""
+
+    scan: ScanSpec
     poll: float | None = None  # seconds between listings, polling only; None: events (polling if unavailable)
     settle: float | None = None  # None: the poll interval when polling, DEFAULT_SETTLE with events
     on_anomaly: str | None = None  # shell command run with each anomalous row as JSON on stdin
@@ -381,15 +383,14 @@ def _file_stamp(path: Path | None) -> Stamp | None:
 
 
 def run_watch(
-    options: WatchOptions, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False
+    options: WatchSpec, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False
 ) -> WatchResult:
     """Watch ``options.scan.directory`` until ``should_stop()``; every result is committed as it is made."""
     scan = options.scan
-    scan.incremental = True  # a watch keeps what is stored and adds to it
-    requested_threshold = parse_threshold(scan.threshold)
+    if not scan.incremental:  # a watch keeps what is stored and adds to it
+        options = replace(options, scan=replace(scan, incremental=True))
+        scan = options.scan
     check_output_options(scan)
-    if options.poll is not None and options.poll <= 0:
-        raise SetupError(f"--poll must be a positive number of seconds, got {options.poll:g}")
     if not scan.directory.is_dir():
         raise SetupError(f"watch needs a folder, and {scan.directory} is not one")
     scan.out.mkdir(parents=True, exist_ok=True)
@@ -400,7 +401,7 @@ def run_watch(
         with OutputLock(scan.out) as lock:  # held across re-opened sessions: no scan slips in between
             if lock.previous_holder:
                 reporter.warn(f"took over a stale lock in {scan.out} ({lock.previous_holder})")
-            _Watch(options, reporter, should_stop, reload, requested_threshold, result).run()
+            _Watch(options, reporter, should_stop, reload, result).run()
     finally:
         restore_hup()
     return result
@@ -409,11 +410,10 @@ def run_watch(
 class _Watch:
     def __init__(
         self,
-        options: WatchOptions,
+        options: WatchSpec,
         reporter: Reporter,
         should_stop: Callable[[], bool],
         reload: ReloadFlag,
-        requested_threshold: float | None,
         result: WatchResult,
     ) -> None:
         self.options = options
@@ -421,12 +421,11 @@ class _Watch:
         self.reporter = reporter
         self.should_stop = should_stop
         self.reload = reload
-        self.requested_threshold = requested_threshold
         self.result = result
         self.events: FolderEvents | None = None
         self.hook: AnomalyHook | None = None
         self.problems: list[str] = []  # what the last listing could not see (warned once)
-        self.settings_files = [p for p in (self.scan.refs, self.scan.calibration, self.scan.prompts) if p]
+        self.settings_files = [p for p in (self.scan.refs, self.scan.calibration, self.scan.text.prompts) if p]
 
     def run(self) -> None:
         options, scan = self.options, self.scan
@@ -442,7 +441,7 @@ class _Watch:
         self.tracker = ArrivalTracker(settle=settle)
         if options.on_anomaly:
             self.hook = AnomalyHook(options.on_anomaly, options.hook_timeout, self.reporter)
-        self.session = ScanSession(scan, self.reporter, self.requested_threshold, hold_lock=False)
+        self.session = ScanSession(scan, self.reporter, hold_lock=False)
         try:
             self.session.open()
             self.settings_seen = [_file_stamp(p) for p in self.settings_files]
@@ -637,13 +636,7 @@ class _Watch:
         keep the current one when the new files cannot be used."""
         self.settings_seen = [_file_stamp(p) for p in self.settings_files]
         self.settings_changed_since = None
-        session = ScanSession(
-            self.scan,
-            self.reporter,
-            self.requested_threshold,
-            hold_lock=False,
-            backbone=self.session.engine.backbone,
-        )
+        session = ScanSession(self.scan, self.reporter, hold_lock=False, backbone=self.session.engine.backbone)
         try:
             session.open()
         except WinclipError as err:
@@ -657,16 +650,8 @@ class _Watch:
         self._start_session()
 
     def _finish_run_info(self) -> None:
-        from datetime import UTC, datetime
-
         if self.session.state is None or not self.session.run_info:
             return
         result = self.result
-        self.session.run_info.update(
-            watch=True,
-            stopped=datetime.now(UTC).isoformat(timespec="seconds"),
-            scored=result.scored,
-            anomalies=result.anomalies,
-            errors=result.errors,
-        )
+        self.session.run_info.update(watch_totals(result.scored, result.anomalies, result.errors))
         self.session.write_run_info()
