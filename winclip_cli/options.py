@@ -30,9 +30,12 @@ DEFAULT_TILE_OVERLAP = 0.25
 DEFAULT_THRESHOLD = 0.5  # image score above which an image is anomalous, when nothing else decides
 DEFAULT_FPR = 0.01  # calibrate: largest false-alarm rate on good parts
 DEFAULT_CALIBRATION_FILE = Path("winclip-calibration.json")
-DEFAULT_DEVICE = "auto"
+AUTO = "auto"  # --threshold, --tile, --device, --precision: let winclip decide
+DEFAULT_THRESHOLD_CHOICE = AUTO  # --threshold: a calibration when one fits, else DEFAULT_THRESHOLD
+DEFAULT_DEVICE = AUTO
 DEFAULT_PRECISION = "fp32"
 DEFAULT_HEATMAPS = "png"
+DEFAULT_HOOK_TIMEOUT = 10.0  # watch --hook-timeout: seconds an --on-anomaly command may run
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
 
@@ -116,14 +119,14 @@ class Device:
 class Tiling:
     """--tile and --tile-overlap: whole images (size None), tiles of ``size`` pixels, or 'auto'."""
 
-    size: int | str | None = None  # pixels, "auto", or None for whole images
+    size: int | str | None = None  # pixels, AUTO, or None for whole images
     overlap: float = DEFAULT_TILE_OVERLAP
 
     @classmethod
     def parse(cls, tile: str | None, overlap: float = DEFAULT_TILE_OVERLAP) -> Tiling:
         if not 0.0 <= overlap < 1.0:
             raise SetupError(f"--tile-overlap must be in [0, 1), got {overlap}")
-        if tile is None or tile == "auto":
+        if tile is None or tile == AUTO:
             return cls(tile, overlap)
         try:
             size = int(tile)
@@ -159,7 +162,7 @@ class Threshold:
 
     @classmethod
     def parse(cls, text: str) -> Threshold:
-        if text == "auto":
+        if text == AUTO:
             return cls(None)
         try:
             value = float(text)

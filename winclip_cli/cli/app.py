@@ -56,6 +56,8 @@ from winclip_cli.options import (
     DEFAULT_CALIBRATION_FILE,
     DEFAULT_FPR,
     DEFAULT_HEATMAPS,
+    DEFAULT_HOOK_TIMEOUT,
+    DEFAULT_THRESHOLD_CHOICE,
     HeatmapFormat,
     Threshold,
     check_rate,
@@ -344,7 +346,7 @@ def scan(
     tile_args: TileArgs,
     class_name: ClassOpt = DEFAULT_CLASS,
     out: OutFolderOpt = DEFAULT_OUT,
-    threshold: ThresholdOpt = "auto",
+    threshold: ThresholdOpt = DEFAULT_THRESHOLD_CHOICE,
     refs: RefsOpt = None,
     calibration: CalibrationOpt = None,
     fail_on_anomaly: Annotated[
@@ -471,7 +473,7 @@ def watch(
     tile_args: TileArgs,
     class_name: ClassOpt = DEFAULT_CLASS,
     out: OutFolderOpt = DEFAULT_OUT,
-    threshold: ThresholdOpt = "auto",
+    threshold: ThresholdOpt = DEFAULT_THRESHOLD_CHOICE,
     refs: RefsOpt = None,
     calibration: CalibrationOpt = None,
     poll: Annotated[
@@ -494,7 +496,7 @@ def watch(
     ] = None,
     hook_timeout: Annotated[
         float, typer.Option("--hook-timeout", min=0.1, help="Seconds an --on-anomaly command may run.")
-    ] = 10.0,
+    ] = DEFAULT_HOOK_TIMEOUT,
     save_maps: SaveMapsOpt = False,
     heatmaps: HeatmapsOpt = DEFAULT_HEATMAPS,
     json_lines: JsonLinesOpt = False,

@@ -18,7 +18,7 @@ from torch import nn
 
 from winclip_cli.errors import SetupError, WeightsUnavailableError
 from winclip_cli.io.hashing import cached_sha256_file
-from winclip_cli.options import DEFAULT_ARCHITECTURE, DEFAULT_PRECISION, Device, Precision
+from winclip_cli.options import AUTO, DEFAULT_ARCHITECTURE, DEFAULT_PRECISION, Device, Precision
 from winclip_cli.settings import cache_dir
 
 DEFAULT_WEIGHTS = "laion400m_e31"
@@ -65,7 +65,7 @@ def select_device(device: Device) -> torch.device:
     requested = device.name
     mps = getattr(torch.backends, "mps", None)
     mps_ok = bool(mps is not None and mps.is_available())
-    if requested == "auto":
+    if requested == AUTO:
         if torch.cuda.is_available():
             return torch.device("cuda")
         if mps_ok:
@@ -95,10 +95,10 @@ def select_precision(precision: Precision, device: torch.device) -> str:
             raise SetupError("fp16 is not supported on the CPU; use --precision bf16 or fp32")
         return precision.value
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return (Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16).value
     if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"
+        return Precision.BF16.value
+    return Precision.FP32.value
 
 
 # -------------------------------------------------------------------------------------- architecture, weights
@@ -315,12 +315,12 @@ def load_backbone(
             f"(is it an open_clip checkpoint of this architecture? see --model)"
         ) from None
     clip.eval()
-    if torch_device.type == "cuda" and chosen_precision == "fp32":
+    if torch_device.type == "cuda" and chosen_precision == Precision.FP32.value:
         # fp32 means fp32: TF32 tensor cores would move scores by ~1e-3, past the reference's 1e-4.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     clip.to(torch_device)
-    if chosen_precision != "fp32":
+    if chosen_precision != Precision.FP32.value:
         # The visual tower computes in reduced precision; scores are taken in fp32 by the core.
         clip.visual.to(getattr(torch, Precision(chosen_precision).dtype_name))
     preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}

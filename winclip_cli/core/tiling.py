@@ -16,6 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from winclip_cli.options import DEFAULT_TILE_OVERLAP
+
+BLEND_BORDER = 0.25  # fraction of a tile's side over which its blend weight rises from the edge
+
 # Per-axis floor of the blend taper: keeps every weight strictly positive, so a pixel that only one tile covers
 # (image corners, overlap 0) still gets that tile's value instead of 0/0. Corners of a window get WINDOW_FLOOR**2.
 WINDOW_FLOOR = 1e-3
@@ -60,7 +64,7 @@ def _axis_starts(length: int, size: int, stride: int) -> list[int]:
     return [int(s) for s in starts]
 
 
-def tile_count(height: int, width: int, size: int, overlap: float = 0.25) -> int:
+def tile_count(height: int, width: int, size: int, overlap: float = DEFAULT_TILE_OVERLAP) -> int:
     """``len(tile_grid(height, width, size, overlap))``, without building the grid (a 1 x 80,000,000 strip
     would need hundreds of thousands of ``Tile`` objects just to be refused)."""
     stride = max(1, round(size * (1.0 - float(overlap))))
@@ -71,7 +75,7 @@ def tile_count(height: int, width: int, size: int, overlap: float = 0.25) -> int
     return along(height) * along(width)
 
 
-def tile_grid(height: int, width: int, size: int, overlap: float = 0.25) -> list[Tile]:
+def tile_grid(height: int, width: int, size: int, overlap: float = DEFAULT_TILE_OVERLAP) -> list[Tile]:
     """Overlapping ``size`` x ``size`` tiles covering every pixel of a ``height`` x ``width`` image.
 
     Along each axis: one tile spanning the whole axis if ``length <= size`` (the tile is clipped to the image);
@@ -118,7 +122,7 @@ def _taper(length: int, border: float) -> np.ndarray:
     return w / w.max()
 
 
-def blend_window(height: int, width: int, border: float = 0.25) -> np.ndarray:
+def blend_window(height: int, width: int, border: float = BLEND_BORDER) -> np.ndarray:
     """(height, width) float32 blend weights: outer product of two 1-D raised-cosine (Hann) tapers.
 
     Exactly 1 in the centre, falling smoothly towards each edge over ``border`` (in [0, 0.5]) of the tile's
@@ -138,7 +142,7 @@ class TileBlender:
     the result is that tile's value (up to float rounding), whatever the weight, because the weight cancels.
     """
 
-    def __init__(self, height: int, width: int, border: float = 0.25) -> None:
+    def __init__(self, height: int, width: int, border: float = BLEND_BORDER) -> None:
         self.height = _check_positive_int("height", height)
         self.width = _check_positive_int("width", width)
         self.border = _check_border(border)

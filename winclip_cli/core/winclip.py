@@ -20,6 +20,7 @@ from torch import nn
 
 from winclip_cli.options import DEFAULT_SCALES
 
+NN_CHUNK_SIZE = 8192  # query rows compared with the memory at once: bounds the similarity matrix
 TEMPERATURE = 0.07  # softmax temperature of the zero-shot class scores (WinCLIP paper)
 
 
@@ -95,7 +96,7 @@ def class_scores(
 def nearest_similarity(
     queries: torch.Tensor,
     memory: torch.Tensor,
-    chunk_size: int = 8192,
+    chunk_size: int = NN_CHUNK_SIZE,
     memory_owner: torch.Tensor | None = None,
     exclude_owner: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -292,7 +293,7 @@ class WinClipScorer:
         scales: Sequence[int] = DEFAULT_SCALES,
         memory: ReferenceMemory | None = None,
         temperature: float = TEMPERATURE,
-        nn_chunk_size: int = 8192,
+        nn_chunk_size: int = NN_CHUNK_SIZE,
     ) -> None:
         if text_embeddings.shape[0] != 2:
             raise ValueError("text_embeddings must hold 2 rows: the normal and the anomalous ensemble vector")

@@ -28,7 +28,7 @@ from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.images import LoadedImage, load_image, preprocess, unreadable_reason
 from winclip_cli.io.state import FileStamp
 from winclip_cli.jobs.threads import BUDGET, ThreadBudget, one_torch_thread
-from winclip_cli.options import DEFAULT_MAX_PIXELS, Tiling
+from winclip_cli.options import AUTO, DEFAULT_MAX_PIXELS, Tiling
 from winclip_cli.spec import InputSpec
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class Preprocessing:
         tile, overlap = self.tiling.size, self.tiling.overlap
         if tile is None:
             return None
-        size = auto_tile_size(height, width, min(self.size)) if tile == "auto" else int(tile)
+        size = auto_tile_size(height, width, min(self.size)) if tile == AUTO else int(tile)
         if size is None:
             return None
         count = tile_count(height, width, size, overlap)  # refused before the grid is built

@@ -42,6 +42,7 @@ from winclip_cli.jobs.decode import relative_name
 from winclip_cli.jobs.kernel import Reporter
 from winclip_cli.jobs.record import watch_totals
 from winclip_cli.jobs.scan import ScanSession, ScanSpec, check_output_options, remove_outputs_of
+from winclip_cli.options import DEFAULT_HOOK_TIMEOUT
 from winclip_cli.wording import plural
 
 DEFAULT_SETTLE = 0.5  # seconds a file must stay unchanged when no event says it is complete
@@ -63,7 +64,7 @@ class WatchSpec:
     poll: float | None = None  # seconds between listings, polling only; None: events (polling if unavailable)
     settle: float | None = None  # None: the poll interval when polling, DEFAULT_SETTLE with events
     on_anomaly: str | None = None  # shell command run with each anomalous row as JSON on stdin
-    hook_timeout: float = 10.0
+    hook_timeout: float = DEFAULT_HOOK_TIMEOUT
 
 
 @dataclass
