@@ -12,9 +12,10 @@ import json
 import os
 import signal
 import sys
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,20 +25,13 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from winclip_cli import __version__
 from winclip_cli.cli import preflight
 from winclip_cli.cli.args import (
-    DEFAULT_OUT,
-    CalibrationOpt,
     ClassOpt,
-    HeatmapsOpt,
     InputArgs,
-    JsonLinesOpt,
     ModelArgs,
     NoCacheOpt,
-    OutFolderOpt,
     PromptsOpt,
     QuietOpt,
-    RefsOpt,
-    SaveMapsOpt,
-    ThresholdOpt,
+    ScanArgs,
     TileArgs,
     with_options,
 )
@@ -55,9 +49,7 @@ from winclip_cli.io.layout import OutputLayout
 from winclip_cli.options import (
     DEFAULT_CALIBRATION_FILE,
     DEFAULT_FPR,
-    DEFAULT_HEATMAPS,
     DEFAULT_HOOK_TIMEOUT,
-    DEFAULT_THRESHOLD_CHOICE,
     HeatmapFormat,
     Threshold,
     check_rate,
@@ -65,6 +57,17 @@ from winclip_cli.options import (
 )
 from winclip_cli.spec import OutputSpec, TextSpec
 from winclip_cli.wording import plural
+
+if TYPE_CHECKING:  # the jobs (and torch) are imported only once the arguments are checked
+    from winclip_cli.jobs.calibrate import CalibrateResult, CalibrateSpec
+    from winclip_cli.jobs.evaluate import CategoryResult, EvalSpec
+    from winclip_cli.jobs.kernel import Reporter
+    from winclip_cli.jobs.refs import RefsResult, RefsSpec
+    from winclip_cli.jobs.scan import ScanResult, ScanSpec
+    from winclip_cli.jobs.watch import WatchResult, WatchSpec
+
+S = TypeVar("S")
+R = TypeVar("R")
 
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
@@ -287,35 +290,57 @@ class ConsoleReporter:
 # ------------------------------------------------------------------------------------------------------ scan
 
 
-def _checked_scan_spec(
+def run_command(
+    parse: Callable[[], S],
+    job: Callable[[S, Reporter, Callable[[], bool]], R],
+    summary: Callable[[R], int],
+    *,
+    quiet: bool,
+    json_lines: bool = False,
+    reporter: type[ConsoleReporter] | None = None,
+    stoppable: bool = False,
+    guard: Callable[[], AbstractContextManager[object]] = nullcontext,
+    after: Callable[[R], None] = lambda result: None,
+) -> NoReturn:
+    """The skeleton of every command that runs a job, written once.
+
+    ``parse`` checks every argument and builds the job's spec before anything heavy is imported (a
+    mistake fails at once); ``job`` imports and runs the job with a console reporter (rows as JSON on
+    stdout with --json) and, when ``stoppable``, SIGINT/SIGTERM asking it to stop after the current
+    batch; ``after`` runs what follows it (a report), with the same error handling; ``summary``
+    prints the outcome and returns the exit code. Every failure is one line and its exit code.
+    """
+    with user_errors():
+        spec = parse()
+        stop = StopFlag()
+        with guard(), (reporter or ConsoleReporter)(quiet, json_lines) as console:
+            with stop.installed() if stoppable else nullcontext():
+                result = job(spec, console, stop)
+        after(result)
+    raise typer.Exit(summary(result))
+
+
+def scan_spec(
     directory: Path,
-    out: Path,
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
+    scan_args: ScanArgs,
     *,
-    class_name: str,
-    threshold: str,
-    refs: Path | None,
-    calibration: Path | None,
-    prompts: Path | None,
-    use_cache: bool,
-    heatmaps: str,
-    save_maps: bool,
     incremental: bool,
     shard: tuple[int, int] | None = None,
-):
-    """The spec of a scan or a watch, with everything that needs no model checked first, before
-    torch is imported: a mistake fails at once."""
+) -> ScanSpec:
+    """The spec of a scan or a watch, with everything that needs no model checked first."""
     model = model_args.parse()
-    parsed_threshold = Threshold.parse(threshold)
-    heatmap_format = HeatmapFormat.parse(heatmaps)
+    threshold = Threshold.parse(scan_args.threshold)
+    heatmaps = HeatmapFormat.parse(scan_args.heatmaps)
     tiling = tile_args.parse(model_args.model)
+    out = scan_args.out
     preflight.check_input(directory)
     preflight.check_output_folder("--out", out)
-    preflight.check_memory_file(refs)
-    preflight.check_input_file("--calibration", calibration)
-    load_vocabulary(prompts)
+    preflight.check_memory_file(scan_args.refs)
+    preflight.check_input_file("--calibration", scan_args.calibration)
+    load_vocabulary(scan_args.prompts)
     preflight.check_not_busy(out)
 
     from winclip_cli.jobs.scan import ScanSpec
@@ -324,31 +349,27 @@ def _checked_scan_spec(
         directory=directory,
         model=model,
         inputs=input_args.parse(tiling),
-        text=TextSpec(class_name, prompts, use_cache),
-        output=OutputSpec(out, heatmaps=heatmap_format, save_maps=save_maps),
-        threshold=parsed_threshold,
-        refs=refs,
-        calibration=calibration,
+        text=TextSpec(scan_args.class_name, scan_args.prompts, use_cache=not scan_args.no_cache),
+        output=OutputSpec(out, heatmaps=heatmaps, save_maps=scan_args.save_maps),
+        threshold=threshold,
+        refs=scan_args.refs,
+        calibration=scan_args.calibration,
         incremental=incremental,
         shard=shard,
     )
 
 
 @app.command(epilog=EXIT_CODES_HELP)
-@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
+@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
 def scan(
     directory: Annotated[
         Path,
         typer.Argument(help="Folder of images (searched recursively) or a single image.", show_default=False),
     ],
+    scan_args: ScanArgs,
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
-    class_name: ClassOpt = DEFAULT_CLASS,
-    out: OutFolderOpt = DEFAULT_OUT,
-    threshold: ThresholdOpt = DEFAULT_THRESHOLD_CHOICE,
-    refs: RefsOpt = None,
-    calibration: CalibrationOpt = None,
     fail_on_anomaly: Annotated[
         bool,
         typer.Option(
@@ -368,12 +389,7 @@ def scan(
         str | None,
         typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.", show_default=False),
     ] = None,
-    save_maps: SaveMapsOpt = False,
-    heatmaps: HeatmapsOpt = DEFAULT_HEATMAPS,
     report: Annotated[bool, typer.Option("--report", help="Write OUT/report.html after the scan.")] = False,
-    json_lines: JsonLinesOpt = False,
-    prompts: PromptsOpt = None,
-    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score every image in DIRECTORY: anomaly score, pass/fail label and a heatmap per image.
@@ -392,59 +408,68 @@ def scan(
 
       winclip scan ./images --weights ~/models/vit_b_16_plus_240-laion400m_e31.pt --json > scores.jsonl
     """
-    with user_errors():
-        # Everything that needs no model is checked before torch is imported: mistakes fail at once.
-        shard_of = parse_shard(shard)
-        options = _checked_scan_spec(
+    out = scan_args.out
+
+    def parse() -> ScanSpec:
+        return scan_spec(
             directory,
-            out,
             model_args,
             input_args,
             tile_args,
-            class_name=class_name,
-            threshold=threshold,
-            refs=refs,
-            calibration=calibration,
-            prompts=prompts,
-            use_cache=not no_cache,
-            heatmaps=heatmaps,
-            save_maps=save_maps,
+            scan_args,
             incremental=incremental,
-            shard=shard_of,
+            shard=parse_shard(shard),
         )
+
+    def job(spec: ScanSpec, reporter: Reporter, stop: Callable[[], bool]) -> ScanResult:
         from winclip_cli.jobs.scan import run_scan_job
 
-        stop = StopFlag()
-        with preflight.removed_if_unused(out), ConsoleReporter(quiet, json_lines) as reporter, stop.installed():
-            result = run_scan_job(options, reporter, should_stop=stop)
+        return run_scan_job(spec, reporter, should_stop=stop)
+
+    def write_report(result: ScanResult) -> None:
         if report:
             from winclip_cli.report.page import build_report
 
             page = build_report(out)
             if not quiet:
                 stderr.print(f"report: {_escape(str(page))}")
-    # The summary and the exit code describe scores.csv as it now is: with --incremental, the rows kept
-    # from earlier runs (relabelled when the threshold changed) count as much as the rows scored now.
-    if not quiet:
-        summary = result.summary
-        rate = summary.scored / result.seconds if result.seconds > 0 else 0.0
-        scored_now = (
-            f" ({summary.images} scored now, {result.skipped_unchanged} unchanged)" if result.skipped_unchanged else ""
-        )
-        stopped = "[yellow]interrupted:[/] " if result.interrupted else ""
-        stderr.print(
-            f"{stopped}[bold]{plural(result.total_rows, 'image')}[/]: "
-            f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, "
-            f"[bold]{plural(result.total_errors, 'error')}[/]{scored_now} "
-            f"in {result.seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(OutputLayout(out).scores_csv))}"
-        )
-    if result.interrupted:
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if fail_on_anomaly and result.total_anomalies:
-        raise typer.Exit(EXIT_ANOMALY)
-    if result.total_errors or result.unlisted:
-        raise typer.Exit(EXIT_UNREADABLE)
-    raise typer.Exit(EXIT_OK)
+
+    def summary(result: ScanResult) -> int:
+        # The summary and the exit code describe scores.csv as it now is: with --incremental, the rows kept
+        # from earlier runs (relabelled when the threshold changed) count as much as the rows scored now.
+        if not quiet:
+            scanned = result.summary
+            rate = scanned.scored / result.seconds if result.seconds > 0 else 0.0
+            scored_now = (
+                f" ({scanned.images} scored now, {result.skipped_unchanged} unchanged)"
+                if result.skipped_unchanged
+                else ""
+            )
+            stopped = "[yellow]interrupted:[/] " if result.interrupted else ""
+            stderr.print(
+                f"{stopped}[bold]{plural(result.total_rows, 'image')}[/]: "
+                f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, "
+                f"[bold]{plural(result.total_errors, 'error')}[/]{scored_now} "
+                f"in {result.seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(OutputLayout(out).scores_csv))}"
+            )
+        if result.interrupted:
+            return EXIT_INTERRUPTED
+        if fail_on_anomaly and result.total_anomalies:
+            return EXIT_ANOMALY
+        if result.total_errors or result.unlisted:
+            return EXIT_UNREADABLE
+        return EXIT_OK
+
+    run_command(
+        parse,
+        job,
+        summary,
+        quiet=quiet,
+        json_lines=scan_args.json_lines,
+        stoppable=True,
+        guard=lambda: preflight.removed_if_unused(out),
+        after=write_report,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- watch
@@ -463,19 +488,13 @@ class _WatchReporter(ConsoleReporter):
 
 
 @app.command(epilog=WATCH_EXIT_CODES_HELP)
-@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
+@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
 def watch(
-    directory: Annotated[
-        Path, typer.Argument(help="Folder to watch (searched recursively).", show_default=False)
-    ],
+    directory: Annotated[Path, typer.Argument(help="Folder to watch (searched recursively).", show_default=False)],
+    scan_args: ScanArgs,
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
-    class_name: ClassOpt = DEFAULT_CLASS,
-    out: OutFolderOpt = DEFAULT_OUT,
-    threshold: ThresholdOpt = DEFAULT_THRESHOLD_CHOICE,
-    refs: RefsOpt = None,
-    calibration: CalibrationOpt = None,
     poll: Annotated[
         float | None,
         typer.Option(
@@ -497,11 +516,6 @@ def watch(
     hook_timeout: Annotated[
         float, typer.Option("--hook-timeout", min=0.1, help="Seconds an --on-anomaly command may run.")
     ] = DEFAULT_HOOK_TIMEOUT,
-    save_maps: SaveMapsOpt = False,
-    heatmaps: HeatmapsOpt = DEFAULT_HEATMAPS,
-    json_lines: JsonLinesOpt = False,
-    prompts: PromptsOpt = None,
-    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score images the moment they arrive in DIRECTORY, with the model loaded once.
@@ -520,37 +534,30 @@ def watch(
 
       winclip watch /data/camera1 --class bottle --json --on-anomaly 'logger -t winclip'
     """
-    with user_errors():
+    def parse() -> WatchSpec:
         if poll is not None and poll <= 0:
             raise SetupError(f"--poll takes a positive number of seconds, not {poll:g}")
-        scan_spec = _checked_scan_spec(
-            directory,
-            out,
-            model_args,
-            input_args,
-            tile_args,
-            class_name=class_name,
-            threshold=threshold,
-            refs=refs,
-            calibration=calibration,
-            prompts=prompts,
-            use_cache=not no_cache,
-            heatmaps=heatmaps,
-            save_maps=save_maps,
-            incremental=True,
-        )
-        from winclip_cli.jobs.watch import WatchSpec, run_watch
+        scan = scan_spec(directory, model_args, input_args, tile_args, scan_args, incremental=True)
+        from winclip_cli.jobs.watch import WatchSpec
 
-        options = WatchSpec(scan_spec, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
-        stop = StopFlag()
-        with _WatchReporter(quiet, json_lines) as reporter, stop.installed():
-            result = run_watch(options, reporter, should_stop=stop)
-    if not quiet:
-        stderr.print(
-            f"watch stopped: [bold]{result.scored}[/] scored, [bold]{result.anomalies}[/] anomalous, "
-            f"[bold]{plural(result.errors, 'error')}[/] -> {_escape(str(OutputLayout(out).scores_csv))}"
-        )
-    raise typer.Exit(EXIT_OK)
+        return WatchSpec(scan, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
+
+    def job(spec: WatchSpec, reporter: Reporter, stop: Callable[[], bool]) -> WatchResult:
+        from winclip_cli.jobs.watch import run_watch
+
+        return run_watch(spec, reporter, should_stop=stop)
+
+    def summary(result: WatchResult) -> int:
+        if not quiet:
+            stderr.print(
+                f"watch stopped: [bold]{result.scored}[/] scored, [bold]{result.anomalies}[/] anomalous, "
+                f"[bold]{plural(result.errors, 'error')}[/] -> {_escape(str(OutputLayout(scan_args.out).scores_csv))}"
+            )
+        return EXIT_OK
+
+    run_command(
+        parse, job, summary, quiet=quiet, json_lines=scan_args.json_lines, reporter=_WatchReporter, stoppable=True
+    )
 
 
 # ------------------------------------------------------------------------------------------------ build-refs
@@ -600,7 +607,7 @@ def build_refs(
 
       winclip build-refs ./more-good --out refs.npz --append
     """
-    with user_errors():
+    def parse() -> RefsSpec:
         model = model_args.parse()
         tiling = tile_args.parse(model_args.model)
         for source in sources:
@@ -609,29 +616,28 @@ def build_refs(
         if append and out.exists():
             preflight.check_memory_file(out)
         load_vocabulary(prompts)
+        from winclip_cli.jobs.refs import RefsSpec
 
-        from winclip_cli.jobs.refs import RefsSpec, run_refs_job
+        inputs = input_args.parse(tiling)
+        text = TextSpec(class_name, prompts)
+        return RefsSpec(sources, out, model, inputs, text, k=k, seed=seed, append=append)
 
-        options = RefsSpec(
-            sources=sources,
-            out=out,
-            model=model,
-            inputs=input_args.parse(tiling),
-            text=TextSpec(class_name, prompts),
-            k=k,
-            seed=seed,
-            append=append,
-        )
-        with ConsoleReporter(quiet) as reporter:
-            result = run_refs_job(options, reporter)
-    if not quiet:
-        size_mb = out.stat().st_size / 1e6
-        stderr.print(
-            f"[bold]k={result.memory.k}[/] references in {_escape(str(out))} ({size_mb:.1f} MB), "
-            f"{result.added} added, {result.skipped} skipped, {len(result.problems.failures)} unreadable, "
-            f"{result.seconds:.1f} s"
-        )
-    raise typer.Exit(EXIT_OK if result.problems.complete else EXIT_UNREADABLE)
+    def job(spec: RefsSpec, reporter: Reporter, stop: Callable[[], bool]) -> RefsResult:
+        from winclip_cli.jobs.refs import run_refs_job
+
+        return run_refs_job(spec, reporter)
+
+    def summary(result: RefsResult) -> int:
+        if not quiet:
+            size_mb = out.stat().st_size / 1e6
+            stderr.print(
+                f"[bold]k={result.memory.k}[/] references in {_escape(str(out))} ({size_mb:.1f} MB), "
+                f"{result.added} added, {result.skipped} skipped, {len(result.problems.failures)} unreadable, "
+                f"{result.seconds:.1f} s"
+            )
+        return EXIT_OK if result.problems.complete else EXIT_UNREADABLE
+
+    run_command(parse, job, summary, quiet=quiet)
 
 
 # ------------------------------------------------------------------------------------------------- calibrate
@@ -693,7 +699,7 @@ def calibrate(
 
       winclip scan ./new --class bottle --calibration bottle-calibration.json
     """
-    with user_errors():
+    def parse() -> CalibrateSpec:
         model = model_args.parse()
         tiling = tile_args.parse(model_args.model)
         check_rate("--fpr", fpr)
@@ -701,28 +707,30 @@ def calibrate(
         if refs is not None and out is not None:
             raise SetupError("--out is for calibrations without --refs; with --refs the result is stored in the memory")
         preflight.check_input(good_dir)
+        calibration_file = out or DEFAULT_CALIBRATION_FILE
         if refs is not None:
             preflight.check_memory_file(refs)
             preflight.check_output_file("--refs", refs)  # the calibration is written into the memory
         else:
-            preflight.check_output_file("--out", out or DEFAULT_CALIBRATION_FILE)
+            preflight.check_output_file("--out", calibration_file)
         load_vocabulary(prompts)
+        from winclip_cli.jobs.calibrate import CalibrateSpec
 
-        from winclip_cli.core.calibration import histogram
-        from winclip_cli.jobs.calibrate import CalibrateSpec, run_calibrate_job
+        inputs = input_args.parse(tiling)
+        text = TextSpec(class_name, prompts, use_cache=not no_cache)
+        return CalibrateSpec(good_dir, model, inputs, text, fpr, pixel_fpr, refs=refs, out=calibration_file)
 
-        options = CalibrateSpec(
-            good_dir=good_dir,
-            model=model,
-            inputs=input_args.parse(tiling),
-            text=TextSpec(class_name, prompts, use_cache=not no_cache),
-            fpr=fpr,
-            pixel_fpr=pixel_fpr,
-            refs=refs,
-            out=out or DEFAULT_CALIBRATION_FILE,
-        )
-        with ConsoleReporter(quiet) as reporter:
-            result = run_calibrate_job(options, reporter)
+    def job(spec: CalibrateSpec, reporter: Reporter, stop: Callable[[], bool]) -> CalibrateResult:
+        from winclip_cli.jobs.calibrate import run_calibrate_job
+
+        return run_calibrate_job(spec, reporter)
+
+    run_command(parse, job, lambda result: _calibration_summary(result, quiet), quiet=quiet)
+
+
+def _calibration_summary(result: CalibrateResult, quiet: bool) -> int:
+    from winclip_cli.core.calibration import histogram
+
     cal = result.calibration
     console = Console(highlight=False, soft_wrap=True)
     if not quiet:
@@ -745,7 +753,7 @@ def calibrate(
             f"[yellow]warning:[/] {plural(cal.n_images, 'image')} cannot support a false-alarm rate of {cal.fpr:g}: "
             f"at least {cal.min_images_for_fpr} are needed; the threshold is the highest score seen"
         )
-    raise typer.Exit(EXIT_OK if result.problems.complete else EXIT_UNREADABLE)
+    return EXIT_OK if result.problems.complete else EXIT_UNREADABLE
 
 
 # ------------------------------------------------------------------------------------------------------ eval
@@ -793,47 +801,56 @@ def evaluate(
 
       winclip eval /data/mvtec_anomaly_detection/bottle --k-shot 4 --seed 0 --out eval-bottle
     """
-    with user_errors():
+    def parse() -> EvalSpec:
         model = model_args.parse()
         preflight.check_input(root, "evaluation data folder")
         preflight.check_output_folder("--out", out)
         load_vocabulary(prompts)
+        from winclip_cli.jobs.evaluate import EvalSpec
 
-        from winclip_cli.jobs.evaluate import METRICS, EvalSpec, mean_metrics, run_eval_job
-
-        options = EvalSpec(
-            root=root,
-            out=out,
-            model=model,
-            inputs=input_args.parse(),
+        return EvalSpec(
+            root,
+            out,
+            model,
+            input_args.parse(),
             class_name=class_name,
             prompts=prompts,
             use_cache=not no_cache,
             k_shot=k_shot,
             seed=seed,
         )
-        with ConsoleReporter(quiet) as reporter:
-            results = run_eval_job(options, reporter)
-    table = Table(title=f"WinCLIP {'zero-shot' if not k_shot else f'{k_shot}-shot'} on {_escape(str(root))}")
-    table.add_column("category")
-    table.add_column("images", justify="right")
-    for name in METRICS:
-        table.add_column(name.replace("_", " "), justify="right")
 
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
+    def job(spec: EvalSpec, reporter: Reporter, stop: Callable[[], bool]) -> list[CategoryResult]:
+        from winclip_cli.jobs.evaluate import run_eval_job
 
-    for r in results:
-        table.add_row(_escape(r.name), f"{r.n_images} ({r.n_anomalous} bad)", *(fmt(r.metrics[m]) for m in METRICS))
-    mean = mean_metrics(results)
-    table.add_row("[bold]mean[/]", str(sum(r.n_images for r in results)), *(fmt(mean[m]) for m in METRICS))
-    Console(highlight=False, soft_wrap=True).print(table)
-    for r in results:
-        for metric, why in r.notes.items():
-            stderr.print(f"[yellow]note:[/] {_escape(r.name)} {metric}: {_escape(why)}")
-    if not quiet:
-        stderr.print(f"metrics written to {_escape(str(out / 'metrics.csv'))} and metrics.json")
-    raise typer.Exit(EXIT_UNREADABLE if any(r.errors for r in results) else EXIT_OK)
+        return run_eval_job(spec, reporter)
+
+    def summary(results: list[CategoryResult]) -> int:
+        from winclip_cli.jobs.evaluate import METRICS, mean_metrics
+
+        table = Table(title=f"WinCLIP {'zero-shot' if not k_shot else f'{k_shot}-shot'} on {_escape(str(root))}")
+        table.add_column("category")
+        table.add_column("images", justify="right")
+        for name in METRICS:
+            table.add_column(name.replace("_", " "), justify="right")
+
+        def fmt(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+
+        for r in results:
+            counts = f"{r.n_images} ({r.n_anomalous} bad)"
+            table.add_row(_escape(r.name), counts, *(fmt(r.metrics[m]) for m in METRICS))
+        mean = mean_metrics(results)
+        table.add_row("[bold]mean[/]", str(sum(r.n_images for r in results)), *(fmt(mean[m]) for m in METRICS))
+        Console(highlight=False, soft_wrap=True).print(table)
+        for r in results:
+            for metric, why in r.notes.items():
+                stderr.print(f"[yellow]note:[/] {_escape(r.name)} {metric}: {_escape(why)}")
+        if not quiet:
+            stderr.print(f"metrics written to {_escape(str(out / 'metrics.csv'))} and metrics.json")
+        return EXIT_UNREADABLE if any(r.errors for r in results) else EXIT_OK
+
+    run_command(parse, job, summary, quiet=quiet)
 
 
 # ----------------------------------------------------------------------------------------------- merge, report

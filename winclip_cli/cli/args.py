@@ -1,9 +1,11 @@
 """The options shared by the commands, declared once for the command line.
 
 ``scan``, ``watch``, ``build-refs``, ``calibrate`` and ``eval`` take the same model, input and tiling
-options. Each group is a frozen dataclass whose fields carry their Typer declaration, and
-``with_options`` adds a group's fields to a command and hands the command one object per group, so
-adding an option is one field here. Defaults and parsers live in ``winclip_cli.options``.
+options; ``scan`` and ``watch`` also share their output and threshold options (``ScanArgs``). Each
+group is a frozen dataclass whose fields carry their Typer declaration, and ``with_options`` adds a
+group's fields to a command and hands the command one object per group, so adding an option is one
+field here (and, for its meaning, a value type or default in ``winclip_cli.options``); a group's
+``parse`` turns its fields into the spec's parts (``winclip_cli.spec``).
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from typing import Annotated, Any, TypeVar, get_type_hints
 
 import typer
 
+from winclip_cli.core.prompts import DEFAULT_CLASS
 from winclip_cli.options import (
     DEFAULT_ARCHITECTURE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEVICE,
+    DEFAULT_HEATMAPS,
     DEFAULT_MAX_PIXELS,
     DEFAULT_PRECISION,
     DEFAULT_SCALES,
+    DEFAULT_THRESHOLD,
+    DEFAULT_THRESHOLD_CHOICE,
     DEFAULT_TILE_OVERLAP,
     BatchSize,
     Device,
@@ -63,7 +69,7 @@ ThresholdOpt = Annotated[
     typer.Option(
         "--threshold",
         help="Image score above which an image is anomalous, or 'auto': the calibrated threshold when one is "
-        "available (--calibration, or stored in --refs), else 0.5.",
+        f"available (--calibration, or stored in --refs), else {DEFAULT_THRESHOLD:g}.",
     ),
 ]
 RefsOpt = Annotated[
@@ -204,6 +210,23 @@ class TileArgs:
         if input_size is not None:
             tiling.check_fits(input_size)
         return tiling
+
+
+@dataclass(frozen=True)
+class ScanArgs:
+    """What ``scan`` and ``watch`` share: the class, where and what they write, the threshold and the
+    memory and calibration it may come from, the vocabulary and the text cache."""
+
+    class_name: ClassOpt = DEFAULT_CLASS
+    out: OutFolderOpt = DEFAULT_OUT
+    threshold: ThresholdOpt = DEFAULT_THRESHOLD_CHOICE
+    refs: RefsOpt = None
+    calibration: CalibrationOpt = None
+    save_maps: SaveMapsOpt = False
+    heatmaps: HeatmapsOpt = DEFAULT_HEATMAPS
+    json_lines: JsonLinesOpt = False
+    prompts: PromptsOpt = None
+    no_cache: NoCacheOpt = False
 
 
 def with_options(**groups: type) -> Callable[[F], F]:
