@@ -119,7 +119,7 @@ class WinclipGroup(_PlainHelp, TyperGroup):
 class WinclipTyper(typer.Typer):
     """Every command added with ``app.command`` gets the plain help above."""
 
-    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any):  # type: ignore[override]
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any):
         return super().command(*args, cls=cls or WinclipCommand, **kwargs)
 
 

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -30,7 +31,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 class Backbone:
     """A loaded open_clip model and everything the rest of the tool needs to know about it."""
 
-    model: nn.Module
+    model: Any  # an open_clip CLIP model: its towers are attributes torch's types cannot describe
     architecture: str
     weights: str  # the tag or the checkpoint path, as resolved
     weights_sha256: str  # of the checkpoint file that was loaded ("" when no file: random init)
@@ -188,7 +189,7 @@ def _cached_download(cfg: dict, target_dir: Path) -> Path | None:
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
-            try_to_load_from_cache = None
+            try_to_load_from_cache = None  # type: ignore[assignment]
         if try_to_load_from_cache is not None:
             for name in (filename,) if filename else HF_FILENAMES:
                 found = try_to_load_from_cache(model_id, name, cache_dir=str(target_dir))
@@ -236,7 +237,7 @@ def _download_hint(cfg: dict) -> str:
     return " or ".join(places) if places else "the checkpoint"
 
 
-def create_uninitialised(architecture: str) -> nn.Module:
+def create_uninitialised(architecture: str) -> Any:  # an open_clip CLIP model
     """The architecture with storage for its weights, skipping their random initialisation.
 
     Initialising ViT-B-16-plus-240's 200 M parameters costs seconds on a CPU, and every one of
@@ -336,7 +337,7 @@ def load_backbone(
         device=torch_device,
         precision=chosen_precision,
         image_size=image_size,
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
+        mean=mean,
+        std=std,
         tokenizer=open_clip.get_tokenizer(architecture),
     )

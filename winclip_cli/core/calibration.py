@@ -142,17 +142,21 @@ class Calibration:
                 raise SetupError(f"calibration field '{key}' must be a positive integer (got {str(value)[:40]})")
             return value
 
+        def given(value: float | None) -> float:
+            assert value is not None  # number() returns None only for an optional field
+            return value
+
         def rate(key: str) -> float:
-            value = number(key)
+            value = given(number(key))
             if not 0.0 <= value < 1.0:
                 raise SetupError(f"calibration field '{key}' must be in [0, 1) (got {value!r})")
             return value
 
-        achieved = number("achieved_fpr")
+        achieved = given(number("achieved_fpr"))
         if not 0.0 <= achieved <= 1.0:
             raise SetupError(f"calibration field 'achieved_fpr' must be in [0, 1] (got {achieved!r})")
         return cls(
-            threshold=score("threshold"),
+            threshold=given(score("threshold")),
             fpr=rate("fpr"),
             achieved_fpr=achieved,
             n_images=count("n_images"),

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from winclip_cli.settings import cache_dir
 CACHE_FORMAT = 1
 
 
-def _text_tower(model: nn.Module) -> nn.Module:
+def _text_tower(model: nn.Module) -> Any:  # an open_clip module: its parts are attributes torch cannot type
     """The module holding the text transformer's parts: the CLIP model itself, or ``model.text``."""
     return getattr(model, "text", None) or model
 
@@ -64,7 +65,8 @@ def encode_sentences(model: nn.Module, tokenizer, sentences: list[str], device: 
     with torch.inference_mode():
         if can_truncate(model):
             return encode_text_truncated(model, tokens).float()
-        return model.encode_text(tokens).float()
+        encode: Any = model.encode_text
+        return encode(tokens).float()
 
 
 def ensemble_embeddings(model: nn.Module, tokenizer, ensemble: PromptEnsemble, device: torch.device) -> torch.Tensor:

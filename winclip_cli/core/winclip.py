@@ -169,8 +169,8 @@ class WindowEncoder:
                 )
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError("WinCLIP does not support vision towers with attentional pooling")
-        self.visual = visual
-        self.grid_size: tuple[int, int] = tuple(visual.grid_size)  # type: ignore[assignment]
+        self.visual: Any = visual  # open_clip's VisionTransformer: its parts are attributes torch cannot type
+        self.grid_size: tuple[int, int] = (int(visual.grid_size[0]), int(visual.grid_size[1]))  # type: ignore[index]
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.scales = tuple(int(s) for s in scales)
         # token indices of each window in the (1 + G)-token sequence: class token 0, then patches + 1
@@ -249,14 +249,14 @@ class ReferenceMemory:
     ) -> ReferenceMemory:
         """From per-entry arrays: patches (E, G, C), windows per scale (E, W_s, D); reference r owns the
         next ``entries_per_reference[r]`` entries (one per image, or one per tile of a tiled image)."""
-        patches = torch.as_tensor(patches).to(device)
-        windows = [torch.as_tensor(w).to(device) for w in windows]
+        patch_tensor = torch.as_tensor(patches).to(device)
+        window_tensors = [torch.as_tensor(w).to(device) for w in windows]
         owner = torch.repeat_interleave(torch.arange(len(entries_per_reference)), torch.tensor(entries_per_reference))
         return cls(
-            patch_owner=owner.repeat_interleave(patches.shape[1]),
-            window_owner=[owner.repeat_interleave(w.shape[1]) for w in windows],
-            patches=patches.reshape(-1, patches.shape[-1]),
-            windows=[w.reshape(-1, w.shape[-1]) for w in windows],
+            patch_owner=owner.repeat_interleave(patch_tensor.shape[1]),
+            window_owner=[owner.repeat_interleave(w.shape[1]) for w in window_tensors],
+            patches=patch_tensor.reshape(-1, patch_tensor.shape[-1]),
+            windows=[w.reshape(-1, w.shape[-1]) for w in window_tensors],
         )
 
     @classmethod
@@ -318,7 +318,7 @@ class WinClipScorer:
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (N,) and anomaly maps (N, H, W) at the input's resolution, as the reference returns."""
         scores = self.score_embeddings(self.embed(images))
-        return scores.image, scores.upsample(tuple(images.shape[-2:]))
+        return scores.image, scores.upsample((images.shape[-2], images.shape[-1]))
 
     def score_embeddings(self, emb: ImageEmbeddings, exclude: torch.Tensor | None = None) -> Scores:
         """Scores of embedded images; ``exclude`` (N,) names a reference each image must not be compared
@@ -346,7 +346,8 @@ class WinClipScorer:
         memory = self.memory
         assert memory is not None
         n = emb.image.shape[0]
-        window_owners = memory.window_owner or [None] * len(memory.windows)
+        no_owners: list[torch.Tensor | None] = [None] * len(memory.windows)
+        window_owners = list(memory.window_owner) if memory.window_owner else no_owners
         neighbours = {"chunk_size": self.nn_chunk_size, "exclude_owner": exclude}
         per_scale = [association_scores(emb.patches, memory.patches, memory_owner=memory.patch_owner, **neighbours)]
         for window_embeddings, rows, owner, coverage in zip(

@@ -188,7 +188,8 @@ def load_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
     if path is None:
         return np.zeros((height, width), dtype=bool)
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            image: Image.Image = opened
             image.load()
             if image.mode == "P":
                 # Palette indices say nothing about colour: index 0 may be white.

@@ -513,7 +513,7 @@ def _pillow_depth_note(im: Image.Image) -> str | None:
     """Say so when Pillow will reduce >8-bit samples (e.g. 16-bit RGB PNG) to 8 bits."""
     if im.mode not in ("L", "LA", "P", "RGB", "RGBA", "CMYK"):
         return None
-    for tile in im.tile:
+    for tile in im.tile:  # type: ignore[attr-defined]  # set by ImageFile.open, not in Image's stubs
         rawmode = tile[3][0] if isinstance(tile[3], tuple) and tile[3] else tile[3]
         if isinstance(rawmode, str) and ";16" in rawmode:
             return "16-bit samples reduced to 8 bits (Pillow cannot keep them for this image type)"

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 _local = threading.local()
 _install_lock = threading.Lock()
@@ -22,7 +23,13 @@ _previous_showwarning = None  # what handled warnings before ours (restored hand
 
 # Library warnings are shown on every occurrence, not once per code location: a second file with the
 # same damaged EXIF block must get the same note as the first.
-_ALWAYS_FROM_LIBRARIES = ("always", None, Warning, r"(PIL|tifffile)(\.|$)", 0)
+_ALWAYS_FROM_LIBRARIES: tuple[Literal["always"], None, type[Warning], str, int] = (
+    "always",
+    None,
+    Warning,
+    r"(PIL|tifffile)(\.|$)",
+    0,
+)
 
 
 class _CaptureFilter(logging.Filter):

@@ -147,7 +147,7 @@ def save_memory(path: Path, metadata: dict[str, Any], patches: np.ndarray, windo
     for scale, array in windows.items():
         arrays[f"windows_{scale}"] = array.astype(np.float32)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stubs take the keywords for options
 
 
 # The arrays a memory may hold, by member name; anything else in the archive is refused.

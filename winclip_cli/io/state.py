@@ -171,16 +171,17 @@ class RunState:
         self.recovered_from = ""
         self.damage = ""
         self._checked_rows: list[ResultRow] | None = None
+        damaged: sqlite3.Connection | None = None
         try:
-            self._db = self._open()
+            self._db = damaged = self._open()
             self.damage = self._damage()
         except sqlite3.DatabaseError as err:
-            self._db, self.damage = None, f"not a readable database: {err}"
+            damaged, self.damage = None, f"not a readable database: {err}"
         if self.damage:
             # A damaged state must not stop every later cron run: keep it aside, start afresh
             # (the next scan scores everything again, which is always correct).
-            if self._db is not None:
-                self._db.close()
+            if damaged is not None:
+                damaged.close()
             aside = self.path.with_name(f"state.corrupt-{int(time.time())}.sqlite")
             os.replace(self.path, aside)
             for suffix in ("-wal", "-shm"):

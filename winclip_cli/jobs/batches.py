@@ -10,7 +10,7 @@ knows nothing of files or outputs.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ def processed_stream(
     batch_size: int,
     should_stop: Callable[[], bool] = lambda: False,
     threads: ThreadBudget = BUDGET,
-) -> Iterator[Decoded]:
+) -> Generator[Decoded, None, None]:
     """Decoded files with ``outputs`` filled (one entry per model input), in input order.
 
     Model inputs of consecutive files (whole images or tiles) are packed into batches of

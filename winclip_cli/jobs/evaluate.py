@@ -162,7 +162,7 @@ def mean_metrics(results: list[CategoryResult]) -> dict[str, float | None]:
     """Mean of each metric over the categories where it is defined."""
     out: dict[str, float | None] = {}
     for name in METRICS:
-        values = [r.metrics[name] for r in results if r.metrics.get(name) is not None]
+        values = [value for r in results if (value := r.metrics.get(name)) is not None]
         out[name] = float(np.mean(values)) if values else None
     return out
 

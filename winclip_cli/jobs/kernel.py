@@ -11,7 +11,7 @@ batching, and what counts as an incomplete run are decided here once, so they ca
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -185,7 +185,7 @@ class Session:
         *,
         with_stamp: bool = False,
         should_stop: Callable[[], bool] = never,
-    ) -> Iterator[Decoded]:
+    ) -> Generator[Decoded, None, None]:
         """(path, name) files decoded ahead by threads, batched through ``process``, in input order."""
         decoded = decode_stream(
             files,
@@ -205,7 +205,7 @@ class Session:
         exclude_for: Callable[[Decoded], int] | None = None,
         with_stamp: bool = False,
         should_stop: Callable[[], bool] = never,
-    ) -> Iterator[Decoded]:
+    ) -> Generator[Decoded, None, None]:
         """Files with ``outputs`` = [(image score, grid map)] per model input (one, or one per tile).
 
         ``exclude_for`` gives, per file, the memory reference it must not be compared with (-1: none);
@@ -215,7 +215,7 @@ class Session:
         process = scoring_fn(self.scorer, self.backbone.device, self.backbone.dtype, exclude_for)
         return self.stream(files, process, with_stamp=with_stamp, should_stop=should_stop)
 
-    def embedded(self, files: Sequence[tuple[Path, str]]) -> Iterator[Decoded]:
+    def embedded(self, files: Sequence[tuple[Path, str]]) -> Generator[Decoded, None, None]:
         """Files with ``outputs`` = [(patch tokens, [window embeddings per scale])] per model input."""
         return self.stream(files, embedding_fn(self.encoder, self.backbone.device, self.backbone.dtype))
 

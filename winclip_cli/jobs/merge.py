@@ -56,8 +56,8 @@ def completeness_warnings(sources: list[Path], runs: list[dict[str, Any]]) -> li
     """What a user should know before trusting a merge: missing or repeated shards, interrupted scans."""
     interrupted = [folder for folder, run in zip(sources, runs, strict=True) if run.get("interrupted")]
     warnings = [f"{folder}: its scan was interrupted" for folder in interrupted]
-    shards = [run.get("shard") for run in runs]
-    if all(isinstance(shard, str) and "/" in shard for shard in shards):
+    shards = [shard for run in runs if isinstance(shard := run.get("shard"), str) and "/" in shard]
+    if len(shards) == len(runs):
         counts = {int(shard.split("/")[1]) for shard in shards}
         if len(counts) > 1:
             warnings.append(f"the folders come from different shard counts ({', '.join(map(str, sorted(counts)))})")

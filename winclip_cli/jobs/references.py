@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ class EmbeddedReferences:
 
 
 def collect_references(
-    items: Iterator[Decoded], on_item: Callable[[Decoded], None] = lambda item: None
+    items: Generator[Decoded, None, None], on_item: Callable[[Decoded], None] = lambda item: None
 ) -> EmbeddedReferences:
     """Gather embedded references (``Session.embedded``) in input order; unreadable ones are kept apart."""
     result = EmbeddedReferences()

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from stat import S_ISREG
+from typing import Any
 
 from winclip_cli.errors import SetupError, WinclipError
 from winclip_cli.io.outputs import ResultRow
@@ -186,7 +187,7 @@ class FolderEvents:
         self._writing: set[str] = set()
         self._touched: set[str] = set()  # files named by events since the last look
         self._relist = False  # a folder changed: list the whole folder
-        self._observer = None
+        self._observer: Any = None  # a watchdog Observer once started
 
     def start(self) -> str:
         """Start watching; returns '' or why events are not available (the watch then polls)."""
@@ -370,7 +371,11 @@ class ReloadFlag:
             self.requested = True
 
         signal.signal(signal.SIGHUP, handler)
-        return lambda: signal.signal(signal.SIGHUP, previous)
+
+        def restore() -> None:
+            signal.signal(signal.SIGHUP, previous)
+
+        return restore
 
 
 def _file_stamp(path: Path | None) -> Stamp | None:
@@ -447,6 +452,7 @@ class _Watch:
             self.session.open()
             self.settings_seen = [_file_stamp(p) for p in self.settings_files]
             self.settings_changed_since: float | None = None
+            self._settings_candidate: list[Stamp | None] = []
             self.settings_due = False
             self.next_settings_check = 0.0
             self._start_session()

@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -159,6 +159,7 @@ def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
         if ctx.pixel_threshold is not None:
             from winclip_cli.core.calibration import anomalous_area
 
+            assert score_map is not None  # a pixel threshold needs the map on the CPU
             area, box = anomalous_area(score_map, ctx.pixel_threshold)
             bbox = box_text(*box) if box else ""
         # 8-bit pixels are shown as they are (only read from here on: no copy); deeper ones are rounded
@@ -167,6 +168,7 @@ def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
             if device_map is not None:
                 heat = overlay_tensor(torch.from_numpy(display).to(settings.device), device_map).cpu().numpy()
             else:
+                assert score_map is not None  # made on the CPU
                 heat = overlay(display, score_map)
             # confined_path: no planted symlink inside OUT can redirect a write outside it
             write_heatmap(output.heatmaps, confined_path(settings.out_dir, heatmap), heat)
@@ -175,6 +177,7 @@ def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
         _remove_other_heatmaps(settings.out_dir, item.relpath, heatmap)
         if output.save_maps:
             target = confined_path(settings.out_dir, map_relpath(item.relpath))
+            assert score_map is not None  # --save-maps needs the map on the CPU
             write_float_tiff_atomic(target, score_map, fsync=False)
         if output.thumbnails:
             write_thumbnails(settings.out_dir, item.relpath, *_small_overlay(display, item, score_map))
@@ -279,6 +282,7 @@ class ResultWriter:
         finished = False
         while not finished or pending:
             if not finished:
+                item: Decoded | object | None
                 try:
                     item = self._queue.get(timeout=0.01 if pending else None)
                 except queue.Empty:
@@ -357,7 +361,7 @@ def _small_overlay(display: np.ndarray, item: Decoded, score_map: np.ndarray | N
     return small_rgb, overlay(small_rgb, small_map)
 
 
-def write_all(items: Iterator[Decoded], writer: ResultWriter) -> ScanSummary:
+def write_all(items: Generator[Decoded, None, None], writer: ResultWriter) -> ScanSummary:
     """Hand every scored file to ``writer`` and wait for its rows; on an error, queued decoding is
     cancelled rather than awaited, and the rows already written are kept."""
     try:

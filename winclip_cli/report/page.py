@@ -304,8 +304,9 @@ def _summary_html(
     add("Weights SHA-256", "weights_sha256", fmt=_short_hash)
     add("Precision", "precision")
     add("Device", "device")
-    if isinstance(run.get("scales"), list):
-        items.append(("Scales", ", ".join(map(str, run["scales"]))))  # type: ignore[arg-type]
+    scales = run.get("scales")
+    if isinstance(scales, list):
+        items.append(("Scales", ", ".join(map(str, scales))))
     if run.get("mode"):
         mode = str(run["mode"])
         if run.get("k_shot") not in (None, ""):
