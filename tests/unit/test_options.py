@@ -12,7 +12,7 @@ from winclip_cli.core.backbone import DEFAULT_WEIGHTS
 from winclip_cli.core.prompts import DEFAULT_CLASS
 from winclip_cli.errors import SetupError
 from winclip_cli.options import BatchSize, Device, HeatmapFormat, Precision, ScoringMode, Threshold, Tiling
-from winclip_cli.spec import InputSpec, ModelSpec, OutputSpec
+from winclip_cli.spec import InputSpec, ModelOptions, ModelSpec, OutputSpec
 
 PACKAGE = Path(options.__file__).resolve().parent
 DEFAULTS = {name: value for name, value in vars(options).items() if name.startswith("DEFAULT_")}
@@ -116,3 +116,6 @@ def test_specs_hold_parsed_values_and_the_defaults() -> None:
     inputs = InputSpec()
     assert int(inputs.batch_size) == options.DEFAULT_BATCH_SIZE and inputs.tiling.overlap == 0.25
     assert OutputSpec(Path("out")).heatmaps is HeatmapFormat.PNG
+    # the Python API's older name, positional as the benchmarks call it
+    expected = ModelSpec("ViT-B-16", "w.pt", Device("cpu"), Precision.BF16)
+    assert ModelOptions("ViT-B-16", "w.pt", "cpu", "bf16") == expected
