@@ -30,10 +30,14 @@ def test_layout_paths_are_the_documented_names(tmp_path: Path) -> None:
     assert layout.thumbs == tmp_path / "thumbs"
     assert layout.state_db == tmp_path / ".winclip" / "state.sqlite"
     assert layout.lock == tmp_path / ".winclip" / "lock"
-    assert layout.own_folders == tuple(tmp_path / name for name in OWN_FOLDERS) == (
-        layout.heatmaps,
-        layout.maps,
-        layout.thumbs,
+    assert (
+        layout.own_folders
+        == tuple(tmp_path / name for name in OWN_FOLDERS)
+        == (
+            layout.heatmaps,
+            layout.maps,
+            layout.thumbs,
+        )
     )
     assert layout.own_files == tuple(tmp_path / name for name in OWN_FILES)
     with pytest.raises(AttributeError):

@@ -60,7 +60,8 @@ def test_no_default_is_restated_as_a_literal_below_options() -> None:
         if path.name != "options.py"
         for line, value in _defaults_written_in(path)
         for name, default in DEFAULTS.items()
-        if _same(value, default) and not (path.name == "backbone.py" and name == "DEFAULT_WEIGHTS")
+        if _same(value, default)
+        and not (path.name == "backbone.py" and name == "DEFAULT_WEIGHTS")
         and not (path.name == "prompts.py" and name == "DEFAULT_CLASS")
     ]
     assert restated == []

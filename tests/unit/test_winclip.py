@@ -205,7 +205,6 @@ def test_harmonic_mean_is_zero_where_an_entry_is_nan():
     assert result[1].item() == 0.0
 
 
-
 def test_vision_tower_without_open_clip_pooling_is_refused(visual):
     from torch import nn
 

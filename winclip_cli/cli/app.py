@@ -202,6 +202,7 @@ def main_callback(
 # Every shared option is declared once, in cli/args.py: the model, input and tiling groups
 # (``with_options`` adds them to a command) and the options scan and watch have in common.
 
+
 def _progress(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -534,6 +535,7 @@ def watch(
 
       winclip watch /data/camera1 --class bottle --json --on-anomaly 'logger -t winclip'
     """
+
     def parse() -> WatchSpec:
         if poll is not None and poll <= 0:
             raise SetupError(f"--poll takes a positive number of seconds, not {poll:g}")
@@ -607,6 +609,7 @@ def build_refs(
 
       winclip build-refs ./more-good --out refs.npz --append
     """
+
     def parse() -> RefsSpec:
         model = model_args.parse()
         tiling = tile_args.parse(model_args.model)
@@ -699,6 +702,7 @@ def calibrate(
 
       winclip scan ./new --class bottle --calibration bottle-calibration.json
     """
+
     def parse() -> CalibrateSpec:
         model = model_args.parse()
         tiling = tile_args.parse(model_args.model)
@@ -801,6 +805,7 @@ def evaluate(
 
       winclip eval /data/mvtec_anomaly_detection/bottle --k-shot 4 --seed 0 --out eval-bottle
     """
+
     def parse() -> EvalSpec:
         model = model_args.parse()
         preflight.check_input(root, "evaluation data folder")

@@ -164,9 +164,7 @@ class WindowEncoder:
         # open_clip below 4 so that this private method cannot vanish under a user unannounced.
         for name in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "_pool"):
             if not hasattr(visual, name):
-                raise TypeError(
-                    f"WinCLIP needs an open_clip 3.x VisionTransformer; this visual tower has no {name!r}"
-                )
+                raise TypeError(f"WinCLIP needs an open_clip 3.x VisionTransformer; this visual tower has no {name!r}")
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError("WinCLIP does not support vision towers with attentional pooling")
         self.visual: Any = visual  # open_clip's VisionTransformer: its parts are attributes torch cannot type

@@ -95,6 +95,7 @@ class MemoryFile:
         counts = [int(ref.get("entries", 1)) for ref in self.metadata["references"]]
         return ReferenceMemory.from_arrays(self.patches, [self.windows[s] for s in scales], counts, device)
 
+
 def describe_model(
     identity: dict[str, str],
     input_size: tuple[int, int],

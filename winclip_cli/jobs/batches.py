@@ -107,4 +107,3 @@ def embedding_fn(
         return [(patches[i], [w[i] for w in windows]) for i in range(patches.shape[0])]
 
     return process
-

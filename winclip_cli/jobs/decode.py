@@ -290,6 +290,6 @@ def _decoded_pixels(pending: deque[Future[Decoded]]) -> int:
 
 PIXELS_IN_FLIGHT = 100_000_000  # decoded pixels the writer may hold at once (about 2 GB of maps and images)
 
+
 def pixels_of(item: Decoded) -> int:
     return item.image.height * item.image.width if item.image is not None else 0
-

@@ -81,9 +81,7 @@ def run_eval_job(options: EvalSpec, reporter: Reporter) -> list[CategoryResult]:
     return results
 
 
-def _evaluate_category(
-    category: Category, session: Session, options: EvalSpec, reporter: Reporter
-) -> CategoryResult:
+def _evaluate_category(category: Category, session: Session, options: EvalSpec, reporter: Reporter) -> CategoryResult:
     backbone = session.backbone
     references: list[Path] = []
     if options.k_shot:

@@ -103,4 +103,3 @@ def image_score(item: Decoded) -> tuple[float, Tile | None]:
     scores = [score for score, _ in item.outputs]
     best = int(np.argmax(scores))
     return scores[best], (item.tiles[best] if item.tiles else None)
-

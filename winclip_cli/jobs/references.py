@@ -60,4 +60,3 @@ def collect_references(
             item.outputs = []
             on_item(item)
     return result
-

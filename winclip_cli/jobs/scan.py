@@ -560,9 +560,7 @@ def remove_outputs_of(out_dir: Path, entries: list[tuple[str, str]]) -> None:
         relpaths = [
             relpath
             for heatmap in heatmaps
-            if heatmap.startswith(f"{HEATMAP_DIR}/")
-            and is_heatmap_name(heatmap)
-            and ".." not in heatmap.split("/")
+            if heatmap.startswith(f"{HEATMAP_DIR}/") and is_heatmap_name(heatmap) and ".." not in heatmap.split("/")
             for relpath in (heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap))
         ]
         for relpath in relpaths:

@@ -388,9 +388,7 @@ def _file_stamp(path: Path | None) -> Stamp | None:
     return stat.st_size, stat.st_mtime_ns
 
 
-def run_watch(
-    options: WatchSpec, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False
-) -> WatchResult:
+def run_watch(options: WatchSpec, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False) -> WatchResult:
     """Watch ``options.scan.directory`` until ``should_stop()``; every result is committed as it is made."""
     scan = options.scan
     if not scan.incremental:  # a watch keeps what is stored and adds to it

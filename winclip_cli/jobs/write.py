@@ -108,7 +108,6 @@ class PixelGate:
             self._cond.notify_all()
 
 
-
 _NOTHING = object()  # "no new item yet" for the collector's polling loop
 
 
@@ -207,6 +206,7 @@ def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
         error=problem,
         **ctx.common(),
     )
+
 
 def _remove_other_heatmaps(out_dir: Path, relpath: str, keep: str) -> None:
     """Delete this file's heatmaps in the formats it was not written in now (never through a link)."""
@@ -337,6 +337,7 @@ class ResultWriter:
     def make_row(self, item: Decoded) -> ResultRow:
         return build_row(item, self.settings)
 
+
 def _small_overlay(display: np.ndarray, item: Decoded, score_map: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The image shrunk to thumbnail size, and its heatmap overlay coloured at that size.
 
@@ -371,5 +372,3 @@ def write_all(items: Generator[Decoded, None, None], writer: ResultWriter) -> Sc
     finally:
         summary = writer.close()
     return summary
-
-
