@@ -288,7 +288,7 @@ class ConsoleReporter:
             sys.stdout.flush()
 
 
-# ------------------------------------------------------------------------------------------------------ scan
+# --------------------------------------------------------------------------------------- the commands' skeleton
 
 
 def run_command(
@@ -319,6 +319,9 @@ def run_command(
                 result = job(spec, console, stop)
         after(result)
     raise typer.Exit(summary(result))
+
+
+# ------------------------------------------------------------------------------------------------------ scan
 
 
 def scan_spec(
