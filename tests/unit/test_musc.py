@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from naive_musc import naive_features, naive_lnamd, naive_msm, naive_musc, naive_rscin, naive_upsample
+
 from winclip_cli.core.musc import (
     MutualFeatureExtractor,
     PoolFeatures,
