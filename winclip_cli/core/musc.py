@@ -207,23 +207,46 @@ def nearest_patch_distances(
     q = n if queries is None else int(queries)
     if not 0 < q <= n:
         raise ValueError(f"cannot score {q} of {n} images")
-    features = features.float()
+    rows = features.float().reshape(n * patches, width)
+    # torch.cdist's matrix-product form, as the reference computes its distances: one product of
+    # [-2x, |x|², 1] and [y, 1, |y|²] gives the squared distances; the minima are taken first and the
+    # clamp and square root applied to them alone (both monotone: the same numbers, less work)
+    squares = rows.pow(2).sum(dim=-1, keepdim=True)
+    ones = torch.ones_like(squares)
+
+    def left_rows(start: int, end: int) -> torch.Tensor:
+        return torch.cat(
+            [
+                -2 * rows[start * patches : end * patches],
+                squares[start * patches : end * patches],
+                ones[: (end - start) * patches],
+            ],
+            dim=1,
+        )
+
+    def right_rows(start: int, end: int) -> torch.Tensor:
+        return torch.cat(
+            [
+                rows[start * patches : end * patches],
+                ones[: (end - start) * patches],
+                squares[start * patches : end * patches],
+            ],
+            dim=1,
+        )
+
     per_block = max(1, math.isqrt(max(1, block_elements)) // patches)
     out = torch.empty(q, patches, n, dtype=torch.float32, device=features.device)
-    rows = features.reshape(n * patches, width)
     for a in range(0, q, per_block):
         a_end = min(a + per_block, q)
-        left = rows[a * patches : a_end * patches]
+        left = left_rows(a, a_end)
         for b in range(a, n, per_block):
             b_end = min(b + per_block, n)
-            right = rows[b * patches : b_end * patches]
-            # the matrix-product form of torch.cdist, as the reference computes its distances
-            dist = torch.cdist(left, right, compute_mode="use_mm_for_euclid_dist")
-            dist = dist.reshape(a_end - a, patches, b_end - b, patches)
-            out[a:a_end, :, b:b_end] = dist.amin(dim=3)
+            squared = (left @ right_rows(b, b_end).T).reshape(a_end - a, patches, b_end - b, patches)
+            out[a:a_end, :, b:b_end] = squared.amin(dim=3)
             if a < b < q:  # the other side is scored too: its column minima, from the same matrix
                 q_end = min(b_end, q)
-                out[b:q_end, :, a:a_end] = dist[:, :, : q_end - b].amin(dim=1).permute(1, 2, 0)
+                out[b:q_end, :, a:a_end] = squared[:, :, : q_end - b].amin(dim=1).permute(1, 2, 0)
+    out = out.clamp_min_(0).sqrt_()
     index = torch.arange(q, device=features.device)
     out[index, :, index] = torch.inf
     return out
