@@ -9,6 +9,7 @@ from naive_musc import naive_features, naive_lnamd, naive_msm, naive_musc, naive
 
 from winclip_cli.core.musc import (
     MutualFeatureExtractor,
+    NonFiniteFeaturesError,
     PoolFeatures,
     PoolTooSmallError,
     aggregate_neighbourhoods,
@@ -282,3 +283,12 @@ def test_new_images_without_kept_ones_are_a_pool_of_their_own(tiny_pool):
     torch.testing.assert_close(alone.scores, whole.scores, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="kept raw scores"):
         score_against_pool(new, tiny_pool.select([3, 4]), (240, 240), kept_raw_scores=torch.zeros(3))
+
+
+def test_an_image_with_non_finite_features_is_named_not_scored():
+    pool = random_pool(4)
+    pool.tokens[2, 1, 5, 0] = float("nan")
+    assert pool.finite().tolist() == [True, True, False, True]
+    with pytest.raises(NonFiniteFeaturesError, match=r"pool images \[2\]"):
+        mutual_scores(pool, (8, 8))
+    assert torch.isfinite(mutual_scores(pool.select(pool.finite().nonzero().flatten()), (8, 8)).scores).all()

@@ -39,9 +39,10 @@ GFLOP per image, against about 54 GFLOP for the image's forward pass.
 
 Memory: :class:`PoolFeatures` holds per image ``layers x G x C`` float32 tokens plus one ``D``
 class embedding (ViT-B-16-plus-240, 4 layers: 3,225,600 + 2,560 bytes = 3.2 MB per image).
-Scoring adds one aggregated layer (G x C floats: 0.8 MB per image), the nearest-patch distances
+Scoring adds one aggregated layer and its copy in the distance products' layout (2 x G x (C + 2)
+floats: 1.6 MB per image), the nearest-patch distances
 of the scored images (G x N floats: 0.18 MB per image at N = 200) and one block of distances
-(``block_elements`` floats, 32 MiB by default): about 4.2 MB per image of a 200-image pool.
+(``block_elements`` floats, 32 MiB by default): about 5 MB per image of a 200-image pool.
 
 Shapes: N images of a pool, Q images being scored, G = gh * gw patches, C transformer width,
 D embedding dim, L chosen layers.
@@ -66,6 +67,11 @@ BLOCK_ELEMENTS = 1 << 23  # distances computed at once: 32 MiB of float32
 
 class PoolTooSmallError(ValueError):
     """Mutual scoring needs at least two images: an image alone has nothing to be compared with."""
+
+
+class NonFiniteFeaturesError(ValueError):
+    """Some images' features hold NaN or infinity (an overflow in reduced precision): such an image
+    would make every other image's nearest distances NaN, so it must not join a pool."""
 
 
 def default_layers(depth: int) -> tuple[int, ...]:
@@ -107,6 +113,12 @@ class PoolFeatures:
         per_tokens = self.tokens[0].numel() * self.tokens.element_size() if len(self) else 0
         per_class = self.class_embeddings.shape[-1] * self.class_embeddings.element_size()
         return per_tokens + per_class
+
+    def finite(self) -> torch.Tensor:
+        """(N,) bool: the images whose tokens and class embedding are all finite (the others must be
+        given an error row and left out of the pool: see :class:`NonFiniteFeaturesError`)."""
+        # a sum is NaN or infinite when any term is (or when finite values overflow: unusable too)
+        return self.tokens.flatten(1).sum(dim=1).isfinite() & self.class_embeddings.sum(dim=1).isfinite()
 
     def select(self, index: torch.Tensor | Sequence[int] | slice) -> PoolFeatures:
         """The features of some images (an index tensor, a list or a slice), in that order."""
@@ -175,8 +187,9 @@ def aggregate_neighbourhoods(tokens: torch.Tensor, grid_size: tuple[int, int], d
     """LNAMD for one layer: (N, G, C) tokens -> (N, G, C) L2-normalised aggregated features.
 
     LayerNorm over all G x C values of an image (no affine), the mean over each patch's
-    ``degree x degree`` neighbourhood with zero padding (always divided by degree², as the
-    reference's unfold + ``adaptive_avg_pool1d`` does), then each patch's L2 normalisation.
+    ``degree x degree`` neighbourhood with zero padding (divided by degree² everywhere, as the
+    reference's unfold + ``adaptive_avg_pool1d`` does; a per-patch factor that the L2 normalisation
+    then cancels anyway), then each patch's L2 normalisation.
     """
     if degree < 1 or degree % 2 == 0:
         raise ValueError(f"aggregation degree {degree} must be odd and positive")
@@ -213,35 +226,18 @@ def nearest_patch_distances(
     # clamp and square root applied to them alone (both monotone: the same numbers, less work)
     squares = rows.pow(2).sum(dim=-1, keepdim=True)
     ones = torch.ones_like(squares)
-
-    def left_rows(start: int, end: int) -> torch.Tensor:
-        return torch.cat(
-            [
-                -2 * rows[start * patches : end * patches],
-                squares[start * patches : end * patches],
-                ones[: (end - start) * patches],
-            ],
-            dim=1,
-        )
-
-    def right_rows(start: int, end: int) -> torch.Tensor:
-        return torch.cat(
-            [
-                rows[start * patches : end * patches],
-                ones[: (end - start) * patches],
-                squares[start * patches : end * patches],
-            ],
-            dim=1,
-        )
-
+    right_rows = torch.cat([rows, ones, squares], dim=1)  # made once: every block of queries meets it
     per_block = max(1, math.isqrt(max(1, block_elements)) // patches)
     out = torch.empty(q, patches, n, dtype=torch.float32, device=features.device)
     for a in range(0, q, per_block):
         a_end = min(a + per_block, q)
-        left = left_rows(a, a_end)
+        span = slice(a * patches, a_end * patches)
+        left = torch.cat([-2 * rows[span], squares[span], ones[span]], dim=1)
         for b in range(a, n, per_block):
             b_end = min(b + per_block, n)
-            squared = (left @ right_rows(b, b_end).T).reshape(a_end - a, patches, b_end - b, patches)
+            squared = (left @ right_rows[b * patches : b_end * patches].T).reshape(
+                a_end - a, patches, b_end - b, patches
+            )
             out[a:a_end, :, b:b_end] = squared.amin(dim=3)
             if a < b < q:  # the other side is scored too: its column minima, from the same matrix
                 q_end = min(b_end, q)
@@ -294,6 +290,11 @@ def mutual_grid_maps(
         raise PoolTooSmallError(
             f"mutual scoring needs at least 2 images in a pool, got {n}: score more images together "
             "(or use zero-shot or few-shot scoring for a single image)"
+        )
+    bad = (~pool.finite()).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteFeaturesError(
+            f"the features of pool images {bad} are not finite (NaN or infinity): leave them out of the pool"
         )
     q = n if queries is None else int(queries)
     per_degree = []
