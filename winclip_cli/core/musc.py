@@ -40,9 +40,9 @@ GFLOP per image, against about 54 GFLOP for the image's forward pass.
 Memory: :class:`PoolFeatures` holds per image ``layers x G x C`` float32 tokens plus one ``D``
 class embedding (ViT-B-16-plus-240, 4 layers: 3,225,600 + 2,560 bytes = 3.2 MB per image).
 Scoring adds one aggregated layer and its copy in the distance products' layout (2 x G x (C + 2)
-floats: 1.6 MB per image), the nearest-patch distances
-of the scored images (G x N floats: 0.18 MB per image at N = 200) and one block of distances
-(``block_elements`` floats, 32 MiB by default): about 5 MB per image of a 200-image pool.
+floats: 1.6 MB per image), the nearest-patch distances of the scored images (G x N floats:
+0.18 MB per image at N = 200) and one block of distances (``block_elements`` floats, 32 MiB by
+default): about 5 MB per image of a 200-image pool, 1 GB for the pool.
 
 Shapes: N images of a pool, Q images being scored, G = gh * gw patches, C transformer width,
 D embedding dim, L chosen layers.
@@ -364,7 +364,9 @@ class MutualScores:
     """Mutual scores of some images of a pool, in the pool's order of those images."""
 
     grid_maps: torch.Tensor  # (Q, gh, gw) float64 MSM maps on the patch grid
-    raw_scores: torch.Tensor  # (Q,) float64: each upsampled map's maximum, before RsCIN (pool-relative distance)
+    # (Q,) float64: each upsampled map's maximum before RsCIN, a distance on the model's own scale
+    # (still measured against the pool's other images, but not stretched to 0..1 over the pool)
+    raw_scores: torch.Tensor
     scores: torch.Tensor  # (Q,) float32: after RsCIN, MuSc's final image score (min-max over the pool: 0 to 1)
     image_size: tuple[int, int]  # (H, W) the maps are upsampled to
 
