@@ -182,6 +182,8 @@ def make_images(count: int, size: tuple[int, int], seed: int) -> torch.Tensor:
 
 def main() -> None:
     args = parse_args()
+    if args.pool < 5:
+        raise SystemExit("--pool must be at least 5: below that the reference's 30 % interval is empty (NaN)")
     torch.set_grad_enabled(False)
     ref = load_reference(args.reference.resolve())
     visual, tower = build_models(args.arch, args.seed, ref["transformer"])

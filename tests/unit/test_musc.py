@@ -79,6 +79,19 @@ def test_explicit_layers(tiny_backbone):
         MutualFeatureExtractor(visual, layers=[2])
 
 
+def test_features_of_a_bf16_tower_come_back_in_float32(tiny_backbone):
+    import copy
+
+    visual = tiny_backbone.model.visual
+    images = random_images(2, seed=3)
+    exact = MutualFeatureExtractor(visual).extract(images)
+    reduced = MutualFeatureExtractor(copy.deepcopy(visual).to(torch.bfloat16)).extract(images)
+    assert reduced.tokens.dtype == torch.float32 and reduced.class_embeddings.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: close to fp32, not equal
+    assert (reduced.tokens - exact.tokens).abs().max().item() < 0.05 * exact.tokens.abs().max().item()
+    assert not torch.equal(reduced.tokens, exact.tokens)
+
+
 def test_bytes_per_image_of_the_default_architecture():
     pool = PoolFeatures(
         tokens=torch.empty(200, 4, 225, 896, device="meta"),
