@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import BinaryIO
 
+from winclip_cli.io.safe_fs import open_regular
 from winclip_cli.settings import cache_dir
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a regular file (a FIFO or device is refused without blocking: io/safe_fs.py)."""
+    with open_regular(path) as handle:
+        return sha256_handle(handle)
+
+
+def sha256_handle(handle: BinaryIO) -> str:
+    """sha256 of an open file's whole content, read from its start."""
+    handle.seek(0)
+    return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def cached_sha256_file(path: Path) -> str:

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from winclip_cli.errors import ImageDecodeError, SetupError
 from winclip_cli.io.library_messages import captured_library_messages
+from winclip_cli.io.safe_fs import NotRegularFileError, open_regular
 from winclip_cli.options import DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -292,7 +293,7 @@ def preprocess(
 # --------------------------------------------------------------------------------------------------
 
 
-def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def load_image(path: Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode a supported file into RGB, honouring EXIF orientation.
 
     The format is detected from the content, not the extension.  TIFFs are read with tifffile (keeps
@@ -301,37 +302,49 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     same whatever colour the file happens to store under them.  Images wider x higher than
     ``max_pixels`` are refused from their header, before any pixel data is decoded.
 
+    ``path`` may also be a file opened with :func:`open_image_file` (read from its start, left open).
+
     Raises :class:`ImageDecodeError` with a one-line reason for anything unusable.
     """
     if max_pixels < 1:
         raise ValueError("max_pixels must be positive")
-    path = Path(path)
-    fh = _open_image_file(path)
+    if isinstance(path, (str, os.PathLike)):
+        fh = open_image_file(Path(path))
+        owned = True
+    else:
+        fh, owned = path, False
+        fh.seek(0)
     try:
-        with fh, captured_library_messages() as library_messages:
+        with captured_library_messages() as library_messages:
             image = _decode(fh, max_pixels)
     except MemoryError:
         raise ImageDecodeError("not enough memory to decode the image") from None
+    finally:
+        if owned:
+            fh.close()
     if library_messages:  # e.g. Pillow's "Corrupt EXIF data": the file's note, not stderr
         image = LoadedImage(image.rgb, _join_notes([image.note, *map(_one_line, library_messages)]))
     return image
 
 
-def _open_image_file(path: Path) -> BinaryIO:
-    """Open ``path`` for reading or raise ImageDecodeError saying why it cannot be an image file."""
+def open_image_file(path: Path) -> BinaryIO:
+    """Open ``path`` for reading or raise ImageDecodeError saying why it cannot be an image file.
+
+    Opened once: what was opened is checked with fstat (a FIFO or device, which could block or never end,
+    is refused without blocking), and the same descriptor is decoded and hashed."""
     try:
-        st = path.stat()
+        return open_regular(path)
+    except NotRegularFileError as exc:
+        raise ImageDecodeError(
+            "is a directory, not an image file" if "a folder" in (exc.strerror or "") else "not a regular file"
+        ) from None
+    except IsADirectoryError:
+        raise ImageDecodeError("is a directory, not an image file") from None
     except OSError as exc:
         raise ImageDecodeError(unreadable_reason(path, exc)) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageDecodeError("is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        # FIFOs and devices could block forever or never end.
-        raise ImageDecodeError("not a regular file")
-    try:
-        return open(path, "rb")  # closed by the caller's ``with``
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {_os_reason(exc)}") from None
+
+
+_open_image_file = open_image_file
 
 
 def _decode(fh: BinaryIO, max_pixels: int) -> LoadedImage:

@@ -29,7 +29,7 @@ from winclip_cli.core.winclip import ReferenceMemory
 from winclip_cli.errors import MemoryFileError
 from winclip_cli.io.checks import check_memory_file
 from winclip_cli.io.hashing import sha256_file
-from winclip_cli.io.outputs import atomic_path
+from winclip_cli.io.safe_fs import atomic_write
 
 FORMAT_VERSION = 1
 REQUIRED_METADATA = (
@@ -94,6 +94,7 @@ class MemoryFile:
         counts = [int(ref.get("entries", 1)) for ref in self.metadata["references"]]
         return ReferenceMemory.from_arrays(self.patches, [self.windows[s] for s in scales], counts, device)
 
+
 def describe_model(
     identity: dict[str, str],
     input_size: tuple[int, int],
@@ -146,7 +147,7 @@ def save_memory(path: Path, metadata: dict[str, Any], patches: np.ndarray, windo
     arrays = {"metadata": np.array(json.dumps(metadata, ensure_ascii=False)), "patches": patches.astype(np.float32)}
     for scale, array in windows.items():
         arrays[f"windows_{scale}"] = array.astype(np.float32)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_write(path) as handle:
         np.savez(handle, **arrays)
 
 
