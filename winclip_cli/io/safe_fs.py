@@ -145,9 +145,9 @@ def _open_child_dir(name: str, dir_fd: int, shown: Path) -> int:
 
 
 @contextmanager
-def open_folder(root: Path, folders: list[str], *, create: bool = True) -> Iterator[int]:
+def open_folder(root: Path, folders: list[str], *, create: bool = True, folder_mode: int = 0o777) -> Iterator[int]:
     """A descriptor of ``root/folders...``, every step opened without following a link (missing folders
-    are created when ``create``, else FileNotFoundError). Closed on exit."""
+    are created when ``create``, with ``folder_mode`` less the umask, else FileNotFoundError). Closed on exit."""
     fd = _open_root(root)
     try:
         shown = Path(root)
@@ -159,7 +159,7 @@ def open_folder(root: Path, folders: list[str], *, create: bool = True) -> Itera
                 if not create:
                     raise
                 try:
-                    os.mkdir(part, 0o777, dir_fd=fd)
+                    os.mkdir(part, folder_mode, dir_fd=fd)
                 except FileExistsError:
                     pass  # another writer thread made it a moment ago (or a link: refused next)
                 child = _open_child_dir(part, fd, shown)
@@ -176,7 +176,9 @@ def _temporary_name(name: str) -> str:
 
 
 @contextmanager
-def atomic_write(target: Path | Confined, *, fsync: bool = True, mode: int | None = None) -> Iterator[BinaryIO]:
+def atomic_write(
+    target: Path | Confined, *, fsync: bool = True, mode: int | None = None, folder_mode: int = 0o777
+) -> Iterator[BinaryIO]:
     """A binary file to write; on success it replaces ``target`` atomically, on error it is removed.
 
     Readers see the old file or the complete new one. See the module docstring for why no link planted
@@ -185,7 +187,7 @@ def atomic_write(target: Path | Confined, *, fsync: bool = True, mode: int | Non
     where = confined(target)
     if not isinstance(target, Confined):
         where.root.mkdir(parents=True, exist_ok=True)  # the folder the caller named is trusted as named
-    with open_folder(where.root, where.parts[:-1]) as folder:
+    with open_folder(where.root, where.parts[:-1], folder_mode=folder_mode) as folder:
         for _ in range(100):
             tmp = _temporary_name(where.name)
             try:

@@ -52,6 +52,7 @@ from winclip_cli.io.state import OutputLock, clean_stale_temporaries, refuse_lin
 # run.json keys that must agree for rows to be comparable
 CONFIG_KEYS = (
     "architecture",
+    "model_config_sha256",
     "weights_sha256",
     "precision",
     "scales",

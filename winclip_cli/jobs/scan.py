@@ -345,6 +345,7 @@ class ScanSession:
         self.context, self.choice, self.memory_id = context, choice, memory_id
         self.config = {
             **fingerprint,
+            "model_config_sha256": engine.backbone.config_sha256,  # two configs of one name are two models
             "class_name": engine.ensemble.class_name,
             "pixel_threshold": choice.pixel,
             "max_pixels": options.max_pixels,
