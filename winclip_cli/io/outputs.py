@@ -98,6 +98,19 @@ def _fmt_int(value: int | None) -> str:
     return "" if value is None else str(int(value))
 
 
+def _json_text(value: str) -> str:
+    """Text that encodes as UTF-8: a file name's bytes that are not UTF-8 (surrogate-escaped on POSIX) are
+    written as ``\\xNN``, as in scores.csv, so a JSON line or a hook's input can never fail to encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that no byte stands for
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def _json_float(value: float | None) -> float | None:
     """Rounded float, or None: NaN/inf are not valid JSON, so they count as missing there."""
     if value is None:
@@ -167,7 +180,7 @@ class ResultRow:
             elif name in _INT_FIELDS:
                 out[name] = None if value is None else int(value)
             else:
-                out[name] = value
+                out[name] = _json_text(value)
         return out
 
     @classmethod
