@@ -223,6 +223,8 @@ class StopFlag:
         def handler(signum, frame):
             if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
+            if self.requested:
+                return  # a storm of SIGTERM: said once (printing from a handler again could re-enter)
             self.requested = True
             stderr.print("[yellow]stopping after the current batch (Ctrl-C again to abort)…[/]")
 
@@ -237,7 +239,8 @@ class StopFlag:
             yield self
         finally:
             for sig, old in previous.items():
-                signal.signal(sig, old)
+                # once asked to stop, a later SIGTERM must not kill the clean exit with 143
+                signal.signal(sig, signal.SIG_IGN if self.requested and sig == signal.SIGTERM else old)
 
 
 class ConsoleReporter:

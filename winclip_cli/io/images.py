@@ -519,7 +519,13 @@ def _frame_note(im: Image.Image) -> str | None:
         raise ImageDecodeError(f"truncated or corrupt image data: {_exc_reason(exc)}") from None
     if count <= 1:
         return None
-    return f"first {'page' if im.format == 'TIFF' else 'frame'} of {count}"
+    what = "page" if im.format == "TIFF" else "frame"
+    if count > _PLAUSIBLE_FRAMES:  # a header's claim (APNG's acTL says 2147483647), not a count of frames
+        return f"first {what} (the file claims {count} {what}s)"
+    return f"first {what} of {count}"
+
+
+_PLAUSIBLE_FRAMES = 100_000
 
 
 def _pillow_depth_note(im: Image.Image) -> str | None:
@@ -799,4 +805,8 @@ def _apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
         rgb = rgb.transpose(1, 0, 2)[::-1, ::-1]
     elif orientation == 8:
         rgb = rgb.transpose(1, 0, 2)[::-1]
+    if any(step < 0 for step in rgb.strides):
+        # ascontiguousarray keeps a reversed axis of length 1 as it is (numpy calls it contiguous), and
+        # torch refuses negative strides: a fresh copy has none
+        return rgb.copy()
     return np.ascontiguousarray(rgb)
