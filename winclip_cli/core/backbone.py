@@ -359,15 +359,15 @@ def _descriptor_path(handle) -> str | None:
 
 
 def _load_error_line(err: BaseException) -> str:
-    """The first line of a load error, without torch's advice to unpickle (``weights_only=False``): that
-    would run any code a hostile file holds."""
-    text = str(err).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and "weights_only" not in line and "unpickl" not in line.lower():
-            return line[:200]
+    """One printable line saying why a checkpoint did not load. Never torch's advice for a file holding
+    other objects than tensors (to load it with ``weights_only=False``): that would run any code it holds."""
+    text = str(err)
     if "weights_only" in text or "unpickl" in text.lower():
         return "it holds objects other than tensors, which winclip never unpickles"
+    for line in text.splitlines():
+        line = "".join(ch for ch in line if ch.isprintable()).strip()
+        if line:
+            return line[:200]
     return type(err).__name__
 
 

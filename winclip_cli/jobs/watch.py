@@ -384,7 +384,12 @@ def run_hook(command: str, row: ResultRow, timeout: float) -> str:
             except OSError:
                 pass
     if proc.returncode != 0:
-        last = tail.decode("utf-8", "replace").strip().splitlines()[-1:] if tail else []
+        # only printable characters of the hook's last line: its output could hold terminal escape codes
+        lines = [
+            "".join(ch for ch in line if ch.isprintable()).strip()
+            for line in tail.decode("utf-8", "replace").splitlines()
+        ]
+        last = [line for line in lines if line][-1:]
         return f"exit code {proc.returncode}" + (f": {last[0][:200]}" if last else "")
     return ""
 
