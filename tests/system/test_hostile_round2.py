@@ -534,6 +534,58 @@ def test_json_lines_under_a_strict_utf8_locale_with_a_name_that_is_not_utf8(tmp_
     assert json.loads(line)["path"] == "\\xff.png"
 
 
+# ==================================================================== 9. links in the input
+
+
+@pytest.fixture
+def private_image(tmp_path: Path) -> Path:
+    """A mode-700 folder of root holding an image nobody else may see."""
+    folder = tmp_path / "private"
+    make_images(folder, ["secret.png"])
+    folder.chmod(0o700)
+    return folder
+
+
+def plant_link(link: Path, target: Path) -> None:
+    """A link made by the second user (os.lchown gives it their uid, as if they had made it)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    os.lchown(link, NOBODY, NOBODY)
+
+
+def test_links_of_another_user_in_the_input_are_not_followed(tmp_path, tiny_args, private_image):
+    images, out = tmp_path / "images", tmp_path / "out"
+    make_images(images, ["a.png"])
+    plant_link(images / "linked", private_image)
+    plant_link(images / "stolen.png", private_image / "secret.png")
+    result = invoke(["scan", images, "--out", out, *tiny_args])
+    assert result.exit_code == 3, result.output
+    rows = rows_of(out)
+    assert set(rows) == {"a.png", "stolen.png"}
+    assert rows["stolen.png"]["status"] == "error" and "belongs to uid 65534" in rows["stolen.png"]["error"]
+    assert "not followed" in result.stderr
+    written = [p.name for p in out.rglob("*") if "secret" in p.name or "stolen" in p.name]
+    assert written == []
+    # a link of the user running winclip is followed as before
+    (images / "own").symlink_to(private_image)
+    result = invoke(["scan", images, "--out", out, "-q", *tiny_args])
+    assert rows_of(out)["own/secret.png"]["status"] == "ok"
+
+
+def test_a_folder_swapped_for_a_link_after_discovery_is_not_read(tmp_path, private_image):
+    from winclip_cli.io.images import discover_images
+    from winclip_cli.jobs import pipeline
+
+    images = tmp_path / "images"
+    make_images(images, ["sub/secret.png"])
+    (found,) = discover_images(images).files
+    shutil.rmtree(images / "sub")
+    plant_link(images / "sub", private_image)  # mid-watch: the sub-folder is now another user's link
+    prep = pipeline.Preprocessing(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    decoded = pipeline.decode_file(found, "sub/secret.png", prep)
+    assert decoded.image is None and "belongs to uid 65534" in decoded.error
+
+
 # ==================================================================== 10. only the formats winclip writes
 
 

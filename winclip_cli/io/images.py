@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from winclip_cli.errors import ImageDecodeError, SetupError
 from winclip_cli.io.library_messages import captured_library_messages
-from winclip_cli.io.safe_fs import NotRegularFileError, open_regular
+from winclip_cli.io.safe_fs import NotRegularFileError, open_regular, trusted_link
 from winclip_cli.options import DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -80,6 +80,9 @@ def discover_images(root: Path, exclude: Sequence[Path] = ()) -> Discovery:
     - Symlinked directories are followed when they point outside ``root``; links to directories
       inside ``root`` are not followed because those files are listed under their real path
       anyway.  Each resolved directory is visited once, so link cycles terminate.
+    - A link is followed only when it belongs to the user running winclip or to the owner of what it
+      leads to (a linked folder of another user is reported as skipped); :func:`open_image_file`
+      applies the same rule again to every link on the way when the file is opened.
     - Links named like images that lead nowhere (broken, or a loop) are listed, so that the
       caller reports them like any unreadable file (see :func:`unreadable_reason`).
 
@@ -135,6 +138,9 @@ def discover_images(root: Path, exclude: Sequence[Path] = ()) -> Discovery:
             if is_dir:
                 real = Path(os.path.realpath(path)) if is_link else real_dir / entry.name
                 if is_link and real.is_relative_to(real_root):
+                    continue
+                if is_link and not trusted_link(path):  # every open checks again: see safe_fs.open_resolved
+                    skipped.append((path, "a symbolic link of another user, not followed"))
                     continue
                 if not is_excluded(real):
                     subdirs.append((path, real))

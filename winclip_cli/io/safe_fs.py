@@ -36,14 +36,17 @@ __all__ = [
     "Confined",
     "LinkInOutputError",
     "NotRegularFileError",
+    "UntrustedLinkError",
     "atomic_write",
     "confined",
     "open_confined",
     "open_folder",
     "open_regular",
+    "open_resolved",
     "read_confined_bytes",
     "remove_regular",
     "remove_stale_temporaries",
+    "trusted_link",
 ]
 
 _NOFOLLOW = os.O_NOFOLLOW
@@ -242,18 +245,106 @@ def _regular_from_fd(fd: int, shown: Path | str) -> BinaryIO:
     return handle
 
 
+class UntrustedLinkError(OSError):
+    """A link that neither this user nor the owner of what it leads to made (see :func:`open_resolved`)."""
+
+    def __init__(self, path: Path | str, link: str, owner: int, target_owner: int) -> None:
+        super().__init__(
+            errno.EPERM,
+            f"{path}: the symbolic link {link} belongs to uid {owner}, what it leads to to uid {target_owner}; "
+            "winclip follows a link only when it belongs to the user running winclip or to the owner of its target",
+        )
+        self.filename = str(path)
+
+
+_MAX_LINKS = 40  # as the kernel: more is a loop
+
+
+def open_resolved(path: Path | str, *, directory: bool = False) -> int:
+    """A descriptor of ``path`` (O_RDONLY | O_NONBLOCK), resolved one component at a time, relative to the
+    folder opened before, so that each link met on the way is checked before it is followed.
+
+    The rule (the kernel's fs.protected_symlinks, applied everywhere): a link is followed only when it
+    belongs to the user running winclip, or to the owner of what it leads to. So a root job never
+    follows another user's link to root's (or a third user's) files, at any moment: the check is made
+    on what was actually opened. Raises UntrustedLinkError, or the OSError of the open."""
+    text = os.fspath(path)
+    if not text.startswith("/"):
+        text = os.getcwd() + "/" + text
+    pending: list[object] = list(reversed(text.split("/")))  # a stack: next component last
+    euid = os.geteuid()
+    followed = 0
+    fd = os.open("/", os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+    try:
+        while pending:
+            item = pending.pop()
+            if isinstance(item, tuple):  # what a link led to is now open: check its owner
+                link, owner = item
+                target_owner = os.fstat(fd).st_uid
+                if owner not in (euid, target_owner):
+                    raise UntrustedLinkError(path, link, owner, target_owner)
+                continue
+            name = str(item)
+            if name in ("", "."):
+                continue
+            last = not any(isinstance(rest, str) and rest not in ("", ".") for rest in pending)
+            flags = os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC
+            if not last or directory or name == "..":
+                flags |= _DIRECTORY
+            try:
+                child = os.open(name, flags, dir_fd=fd)
+            except OSError as err:
+                if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                info = os.lstat(name, dir_fd=fd)
+                if not stat.S_ISLNK(info.st_mode):
+                    raise
+                followed += 1
+                if followed > _MAX_LINKS:
+                    raise OSError(errno.ELOOP, "Too many levels of symbolic links", text) from None
+                target = os.readlink(name, dir_fd=fd)
+                again = os.lstat(name, dir_fd=fd)
+                if (again.st_dev, again.st_ino, again.st_uid) != (info.st_dev, info.st_ino, info.st_uid):
+                    raise OSError(errno.EAGAIN, "a link changed while it was read", text) from None
+                pending.append((name, info.st_uid))
+                pending.extend(reversed(target.split("/")))
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = os.open("/", os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+                continue
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_regular(path: Path | str, *, follow_links: bool = True) -> BinaryIO:
     """``path`` opened for reading, only if it is a regular file (never blocks on a FIFO or device).
 
-    ``follow_links=False``: a link at ``path`` itself is refused (LinkInOutputError)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC | (0 if follow_links else _NOFOLLOW)
-    try:
-        fd = os.open(path, flags)
-    except OSError as err:
-        if err.errno == errno.ELOOP and not follow_links and os.path.islink(path):
-            raise LinkInOutputError(path) from None
-        raise
+    Links on the way are followed by the rule of :func:`open_resolved`; ``follow_links=False``: a link at
+    ``path`` itself is refused (LinkInOutputError)."""
+    if follow_links:
+        fd = open_resolved(path)
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC | _NOFOLLOW)
+        except OSError as err:
+            if err.errno == errno.ELOOP and os.path.islink(path):
+                raise LinkInOutputError(path) from None
+            raise
     return _regular_from_fd(fd, path)
+
+
+def trusted_link(path: Path | str) -> bool:
+    """Whether the link at ``path`` may be followed by the rule of :func:`open_resolved` (by name: for
+    listing folders; every open checks again on what it opened)."""
+    try:
+        link_owner = os.lstat(path).st_uid
+        return link_owner in (os.geteuid(), os.stat(path).st_uid)
+    except OSError:
+        return False
 
 
 def open_confined(target: Path | Confined) -> BinaryIO:
