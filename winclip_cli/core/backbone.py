@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -383,17 +384,19 @@ def load_backbone(
     chosen_precision = select_precision(precision, torch_device)
     checkpoint = resolve_weights(architecture, weights or default_weights())
     try:
-        clip = create_uninitialised(architecture)
-    except Exception as err:
-        raise SetupError(f"cannot build architecture {architecture}: {err}") from None
-    try:
         # Identity from content: the file is opened once, hashed, and loaded from the same descriptor, so a
         # checkpoint replaced by one of the same size and mtime (cp -p) can never keep the old hash.
         handle = open_regular(checkpoint)
     except OSError as err:
         raise WeightsUnavailableError(f"cannot read {checkpoint}: {err.strerror or err}") from None
-    with handle:
-        weights_sha256 = sha256_handle(handle)
+    with handle, ThreadPoolExecutor(1, thread_name_prefix="winclip-weights-hash") as hasher:
+        # hashed beside building the model and loading it (hashlib releases the GIL): the bytes are read
+        # into the page cache once, and the hash costs little wall time on a second core
+        weights_sha256 = hasher.submit(sha256_handle, handle)
+        try:
+            clip = create_uninitialised(architecture)
+        except Exception as err:
+            raise SetupError(f"cannot build architecture {architecture}: {err}") from None
         try:
             load_weights(clip, checkpoint, _descriptor_path(handle))
         except Exception as err:
@@ -401,6 +404,7 @@ def load_backbone(
                 f"cannot load {checkpoint} into {architecture}: {_load_error_line(err)} "
                 f"(is it an open_clip checkpoint of this architecture? see --model)"
             ) from None
+        weights_sha256 = weights_sha256.result()
     clip.eval()
     if torch_device.type == "cuda" and chosen_precision == "fp32":
         # fp32 means fp32: TF32 tensor cores would move scores by ~1e-3, past the reference's 1e-4.

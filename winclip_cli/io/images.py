@@ -477,6 +477,9 @@ def _pillow_formats() -> tuple[str, ...]:
     return _pillow_formats_cache[0]
 
 
+pillow_formats = _pillow_formats  # for the other readers of input files (masks)
+
+
 def _decode_pillow(fh: BinaryIO, max_pixels: int, kind: str | None) -> LoadedImage:
     """Decode the first frame with Pillow into an RGB array."""
     with _pillow_bomb_check_off():
