@@ -412,6 +412,20 @@ def test_a_fifo_run_json_or_scores_csv_hangs_neither_merge_nor_report(tmp_path, 
     assert report.returncode == 2 and "Traceback" not in report.stderr, report.stderr
 
 
+@pytest.mark.parametrize("option", ["--calibration", "--refs", "--prompts", "--model"])
+def test_a_fifo_named_as_an_input_file_is_refused_at_once(tmp_path, tiny_args, option):
+    images = tmp_path / "images"
+    make_images(images, ["a.png"])
+    fifo = tmp_path / ("fifo.json" if option == "--model" else "fifo")
+    os.mkfifo(fifo)
+    args = list(tiny_args)
+    if option == "--model":  # the FIFO in place of the tiny model's config
+        args[args.index("--model") : args.index("--model") + 2] = []
+    result = run_cli(["scan", images, "--out", tmp_path / "out", option, fifo, *args], timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+
+
 # ==================================================================== 7. the lock cannot be held by others
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "open_regular",
     "open_resolved",
     "read_confined_bytes",
+    "read_user_file",
     "remove_regular",
     "remove_stale_temporaries",
     "trusted_link",
@@ -358,6 +359,19 @@ def open_confined(target: Path | Confined) -> BinaryIO:
                 raise LinkInOutputError(where) from None
             raise
     return _regular_from_fd(fd, where)
+
+
+CALIBRATION_LIMIT = 16 << 20  # a calibration file is a few KB
+
+
+def read_user_file(path: Path | str, limit: int) -> bytes:
+    """The bytes of a file named by the user (links by the rule of :func:`open_resolved`, never blocking on
+    a FIFO); OSError (EFBIG) when it holds more than ``limit``."""
+    with open_regular(path) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return data
 
 
 def read_confined_bytes(target: Path | Confined, limit: int) -> bytes:
