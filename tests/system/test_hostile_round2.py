@@ -451,6 +451,40 @@ def test_another_user_cannot_hold_the_lock(shared, tiny_args):
     assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
 
 
+def test_a_lock_held_by_another_user_since_an_older_version_is_said_not_skipped(shared, tiny_args):
+    images, out = shared / "images", shared / "out"
+    make_images(images, ["a.png"])
+    (out / ".winclip").mkdir(parents=True)
+    (out / ".winclip").chmod(0o755)  # what older versions left: a lock every user could open
+    lock = out / ".winclip" / "lock"
+    lock.write_text("")
+    lock.chmod(0o644)
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the second user, holding the lock until killed
+        import fcntl
+
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            handle = open(lock)
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            os.write(ready_write, b"held")
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_read, 4) == b"held"
+        result = run_cli(["scan", images, "--out", out, *tiny_args], timeout=120)
+        assert result.returncode == 2, result.stderr  # not the exit 4 that the README's cron line skips
+        assert f"held by another user (uid {NOBODY}, pid {pid})" in result.stderr
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600  # and no other user can open it from now on
+
+
 def test_a_state_folder_of_another_user_is_refused(shared, tiny_args):
     images, out = shared / "images", shared / "out"
     make_images(images, ["a.png"])

@@ -122,7 +122,8 @@ def _open_lock_file(out_dir: Path, flags: int) -> int:
 
 def lock_holder(out_dir: Path) -> str | None:
     """Who holds the output folder's lock ("pid N on HOST since DATE", "unreadable lock" for anything
-    else), or None when nobody does or there is no lock yet. Creates nothing."""
+    else), or None when nobody does or there is no lock yet. Creates nothing; SetupError when a process
+    of another user holds it (see OutputLock)."""
     layout = OutputLayout(out_dir)
     try:
         import fcntl
@@ -133,11 +134,20 @@ def lock_holder(out_dir: Path) -> str | None:
     except (OSError, ImportError):
         return None  # no lock (or not POSIX): the job itself says why it cannot take one
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             return None  # the job refuses it with a message
+        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)  # left readable by an older version: nobody else opens it from now on
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            foreign = _foreign_holder(os.fstat(fd))
+            if foreign is not None:
+                raise SetupError(
+                    f"the lock {layout.lock} is held by another user (uid {foreign[1]}, pid {foreign[0]}), not by a "
+                    "winclip run that can write here; stop that process or remove the lock file"
+                ) from None
             os.set_blocking(fd, True)
             text = os.read(fd, _LOCK_READ_LIMIT).decode("utf-8", "replace").strip()
             return describe_lock(text) if text else "another process"
@@ -147,6 +157,29 @@ def lock_holder(out_dir: Path) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def _foreign_holder(info: os.stat_result) -> tuple[int, int] | None:
+    """(pid, uid) of a process of another user (neither this user nor root) holding a lock on the file
+    ``info`` describes, from /proc/locks (Linux); None when there is none or it cannot be told."""
+    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            lines = handle.read(1 << 20).splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or "->" in fields or fields[5] != wanted:
+            continue
+        try:
+            pid = int(fields[4])
+            uid = os.stat(f"/proc/{pid}").st_uid
+        except (ValueError, OSError):
+            continue
+        if uid not in (os.geteuid(), 0):
+            return pid, uid
+    return None
 
 
 class OutputLock:
@@ -186,9 +219,17 @@ class OutputLock:
                 raise SetupError(
                     f"cannot lock {self.path} ({err.strerror}); use an --out on a local file system"
                 ) from None
+            foreign = _foreign_holder(os.fstat(fh.fileno()))
             fh.seek(0)
             holder = fh.read(_LOCK_READ_LIMIT).strip()
             fh.close()
+            if foreign is not None:
+                # not a winclip run that could write here: a user who opened the lock file while older
+                # versions left it readable. Exit 2, said on stderr, not the busy exit 4 a cron line skips.
+                raise SetupError(
+                    f"the lock {self.path} is held by another user (uid {foreign[1]}, pid {foreign[0]}), not by a "
+                    "winclip run that can write here; stop that process or remove the lock file"
+                ) from None
             holder = describe_lock(holder) if holder else "another process"
             raise OutputBusyError(
                 f"another winclip scan is writing to {self.path.parent.parent} ({holder}); "
