@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from winclip_cli.io import outputs, safe_fs
+from winclip_cli.io import safe_fs
 from winclip_cli.io.layout import heatmap_relpath
 from winclip_cli.io.outputs import (
     CSV_COLUMNS,
