@@ -849,6 +849,8 @@ def merge(
 ) -> None:
     """Join the output folders of sharded scans into one output folder (scores.csv, heatmaps, run.json).
 
+    OUT is locked like a scan's: merging into a folder that a scan, watch or merge is writing exits 4.
+
     Example:
 
       winclip merge results/shard-1 results/shard-2 results/shard-3 --out results/all --report
