@@ -239,13 +239,13 @@ def test_a_huge_file_that_is_no_image_is_not_hashed(tmp_path, tiny_args, monkeyp
     with open(folder / "huge.png", "wb") as handle:
         handle.truncate(20 << 30)  # 20 GiB, sparse
     hashed = []
-    real = decode.sha256_file
+    real = decode.sha256_handle
 
-    def recording(path):
-        hashed.append(Path(path).name)
-        return real(path)
+    def recording(handle):
+        hashed.append(Path(handle.name).name)
+        return real(handle)
 
-    monkeypatch.setattr(decode, "sha256_file", recording)
+    monkeypatch.setattr(decode, "sha256_handle", recording)
     result = invoke(["scan", folder, "--out", out, "-q", *tiny_args])
     assert result.exit_code == 3, result.output
     rows = rows_of(out)

@@ -511,8 +511,8 @@ def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     def deny(*args: object, **kwargs: object) -> object:
         raise PermissionError(13, "Permission denied", str(path))
 
-    # Patch the module's ``open`` (tests usually run as root, where chmod would not stop reading).
-    monkeypatch.setattr(images, "open", deny, raising=False)
+    # Patch the module's opener (tests usually run as root, where chmod would not stop reading).
+    monkeypatch.setattr(images, "open_regular", deny)
     assert _decode_error(path) == "cannot read file: permission denied"
 
 

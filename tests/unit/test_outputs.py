@@ -14,14 +14,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from winclip_cli.io import outputs
+from winclip_cli.io import safe_fs
 from winclip_cli.io.layout import heatmap_relpath
 from winclip_cli.io.outputs import (
     CSV_COLUMNS,
     LUT,
     CsvResultWriter,
     ResultRow,
-    atomic_path,
+    atomic_write,
     colorize,
     overlay,
     read_results_csv,
@@ -342,9 +342,11 @@ def test_failed_write_leaves_target_and_no_temp(tmp_path: Path) -> None:
     target = tmp_path / "run.json"
     target.write_text("precious", encoding="utf-8")
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            assert tmp.parent == tmp_path and tmp.name.startswith(".run.json") and tmp.name.endswith(".tmp")
-            tmp.write_text("half", encoding="utf-8")
+        with atomic_write(target) as handle:
+            (tmp,) = [p for p in tmp_path.iterdir() if p.name != "run.json"]
+            assert tmp.name.startswith(".run.json") and tmp.name.endswith(".tmp")
+            assert stat.S_IMODE(tmp.stat().st_mode) == 0o600  # private until complete
+            handle.write(b"half")
             raise RuntimeError("crash mid-write")
     assert target.read_text(encoding="utf-8") == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
@@ -353,22 +355,22 @@ def test_failed_write_leaves_target_and_no_temp(tmp_path: Path) -> None:
 def test_keyboard_interrupt_also_cleans_up(tmp_path: Path) -> None:
     target = tmp_path / "a.png"
     with pytest.raises(KeyboardInterrupt):
-        with atomic_path(target):
+        with atomic_write(target):
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
 
 
-def test_atomic_path_temp_names_unique(tmp_path: Path) -> None:
+def test_atomic_write_temp_names_unique(tmp_path: Path) -> None:
     target = tmp_path / "same.png"
-    with atomic_path(target) as a, atomic_path(target) as b:
-        assert a != b
-        a.write_text("a")
-        b.write_text("b")
+    with atomic_write(target) as a, atomic_write(target) as b:
+        assert len(list(tmp_path.iterdir())) == 2
+        a.write(b"a")
+        b.write(b"b")
     assert target.read_text() in ("a", "b")
     assert leftovers(tmp_path) == []
 
 
-def test_atomic_path_long_target_name(tmp_path: Path) -> None:
+def test_atomic_write_long_target_name(tmp_path: Path) -> None:
     target = tmp_path / ("x" * 240 + ".png")
     write_text_atomic(target, "ok")
     assert target.read_text() == "ok"
@@ -378,4 +380,4 @@ def test_atomic_path_long_target_name(tmp_path: Path) -> None:
 def test_atomic_files_get_normal_permissions(tmp_path: Path) -> None:
     target = tmp_path / "a.txt"
     write_text_atomic(target, "x")
-    assert stat.S_IMODE(target.stat().st_mode) == outputs._FILE_MODE
+    assert stat.S_IMODE(target.stat().st_mode) == safe_fs.FILE_MODE

@@ -231,6 +231,8 @@ class StopFlag:
         def handler(signum, frame):
             if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
+            if self.requested:
+                return  # a storm of SIGTERM: said once (printing from a handler again could re-enter)
             self.requested = True
             stderr.print("[yellow]stopping after the current batch (Ctrl-C again to abort)…[/]")
 
@@ -245,7 +247,8 @@ class StopFlag:
             yield self
         finally:
             for sig, old in previous.items():
-                signal.signal(sig, old)
+                # once asked to stop, a later SIGTERM must not kill the clean exit with 143
+                signal.signal(sig, signal.SIG_IGN if self.requested and sig == signal.SIGTERM else old)
 
 
 class ConsoleReporter:
@@ -871,6 +874,8 @@ def merge(
     report: Annotated[bool, typer.Option("--report", help="Also write OUT/report.html.")] = False,
 ) -> None:
     """Join the output folders of sharded scans into one output folder (scores.csv, heatmaps, run.json).
+
+    OUT is locked like a scan's: merging into a folder that a scan, watch or merge is writing exits 4.
 
     Example:
 

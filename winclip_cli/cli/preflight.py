@@ -76,30 +76,11 @@ def check_not_busy(out: Path) -> None:
     """Exit 4 at once when another scan holds the output folder's lock (the job takes the lock itself)."""
     if not out.is_dir():
         return
-    from winclip_cli.io.layout import OutputLayout
-    from winclip_cli.io.state import OutputBusyError
+    from winclip_cli.io.state import OutputBusyError, lock_holder
 
-    lock = OutputLayout(out).lock
-    try:
-        handle = open(lock, encoding="utf-8", errors="replace")
-    except OSError:
-        return  # no lock file: nobody holds it (or the job will say why it cannot create one)
-    try:
-        import fcntl
-    except ImportError:
-        handle.close()
-        return
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = handle.read().strip() or "another process"
-            raise OutputBusyError(
-                f"another winclip scan is writing to {out} ({holder}); wait for it or use another --out"
-            ) from None
-        except OSError:
-            return  # e.g. no locks on this file system: the job reports it
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    holder = lock_holder(out)  # only the parsed "pid N on HOST since DATE": the file could hold anything
+    if holder is not None:
+        raise OutputBusyError(f"another winclip scan is writing to {out} ({holder}); wait for it or use another --out")
 
 
 @contextmanager

@@ -7,8 +7,10 @@ either way they are loaded without unpickling arbitrary objects (``weights_only=
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 from winclip_cli.errors import SetupError, WeightsUnavailableError
-from winclip_cli.io.hashing import cached_sha256_file
+from winclip_cli.io.hashing import sha256_handle
+from winclip_cli.io.safe_fs import open_regular
 from winclip_cli.options import AUTO, DEFAULT_ARCHITECTURE, DEFAULT_PRECISION, Device, Precision
 from winclip_cli.settings import cache_dir
 
@@ -34,13 +37,14 @@ class Backbone:
     model: Any  # an open_clip CLIP model: its towers are attributes torch's types cannot describe
     architecture: str
     weights: str  # the tag or the checkpoint path, as resolved
-    weights_sha256: str  # of the checkpoint file that was loaded ("" when no file: random init)
+    weights_sha256: str  # of the bytes of the checkpoint file that was loaded, read through the same descriptor
     device: torch.device
     precision: str  # "fp32", "bf16" or "fp16": the dtype the visual tower computes in
     image_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     tokenizer: object = field(repr=False)
+    config_sha256: str = ""  # of the model config's content: two configs of one name are two models
 
     @property
     def dtype(self) -> torch.dtype:
@@ -55,6 +59,7 @@ class Backbone:
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "precision": self.precision,
+            "model_config_sha256": self.config_sha256,
         }
 
 
@@ -106,17 +111,28 @@ def select_precision(precision: Precision, device: torch.device) -> str:
 
 
 def resolve_architecture(model: str) -> str:
-    """An open_clip architecture name, or a path to a model-config JSON (registered under its file stem)."""
+    """An open_clip architecture name, or a path to a model-config JSON (registered under its file stem).
+
+    A config whose sizes no real CLIP has (10,000,000 layers...) is refused before anything is built:
+    building it would take minutes and end in an allocation failure."""
     path = Path(model)
     if model.endswith(".json") or path.is_file():
-        if not path.is_file():
-            raise SetupError(f"model config file not found: {model}")
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SetupError(f"cannot read model config {model}: {err}") from None
+            with open_regular(path) as handle:  # a FIFO never blocks; a config is a few KB
+                text = handle.read(_CONFIG_LIMIT + 1)
+        except FileNotFoundError:
+            raise SetupError(f"model config file not found: {model}") from None
+        except OSError as err:
+            raise SetupError(f"cannot read model config {model}: {err.strerror or err}") from None
+        if len(text) > _CONFIG_LIMIT:
+            raise SetupError(f"{model} is not an open_clip model config (larger than {_CONFIG_LIMIT} bytes)")
+        try:
+            config = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise SetupError(f"cannot read model config {model}: {str(err)[:160] or 'nested too deeply'}") from None
         if not isinstance(config, dict) or "vision_cfg" not in config or "text_cfg" not in config:
             raise SetupError(f"{model} is not an open_clip model config (needs 'vision_cfg' and 'text_cfg')")
+        check_model_config_sizes(config, model)
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
@@ -124,6 +140,44 @@ def resolve_architecture(model: str) -> str:
         hint = f" (did you mean: {', '.join(close)}?)" if close else " (see open_clip.list_models())"
         raise SetupError(f"unknown model architecture {model!r}{hint}")
     return model
+
+
+_CONFIG_LIMIT = 1 << 20
+# Far above every open_clip model (ViT-bigG-14: 48 layers, width 1664, 2.5 G parameters), far below what
+# exhausts a machine's memory while the modules are built.
+MAX_LAYERS = 256
+MAX_WIDTH = 16384
+MAX_PARAMETERS = 20_000_000_000
+
+
+def check_model_config_sizes(config: dict, name: str) -> None:
+    """SetupError for a config whose layer count, width or estimated parameter count is absurd."""
+    total = 0
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg = config.get(tower)
+        if not isinstance(cfg, dict):
+            raise SetupError(f"{name} is not an open_clip model config ({tower} is not an object)")
+        sizes = {}
+        for key, cap in (("layers", MAX_LAYERS), ("width", MAX_WIDTH), ("vocab_size", 10_000_000)):
+            value = cfg.get(key, 1)
+            if isinstance(value, list):  # ResNet towers give layers per stage
+                value = sum(v for v in value if isinstance(v, int))
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue  # open_clip says what is wrong with a non-number
+            if value > cap:
+                raise SetupError(f"{name}: {tower}.{key} = {value} is larger than any CLIP model (at most {cap})")
+            sizes[key] = max(value, 1)
+        total += 12 * sizes.get("layers", 1) * sizes.get("width", 1) ** 2 + sizes.get("vocab_size", 1) * sizes.get(
+            "width", 1
+        )
+    if total > MAX_PARAMETERS:
+        raise SetupError(f"{name}: about {total / 1e9:.0f} G parameters, larger than any CLIP model; refused")
+
+
+def config_sha256(architecture: str) -> str:
+    """sha256 of the architecture's model config (canonical JSON): what decides the numbers, not its name."""
+    config = open_clip.get_model_config(architecture) or {}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def default_weights() -> str:
@@ -259,30 +313,32 @@ def create_uninitialised(architecture: str) -> Any:  # an open_clip CLIP model
     return model
 
 
-def load_weights(model: nn.Module, checkpoint: Path) -> None:
+def load_weights(model: nn.Module, checkpoint: Path, source: str | None = None) -> None:
     """Load a checkpoint strictly, without unpickling arbitrary objects.
 
     Plain open_clip state dicts are memory-mapped straight into the model; anything else (older
-    layouts, timm or big_vision weights) goes through open_clip's converting loader.
+    layouts, timm or big_vision weights) goes through open_clip's converting loader. ``source``: where
+    to read the bytes (``/proc/self/fd/N`` of the descriptor that was hashed); the format is decided by
+    ``checkpoint``'s name.
     """
-    state = _read_state_dict(checkpoint)
+    state = _read_state_dict(checkpoint, source or str(checkpoint))
     if state is not None and set(state) == set(model.state_dict()):
         model.load_state_dict(state, strict=True)
     else:
         open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
 
 
-def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor] | None:
+def _read_state_dict(checkpoint: Path, source: str) -> dict[str, torch.Tensor] | None:
     if checkpoint.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(checkpoint))
+        return load_file(source)
     if checkpoint.suffix in (".npz", ".npy"):
         return None  # big_vision weights: open_clip converts them
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -290,6 +346,29 @@ def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor] | None:
     if state and next(iter(state)).startswith("module."):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def _descriptor_path(handle) -> str | None:
+    """A name that opens the very file behind ``handle`` (Linux), or None."""
+    candidate = f"/proc/self/fd/{handle.fileno()}"
+    try:
+        same = os.path.samestat(os.stat(candidate), os.fstat(handle.fileno()))
+    except OSError:
+        return None
+    return candidate if same else None
+
+
+def _load_error_line(err: BaseException) -> str:
+    """One printable line saying why a checkpoint did not load. Never torch's advice for a file holding
+    other objects than tensors (to load it with ``weights_only=False``): that would run any code it holds."""
+    text = str(err)
+    if "weights_only" in text or "unpickl" in text.lower():
+        return "it holds objects other than tensors, which winclip never unpickles"
+    for line in text.splitlines():
+        line = "".join(ch for ch in line if ch.isprintable()).strip()
+        if line:
+            return line[:200]
+    return type(err).__name__
 
 
 def load_backbone(
@@ -304,17 +383,27 @@ def load_backbone(
     chosen_precision = select_precision(precision, torch_device)
     checkpoint = resolve_weights(architecture, weights or default_weights())
     try:
-        clip = create_uninitialised(architecture)
-    except Exception as err:
-        raise SetupError(f"cannot build architecture {architecture}: {err}") from None
-    try:
-        load_weights(clip, checkpoint)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsUnavailableError(
-            f"cannot load {checkpoint} into {architecture}: {first[:200]} "
-            f"(is it an open_clip checkpoint of this architecture? see --model)"
-        ) from None
+        # Identity from content: the file is opened once, hashed, and loaded from the same descriptor, so a
+        # checkpoint replaced by one of the same size and mtime (cp -p) can never keep the old hash.
+        handle = open_regular(checkpoint)
+    except OSError as err:
+        raise WeightsUnavailableError(f"cannot read {checkpoint}: {err.strerror or err}") from None
+    with handle, ThreadPoolExecutor(1, thread_name_prefix="winclip-weights-hash") as hasher:
+        # hashed beside building the model and loading it (hashlib releases the GIL): the bytes are read
+        # into the page cache once, and the hash costs little wall time on a second core
+        hashing = hasher.submit(sha256_handle, handle)
+        try:
+            clip = create_uninitialised(architecture)
+        except Exception as err:
+            raise SetupError(f"cannot build architecture {architecture}: {err}") from None
+        try:
+            load_weights(clip, checkpoint, _descriptor_path(handle))
+        except Exception as err:
+            raise WeightsUnavailableError(
+                f"cannot load {checkpoint} into {architecture}: {_load_error_line(err)} "
+                f"(is it an open_clip checkpoint of this architecture? see --model)"
+            ) from None
+        weights_sha256 = hashing.result()
     clip.eval()
     if torch_device.type == "cuda" and chosen_precision == Precision.FP32.value:
         # fp32 means fp32: TF32 tensor cores would move scores by ~1e-3, past the reference's 1e-4.
@@ -333,11 +422,12 @@ def load_backbone(
         model=clip,
         architecture=architecture,
         weights=str(checkpoint) if Path(weights or default_weights()).is_file() else (weights or default_weights()),
-        weights_sha256=cached_sha256_file(checkpoint),
+        weights_sha256=weights_sha256,
         device=torch_device,
         precision=chosen_precision,
         image_size=image_size,
         mean=mean,
         std=std,
         tokenizer=open_clip.get_tokenizer(architecture),
+        config_sha256=config_sha256(architecture),
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from winclip_cli.errors import PromptFileError
+from winclip_cli.io.safe_fs import open_regular
 
 PLACEHOLDER = "{}"
 DEFAULT_CLASS = "object"
@@ -140,15 +141,23 @@ def load_vocabulary(path: Path | None) -> Vocabulary:
     if path is None:
         return DEFAULT_VOCABULARY
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open_regular(Path(path)) as handle:  # a FIFO is refused, never waited on
+            raw = handle.read(PROMPT_FILE_LIMIT + 1)
+        if len(raw) > PROMPT_FILE_LIMIT:
+            raise PromptFileError(f"{path}: larger than {PROMPT_FILE_LIMIT // 1024} KB; not a prompt file")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise PromptFileError(f"prompt file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
+        raise PromptFileError(f"cannot read prompt file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
         raise PromptFileError(f"cannot read prompt file {path}: {err}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise PromptFileError(f"{path}: invalid TOML: {err}") from None
+    except RecursionError:
+        raise PromptFileError(f"{path}: invalid TOML: nested too deeply") from None
     lines = text.splitlines()
 
     def where(key: str) -> str:
@@ -194,7 +203,7 @@ def load_vocabulary(path: Path | None) -> Vocabulary:
         for key, value in (("normal", normal), ("anomalous", anomalous), ("templates", templates)):
             if not value:
                 raise PromptFileError(f'{path}: mode "replace" needs a non-empty {key!r} list')
-        return Vocabulary(normal, anomalous, templates, source=str(path))
+        return _within_sentence_cap(Vocabulary(normal, anomalous, templates, source=str(path)))
 
     def extend(base: tuple[str, ...], extra: tuple[str, ...], key: str) -> tuple[str, ...]:
         for item in extra:
@@ -204,12 +213,32 @@ def load_vocabulary(path: Path | None) -> Vocabulary:
                 )
         return base + extra
 
-    return Vocabulary(
-        extend(NORMAL_STATES, normal, "normal"),
-        extend(ANOMALOUS_STATES, anomalous, "anomalous"),
-        extend(TEMPLATES, templates, "templates"),
-        source=str(path),
+    return _within_sentence_cap(
+        Vocabulary(
+            extend(NORMAL_STATES, normal, "normal"),
+            extend(ANOMALOUS_STATES, anomalous, "anomalous"),
+            extend(TEMPLATES, templates, "templates"),
+            source=str(path),
+        )
     )
+
+
+PROMPT_FILE_LIMIT = 1 << 20  # a prompt file is a few KB
+MAX_SENTENCES = 10_000  # per side: states x templates. The default has 147 normal and 84 anomalous sentences.
+
+
+def _within_sentence_cap(vocabulary: Vocabulary) -> Vocabulary:
+    """The vocabulary, or PromptFileError when states x templates makes more sentences than MAX_SENTENCES
+    on a side: each one goes through the text encoder (180,000 sentences took 3.3 GB and 87 s)."""
+    templates = len(vocabulary.templates)
+    for side, states in (("normal", vocabulary.normal_states), ("anomalous", vocabulary.anomalous_states)):
+        count = len(states) * templates
+        if count > MAX_SENTENCES:
+            raise PromptFileError(
+                f"{vocabulary.source}: {len(states)} {side} states x {templates} templates make {count} sentences; "
+                f"at most {MAX_SENTENCES} per side are encoded (use fewer states or templates)"
+            )
+    return vocabulary
 
 
 def _line_of_key(lines: list[str], key: str) -> int:

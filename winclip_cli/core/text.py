@@ -8,9 +8,9 @@ batch (about 15-20 of 77 tokens here) gives the same embeddings for a fraction o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from winclip_cli.core.prompts import PromptEnsemble
+from winclip_cli.io.safe_fs import Confined, atomic_write, open_confined, open_folder
 from winclip_cli.settings import cache_dir
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by the model config's content, entries carry a checksum
 
 
 def _text_tower(model: nn.Module) -> Any:  # an open_clip module: its parts are attributes torch cannot type
@@ -59,6 +60,9 @@ def encode_text_truncated(model: nn.Module, tokens: torch.Tensor) -> torch.Tenso
     return x
 
 
+TEXT_BATCH = 512  # sentences per text-encoder call: memory stays bounded whatever a prompt file holds
+
+
 def encode_sentences(model: nn.Module, tokenizer, sentences: list[str], device: torch.device) -> torch.Tensor:
     """(len(sentences), D) unnormalised text embeddings."""
     tokens = tokenizer(sentences).to(device)
@@ -69,18 +73,49 @@ def encode_sentences(model: nn.Module, tokenizer, sentences: list[str], device: 
         return encode(tokens).float()
 
 
+def mean_embedding(model: nn.Module, tokenizer, sentences: list[str], device: torch.device) -> torch.Tensor:
+    """(D,) the mean unnormalised embedding of ``sentences``, encoded TEXT_BATCH at a time.
+
+    Up to TEXT_BATCH sentences (the default ensembles have 147 and 84) go through in one call, exactly
+    as before batching existed; more are summed batch by batch in float64 and divided once."""
+    if len(sentences) <= TEXT_BATCH:
+        return encode_sentences(model, tokenizer, sentences, device).mean(dim=0)
+    total: torch.Tensor | None = None
+    for start in range(0, len(sentences), TEXT_BATCH):
+        part = encode_sentences(model, tokenizer, sentences[start : start + TEXT_BATCH], device).double().sum(dim=0)
+        total = part if total is None else total + part
+    assert total is not None  # more than TEXT_BATCH sentences: at least one batch
+    return (total / len(sentences)).float()
+
+
 def ensemble_embeddings(model: nn.Module, tokenizer, ensemble: PromptEnsemble, device: torch.device) -> torch.Tensor:
     """(2, D): the mean unnormalised embedding of the normal sentences, then of the anomalous ones."""
-    normal = encode_sentences(model, tokenizer, list(ensemble.normal), device).mean(dim=0)
-    anomalous = encode_sentences(model, tokenizer, list(ensemble.anomalous), device).mean(dim=0)
+    normal = mean_embedding(model, tokenizer, list(ensemble.normal), device)
+    anomalous = mean_embedding(model, tokenizer, list(ensemble.anomalous), device)
     return torch.stack([normal, anomalous])
 
 
-class TextEmbeddingCache:
-    """Ensemble vectors on disk, keyed by model identity and the exact sentences.
+def embedding_width(model: nn.Module) -> int | None:
+    """D, the width of the text embeddings ``model`` makes (None when it cannot be told without encoding)."""
+    projection = getattr(_text_tower(model), "text_projection", None)
+    if isinstance(projection, nn.Linear):
+        return int(projection.out_features)
+    if isinstance(projection, torch.Tensor) and projection.ndim == 2:
+        return int(projection.shape[1])
+    return None
 
-    A corrupt or foreign entry is ignored (and rewritten); the cache never decides a result on
-    its own: a key mismatch is simply a miss.
+
+_ENTRY_LIMIT = 16 << 20  # (2, D) float32 with D in the thousands is a few KB
+
+
+class TextEmbeddingCache:
+    """Ensemble vectors on disk, keyed by the model's identity (its config's content and its weights'
+    sha256) and the exact sentences.
+
+    An entry is used only when it is a regular file of this user in a folder of this user that nobody else
+    can write to (reached without links, never blocking on a FIFO), holds this key, has the shape (2, D)
+    the model makes, float32, finite values, and the sha256 of the vectors stored beside them. Anything
+    else is a miss and is rebuilt: the cache never decides a result on its own.
     """
 
     def __init__(self, directory: Path | None = None) -> None:
@@ -92,6 +127,7 @@ class TextEmbeddingCache:
         payload = {
             "format": CACHE_FORMAT,
             "architecture": identity["architecture"],
+            "model_config_sha256": identity.get("model_config_sha256", ""),
             "weights_sha256": identity["weights_sha256"],
             "normal": ensemble.normal,
             "anomalous": ensemble.anomalous,
@@ -101,39 +137,60 @@ class TextEmbeddingCache:
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.npz"
 
-    def load(self, key: str) -> torch.Tensor | None:
-        path = self.path(key)
+    def _entry(self, key: str) -> Confined:
+        return Confined(self.directory.parent, f"{self.directory.name}/{key}.npz")
+
+    def _trusted_folder(self) -> bool:
+        """The cache folder exists, is no link, belongs to this user and only this user can write in it."""
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if str(data["key"]) != key:
+            with open_folder(self.directory.parent, [self.directory.name], create=False) as folder:
+                info = os.fstat(folder)
+        except OSError:
+            return False
+        return info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+    def load(self, key: str, width: int | None = None) -> torch.Tensor | None:
+        if not self._trusted_folder():
+            return None
+        try:
+            with open_confined(self._entry(key)) as handle:
+                info = os.fstat(handle.fileno())
+                if info.st_uid != os.geteuid() or info.st_mode & 0o022 or info.st_size > _ENTRY_LIMIT:
                     return None
-                vectors = np.asarray(data["embeddings"], dtype=np.float32)
+                data = handle.read(_ENTRY_LIMIT + 1)
+            with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+                if str(stored["key"]) != key:
+                    return None
+                vectors = stored["embeddings"]
+                checksum = str(stored["sha256"])
         except (OSError, ValueError, KeyError, EOFError):
             return None
         except Exception:  # zipfile.BadZipFile and friends: a damaged entry is a miss
             return None
-        if vectors.ndim != 2 or vectors.shape[0] != 2 or not np.isfinite(vectors).all():
+        if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != 2:
             return None
-        return torch.from_numpy(vectors)
+        if (width is not None and vectors.shape[1] != width) or not np.isfinite(vectors).all():
+            return None
+        if hashlib.sha256(np.ascontiguousarray(vectors).tobytes()).hexdigest() != checksum:
+            return None
+        return torch.from_numpy(np.array(vectors))
 
     def store(self, key: str, embeddings: torch.Tensor) -> None:
+        vectors = np.ascontiguousarray(embeddings.detach().cpu().float().numpy())
+        checksum = hashlib.sha256(vectors.tobytes()).hexdigest()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            # folder 0700, file 0600: the entries decide scores, nobody else may write (or swap) them
+            with atomic_write(self._entry(key), mode=0o600, folder_mode=0o700) as handle:
+                np.savez(handle, key=np.array(key), embeddings=vectors, sha256=np.array(checksum))
         except OSError:
             return  # an unwritable cache costs speed next time, never a result
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, key=np.array(key), embeddings=embeddings.detach().cpu().float().numpy())
-            os.replace(tmp, self.path(key))
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)
 
     def get_or_compute(
         self, model: nn.Module, tokenizer, ensemble: PromptEnsemble, identity: dict[str, str], device: torch.device
     ) -> torch.Tensor:
         key = self.key(identity, ensemble)
-        cached = self.load(key)
+        cached = self.load(key, embedding_width(model))
         if cached is not None:
             return cached.to(device)
         self.encoder_calls += 1

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from winclip_cli.errors import SetupError
-from winclip_cli.io.images import IMAGE_EXTENSIONS
+from winclip_cli.io.images import IMAGE_EXTENSIONS, pillow_formats
+from winclip_cli.io.safe_fs import open_regular
 
 __all__ = ["Category", "LabelledImage", "discover_categories", "draw_references", "load_mask"]
 
@@ -188,7 +189,8 @@ def load_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
     if path is None:
         return np.zeros((height, width), dtype=bool)
     try:
-        with Image.open(path) as opened:
+        # opened once without blocking on a FIFO, and only as the formats winclip reads
+        with open_regular(path) as handle, Image.open(handle, formats=pillow_formats()) as opened:
             image: Image.Image = opened
             image.load()
             if image.mode == "P":

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from winclip_cli.errors import ImageDecodeError, SetupError
 from winclip_cli.io.library_messages import captured_library_messages
+from winclip_cli.io.safe_fs import NotRegularFileError, open_regular, trusted_link
 from winclip_cli.options import DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -79,6 +80,9 @@ def discover_images(root: Path, exclude: Sequence[Path] = ()) -> Discovery:
     - Symlinked directories are followed when they point outside ``root``; links to directories
       inside ``root`` are not followed because those files are listed under their real path
       anyway.  Each resolved directory is visited once, so link cycles terminate.
+    - A link is followed only when it belongs to the user running winclip or to the owner of what it
+      leads to (a linked folder of another user is reported as skipped); :func:`open_image_file`
+      applies the same rule again to every link on the way when the file is opened.
     - Links named like images that lead nowhere (broken, or a loop) are listed, so that the
       caller reports them like any unreadable file (see :func:`unreadable_reason`).
 
@@ -134,6 +138,9 @@ def discover_images(root: Path, exclude: Sequence[Path] = ()) -> Discovery:
             if is_dir:
                 real = Path(os.path.realpath(path)) if is_link else real_dir / entry.name
                 if is_link and real.is_relative_to(real_root):
+                    continue
+                if is_link and not trusted_link(path):  # every open checks again: see safe_fs.open_resolved
+                    skipped.append((path, "a symbolic link of another user, not followed"))
                     continue
                 if not is_excluded(real):
                     subdirs.append((path, real))
@@ -292,7 +299,7 @@ def preprocess(
 # --------------------------------------------------------------------------------------------------
 
 
-def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def load_image(path: Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode a supported file into RGB, honouring EXIF orientation.
 
     The format is detected from the content, not the extension.  TIFFs are read with tifffile (keeps
@@ -301,37 +308,49 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     same whatever colour the file happens to store under them.  Images wider x higher than
     ``max_pixels`` are refused from their header, before any pixel data is decoded.
 
+    ``path`` may also be a file opened with :func:`open_image_file` (read from its start, left open).
+
     Raises :class:`ImageDecodeError` with a one-line reason for anything unusable.
     """
     if max_pixels < 1:
         raise ValueError("max_pixels must be positive")
-    path = Path(path)
-    fh = _open_image_file(path)
+    if isinstance(path, (str, os.PathLike)):
+        fh = open_image_file(Path(path))
+        owned = True
+    else:
+        fh, owned = path, False
+        fh.seek(0)
     try:
-        with fh, captured_library_messages() as library_messages:
+        with captured_library_messages() as library_messages:
             image = _decode(fh, max_pixels)
     except MemoryError:
         raise ImageDecodeError("not enough memory to decode the image") from None
+    finally:
+        if owned:
+            fh.close()
     if library_messages:  # e.g. Pillow's "Corrupt EXIF data": the file's note, not stderr
         image = LoadedImage(image.rgb, _join_notes([image.note, *map(_one_line, library_messages)]))
     return image
 
 
-def _open_image_file(path: Path) -> BinaryIO:
-    """Open ``path`` for reading or raise ImageDecodeError saying why it cannot be an image file."""
+def open_image_file(path: Path) -> BinaryIO:
+    """Open ``path`` for reading or raise ImageDecodeError saying why it cannot be an image file.
+
+    Opened once: what was opened is checked with fstat (a FIFO or device, which could block or never end,
+    is refused without blocking), and the same descriptor is decoded and hashed."""
     try:
-        st = path.stat()
+        return open_regular(path)
+    except NotRegularFileError as exc:
+        raise ImageDecodeError(
+            "is a directory, not an image file" if "a folder" in (exc.strerror or "") else "not a regular file"
+        ) from None
+    except IsADirectoryError:
+        raise ImageDecodeError("is a directory, not an image file") from None
     except OSError as exc:
         raise ImageDecodeError(unreadable_reason(path, exc)) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageDecodeError("is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        # FIFOs and devices could block forever or never end.
-        raise ImageDecodeError("not a regular file")
-    try:
-        return open(path, "rb")  # closed by the caller's ``with``
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {_os_reason(exc)}") from None
+
+
+_open_image_file = open_image_file
 
 
 def _decode(fh: BinaryIO, max_pixels: int) -> LoadedImage:
@@ -458,6 +477,9 @@ def _pillow_formats() -> tuple[str, ...]:
     return _pillow_formats_cache[0]
 
 
+pillow_formats = _pillow_formats  # for the other readers of input files (masks)
+
+
 def _decode_pillow(fh: BinaryIO, max_pixels: int, kind: str | None) -> LoadedImage:
     """Decode the first frame with Pillow into an RGB array."""
     with _pillow_bomb_check_off():
@@ -506,7 +528,13 @@ def _frame_note(im: Image.Image) -> str | None:
         raise ImageDecodeError(f"truncated or corrupt image data: {_exc_reason(exc)}") from None
     if count <= 1:
         return None
-    return f"first {'page' if im.format == 'TIFF' else 'frame'} of {count}"
+    what = "page" if im.format == "TIFF" else "frame"
+    if count > _PLAUSIBLE_FRAMES:  # a header's claim (APNG's acTL says 2147483647), not a count of frames
+        return f"first {what} (the file claims {count} {what}s)"
+    return f"first {what} of {count}"
+
+
+_PLAUSIBLE_FRAMES = 100_000
 
 
 def _pillow_depth_note(im: Image.Image) -> str | None:
@@ -786,4 +814,8 @@ def _apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
         rgb = rgb.transpose(1, 0, 2)[::-1, ::-1]
     elif orientation == 8:
         rgb = rgb.transpose(1, 0, 2)[::-1]
+    if any(step < 0 for step in rgb.strides):
+        # ascontiguousarray keeps a reversed axis of length 1 as it is (numpy calls it contiguous), and
+        # torch refuses negative strides: a fresh copy has none
+        return rgb.copy()
     return np.ascontiguousarray(rgb)

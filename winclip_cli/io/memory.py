@@ -28,8 +28,8 @@ from winclip_cli import __version__
 from winclip_cli.core.winclip import ReferenceMemory
 from winclip_cli.errors import MemoryFileError
 from winclip_cli.io.checks import check_memory_file
-from winclip_cli.io.hashing import sha256_file
-from winclip_cli.io.outputs import atomic_path
+from winclip_cli.io.hashing import sha256_handle
+from winclip_cli.io.safe_fs import atomic_write, open_regular
 from winclip_cli.options import Tiling
 
 FORMAT_VERSION = 1
@@ -147,7 +147,7 @@ def save_memory(path: Path, metadata: dict[str, Any], patches: np.ndarray, windo
     arrays = {"metadata": np.array(json.dumps(metadata, ensure_ascii=False)), "patches": patches.astype(np.float32)}
     for scale, array in windows.items():
         arrays[f"windows_{scale}"] = array.astype(np.float32)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_write(path) as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stubs take the keywords for options
 
 
@@ -204,7 +204,16 @@ def load_memory(path: Path) -> MemoryFile:
     path = Path(path)
     check_memory_file(path)
     try:
-        archive = zipfile.ZipFile(path)
+        handle = open_regular(path)  # opened once, never blocking on a FIFO; read and hashed from it
+    except OSError as err:
+        raise MemoryFileError(f"cannot read {path}: {err.strerror or err}") from None
+    with handle:
+        return _load_from(path, handle)
+
+
+def _load_from(path: Path, handle) -> MemoryFile:
+    try:
+        archive = zipfile.ZipFile(handle)
     except zipfile.BadZipFile:
         raise MemoryFileError(f"{path} is not a winclip memory (not an .npz file from `winclip build-refs`)") from None
     except OSError as err:
@@ -221,7 +230,7 @@ def load_memory(path: Path) -> MemoryFile:
     except (OSError, EOFError, KeyError, NotImplementedError, RuntimeError, zipfile.BadZipFile) as err:
         # NotImplementedError: a compression method zipfile lacks; RuntimeError: an encrypted member
         raise MemoryFileError(f"{path} is corrupt or truncated ({type(err).__name__}: {err})") from None
-    return MemoryFile(path=path, sha256=sha256_file(path), metadata=metadata, patches=patches, windows=windows)
+    return MemoryFile(path=path, sha256=sha256_handle(handle), metadata=metadata, patches=patches, windows=windows)
 
 
 def _read_archive(path: Path, archive: zipfile.ZipFile) -> tuple[dict[str, Any], np.ndarray, dict[int, np.ndarray]]:

@@ -14,11 +14,8 @@ import math
 import os
 import stat
 import struct
-import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,13 +25,24 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from winclip_cli.io.safe_fs import (
+    Confined,
+    LinkInOutputError,
+    NotRegularFileError,
+    atomic_write,
+    open_regular,
+    remove_regular,
+)
 from winclip_cli.options import HeatmapFormat
 
 __all__ = [
+    "NOTE_LIMIT",
+    "Confined",
+    "NotRegularFileError",
     "CSV_COLUMNS",
     "CsvResultWriter",
     "ResultRow",
-    "atomic_path",
+    "atomic_write",
     "LinkInOutputError",
     "colorize",
     "confined_path",
@@ -91,6 +99,19 @@ def _fmt_int(value: int | None) -> str:
     return "" if value is None else str(int(value))
 
 
+def _json_text(value: str) -> str:
+    """Text that encodes as UTF-8: a file name's bytes that are not UTF-8 (surrogate-escaped on POSIX) are
+    written as ``\\xNN``, as in scores.csv, so a JSON line or a hook's input can never fail to encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that no byte stands for
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def _json_float(value: float | None) -> float | None:
     """Rounded float, or None: NaN/inf are not valid JSON, so they count as missing there."""
     if value is None:
@@ -132,6 +153,10 @@ class ResultRow:
             raise ValueError(f"status must be 'ok' or 'error', got {self.status!r}")
         if self.label not in _LABELS:
             raise ValueError(f"label must be 'anomalous', 'normal' or '', got {self.label!r}")
+        for name in ("note", "error"):  # a file with thousands of bad tags must not make a 400 KB cell
+            text = getattr(self, name)
+            if len(text) > NOTE_LIMIT:
+                object.__setattr__(self, name, text[: NOTE_LIMIT - 30] + f" ... ({len(text) - NOTE_LIMIT + 30} more)")
 
     def as_csv_dict(self) -> dict[str, str]:
         """All CSV_COLUMNS as strings: floats '%.6f', ints plain, missing values ''."""
@@ -156,7 +181,7 @@ class ResultRow:
             elif name in _INT_FIELDS:
                 out[name] = None if value is None else int(value)
             else:
-                out[name] = value
+                out[name] = _json_text(value)
         return out
 
     @classmethod
@@ -217,14 +242,26 @@ class CsvResultWriter:
         # newline="" is what the csv module needs to keep embedded newlines inside quoted fields intact.
         # backslashreplace: undecodable file names (surrogate-escaped on POSIX) must not crash the scan
         # and must not make the whole CSV invalid UTF-8 for pandas/Excel.
-        exists = append and self.path.is_file() and self.path.stat().st_size > 0
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if exists else os.O_TRUNC) | _O_NOFOLLOW
+        # Opened once, without following a link and without blocking on a FIFO; fstat says what it is.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             fd = os.open(self.path, flags, 0o666)
         except OSError as err:
             if err.errno == errno.ELOOP:  # a planted link must not make a (root) cron job write elsewhere
                 raise LinkInOutputError(self.path) from None
+            if err.errno == errno.ENXIO:  # a FIFO nobody reads
+                raise NotRegularFileError(self.path, stat.S_IFIFO) from None
             raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise NotRegularFileError(self.path, info.st_mode)
+        os.set_blocking(fd, True)
+        exists = append and info.st_size > 0
+        if exists:
+            os.lseek(fd, 0, os.SEEK_END)
+        else:
+            os.ftruncate(fd, 0)
         self._fh = open(fd, "w", newline="", encoding="utf-8", errors="backslashreplace")
         # Rows may come from worker threads; interleaved half-rows would corrupt the file.
         self._lock = threading.Lock()
@@ -285,16 +322,33 @@ class CsvResultWriter:
 
 def write_results_csv_atomic(path: Path, rows: list[ResultRow]) -> None:
     """The whole scores.csv at once (header and rows), replacing any previous file atomically."""
-    with atomic_path(path) as tmp:
-        with CsvResultWriter(tmp, fsync=False) as writer:
-            for row in rows:
-                writer.write(row)
+    with atomic_write(path) as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8", errors="backslashreplace", newline="", write_through=True)
+        text.write(format_csv_line(list(CSV_COLUMNS)))
+        for row in rows:
+            values = spreadsheet_safe(row.as_csv_dict())
+            text.write(format_csv_line([values[col] for col in CSV_COLUMNS]))
+        text.flush()
+        text.detach()  # atomic_write closes the file itself
+
+
+# A CSV cell that winclip writes is at most a path, a note or an error (notes and errors are capped at
+# NOTE_LIMIT characters when written): the csv module's default limit of 131,072 characters would refuse
+# a file name that is long after backslash escapes; this one still stops a crafted CSV of one endless field.
+CSV_FIELD_LIMIT = 1 << 20
+NOTE_LIMIT = 2000  # characters of a row's note or error: a file with 4,000 bad tags is not a 400 KB note
 
 
 def read_results_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a scores.csv as dicts keyed by CSV_COLUMNS (for tests and tools)."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    """Rows of a scores.csv as dicts keyed by CSV_COLUMNS (a link or FIFO at ``path`` is refused)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
+    try:
+        with open_regular(path, follow_links=False) as raw:
+            with io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
+                return list(csv.DictReader(fh))
+    finally:
+        csv.field_size_limit(limit)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -407,68 +461,20 @@ def overlay(image_rgb: np.ndarray, score_map: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------
 
 
-class LinkInOutputError(OSError):
-    """A symbolic link where winclip writes inside its output folder: following it could make a (root)
-    cron job write, truncate or delete files anywhere, so it is refused instead."""
+def confined_path(root: Path, relpath: str) -> Confined:
+    """``root/relpath`` for writing: the writers below open every folder between ``root`` and the file
+    without following links (creating missing ones), and never write through a link (io/safe_fs.py).
 
-    def __init__(self, path: Path | str) -> None:
-        super().__init__(
-            errno.ELOOP,
-            f"{path} is a symbolic link; winclip never writes through links inside its output folder "
-            "(remove the link or choose another --out)",
-        )
-
-
-def confined_path(root: Path, relpath: str) -> Path:
-    """``root/relpath`` for writing, after making sure that every folder between ``root`` and the file is a
-    real folder of ``root`` (created when missing), never a symbolic link.
-
-    Raises :class:`LinkInOutputError` (an OSError) naming the first link found. The file itself may be a
-    link: atomic writes rename over it, which replaces the link and never touches its target.
+    Raises ValueError for a path that is not plain and relative. A link found on the way is refused at
+    write time with :class:`LinkInOutputError` (an OSError) naming it.
     """
-    parts = [part for part in relpath.split("/") if part not in ("", ".")]
-    if not parts or ".." in parts:
-        raise ValueError(f"not a plain relative path: {relpath!r}")
-    current = Path(root)
-    for part in parts[:-1]:
-        current = current / part
-        try:
-            info = os.lstat(current)
-        except FileNotFoundError:
-            try:
-                os.mkdir(current)
-            except FileExistsError:
-                pass  # another writer thread made it a moment ago
-            info = os.lstat(current)
-        if stat.S_ISLNK(info.st_mode):
-            raise LinkInOutputError(current)
-        if not stat.S_ISDIR(info.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, f"{current} is not a folder")
-    return current / parts[-1]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------------------
+    return Confined(Path(root), relpath)
 
 
 def remove_inside(root: Path, relpath: str) -> None:
-    """Delete the file ``root/relpath``, but never a file that a link leads to outside ``root``."""
-    target = root / relpath
-    if target.is_file() and target.resolve().is_relative_to(root.resolve()):
-        target.unlink(missing_ok=True)
-
-
-def _read_umask() -> int:
-    # mkstemp creates 0600 files; without a chmod every heatmap would be private to the user, unlike a
-    # normally written file. os.umask can only be read by setting it, so do it once at import time,
-    # before any writer threads exist.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_read_umask()
+    """Delete the regular file ``root/relpath``; a link (as the file or any folder on the way) is left
+    alone, never followed, wherever it leads."""
+    remove_regular(Confined(Path(root), relpath))
 
 
 def sync_filesystem(path: Path) -> None:
@@ -478,7 +484,7 @@ def sync_filesystem(path: Path) -> None:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             if libc.syncfs(fd) == 0:
                 return
@@ -487,54 +493,6 @@ def sync_filesystem(path: Path) -> None:
     except (OSError, AttributeError):
         pass
     os.sync()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; not possible (nor needed) on Windows, best effort elsewhere."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: Path, *, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is deleted.
-
-    Readers therefore see either the old file or the complete new one, never a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp picks a unique name (threads never collide); same directory so os.replace is a rename.
-    # The name is cut short so that prefix + random part + suffix still fit in 255 bytes.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:50]}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, _FILE_MODE)
-        if fsync:
-            # Without this a power cut after the rename can leave an empty file under the final name.
-            fd = os.open(tmp, os.O_RDWR)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        # BaseException: Ctrl-C mid-write must not leave a stray .tmp behind either.
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        _fsync_dir(path.parent)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -593,44 +551,43 @@ def _check_rgb(rgb: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def write_png_atomic(path: Path, rgb: np.ndarray, *, fsync: bool = True, compress_level: int = 6) -> None:
+def write_png_atomic(path: Path | Confined, rgb: np.ndarray, *, fsync: bool = True, compress_level: int = 6) -> None:
     """Write an (H, W, 3) uint8 array as a PNG, atomically (``fsync=False``: the caller syncs in bulk)."""
     arr = _check_rgb(rgb, "PNG")
-    with atomic_path(path, fsync=fsync) as tmp:
-        with open(tmp, "wb") as fh:
-            write_png(fh, arr, compress_level)
+    with atomic_write(path, fsync=fsync) as fh:
+        write_png(fh, arr, compress_level)
 
 
 JPEG_QUALITY = 90
 
 
-def write_jpeg_atomic(path: Path, rgb: np.ndarray, *, fsync: bool = True, quality: int = JPEG_QUALITY) -> None:
+def write_jpeg_atomic(
+    path: Path | Confined, rgb: np.ndarray, *, fsync: bool = True, quality: int = JPEG_QUALITY
+) -> None:
     """Write an (H, W, 3) uint8 array as a JPEG, atomically (``fsync=False``: the caller syncs in bulk)."""
     image = Image.fromarray(_check_rgb(rgb, "JPEG"))
-    with atomic_path(path, fsync=fsync) as tmp:
-        # Explicit format: the temp name ends in .tmp, so Pillow cannot guess it.
-        image.save(tmp, format="JPEG", quality=quality)
+    with atomic_write(path, fsync=fsync) as fh:
+        image.save(fh, format="JPEG", quality=quality)
 
 
-def write_float_tiff_atomic(path: Path, score_map: np.ndarray, *, fsync: bool = True) -> None:
+def write_float_tiff_atomic(path: Path | Confined, score_map: np.ndarray, *, fsync: bool = True) -> None:
     """Write an (H, W) score map as a float32 TIFF (zlib, lossless), atomically."""
     arr = np.asarray(score_map)
     if arr.ndim != 2:
         raise ValueError(f"score map must be 2-D (H, W), got shape {arr.shape}")
     data = np.ascontiguousarray(arr, dtype=np.float32)
-    with atomic_path(path, fsync=fsync) as tmp:
+    with atomic_write(path, fsync=fsync) as fh:
         # zlib works with the standard library alone (no imagecodecs) and is readable by any TIFF reader.
-        tifffile.imwrite(tmp, data, compression="zlib")
+        tifffile.imwrite(fh, data, compression="zlib")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write UTF-8 text with '\\n' line endings (same bytes on every OS), atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+    with atomic_write(path) as fh:
+        fh.write(text.encode("utf-8"))
 
 
-def write_heatmap(heatmaps: HeatmapFormat, path: Path, rgb: np.ndarray) -> None:
+def write_heatmap(heatmaps: HeatmapFormat, path: Path | Confined, rgb: np.ndarray) -> None:
     """A heatmap overlay in the chosen format, atomically and without an fsync (the scan syncs the file
     system once per group of rows, before it commits them). PNG at level 1: heatmaps of textured parts
     barely compress anyway. A new ``HeatmapFormat`` gets its encoder here."""

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from winclip_cli.errors import SetupError, WinclipError
-from winclip_cli.io.layout import OWN_FILES, OWN_FOLDERS, OutputLayout
+from winclip_cli.io.layout import LOCK_NAME, OWN_FILES, OWN_FOLDERS, STATE_DB_NAME, STATE_DIR, OutputLayout
 from winclip_cli.io.outputs import LinkInOutputError, ResultRow
+from winclip_cli.io.safe_fs import open_folder, remove_stale_temporaries
 
 EXIT_BUSY = 4
 
@@ -60,38 +61,147 @@ def describe_lock(text: str) -> str:
     return f"pid {found[1]} on {found[2]} since {found[3]}"
 
 
+def _state_folder(out_dir: Path) -> int:
+    """A descriptor of ``OUT/.winclip``, created mode 0700 when missing, opened without following a link.
+
+    It must belong to this user (or to root) and be writable by its owner alone: anyone else who could
+    write in it could plant links that SQLite follows, or hold the lock. An older folder of this user
+    with a wider mode is narrowed to 0700."""
+    layout = OutputLayout(out_dir)
+    try:
+        with open_folder(layout.root, [], create=False) as root:
+            try:
+                os.mkdir(STATE_DIR, 0o700, dir_fd=root)
+            except FileExistsError:
+                pass
+            fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(layout.state_dir):
+            raise SetupError(LinkInOutputError(layout.state_dir).strerror) from None
+        raise SetupError(f"cannot open {layout.state_dir}: {err.strerror or err}") from None
+    info = os.fstat(fd)
+    if info.st_uid not in (os.geteuid(), 0):
+        os.close(fd)
+        raise SetupError(
+            f"{layout.state_dir} belongs to another user (uid {info.st_uid}); winclip keeps its state and lock "
+            "only in a folder of its own user: remove it or choose another --out"
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
+        os.fchmod(fd, 0o700)
+    elif stat.S_IMODE(info.st_mode) & 0o022:
+        os.close(fd)
+        raise SetupError(f"{layout.state_dir} is writable by other users; remove it or choose another --out")
+    return fd
+
+
+def _open_lock_file(out_dir: Path, flags: int) -> int:
+    """The lock file's descriptor (mode 0600, a regular file with one link), never blocking on a FIFO."""
+    path = OutputLayout(out_dir).lock
+    folder = _state_folder(out_dir)
+    try:
+        try:
+            fd = os.open(LOCK_NAME, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=folder)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise SetupError(LinkInOutputError(path).strerror) from None
+            raise SetupError(f"cannot open the lock {path}: {err.strerror}") from None
+    finally:
+        os.close(folder)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise SetupError(
+            f"{path} is not a plain file of the output folder (a link or special file); "
+            "remove it or choose another --out"
+        )
+    if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != 0o600:
+        os.fchmod(fd, 0o600)  # a lock others can open, they can hold: every scan would exit 4
+    os.set_blocking(fd, True)
+    return fd
+
+
+def lock_holder(out_dir: Path) -> str | None:
+    """Who holds the output folder's lock ("pid N on HOST since DATE", "unreadable lock" for anything
+    else), or None when nobody does or there is no lock yet. Creates nothing; SetupError when a process
+    of another user holds it (see OutputLock)."""
+    layout = OutputLayout(out_dir)
+    try:
+        import fcntl
+
+        with open_folder(layout.root, [STATE_DIR], create=False) as folder:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(LOCK_NAME, flags, dir_fd=folder)
+    except (OSError, ImportError):
+        return None  # no lock (or not POSIX): the job itself says why it cannot take one
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None  # the job refuses it with a message
+        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)  # left readable by an older version: nobody else opens it from now on
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            foreign = _foreign_holder(os.fstat(fd))
+            if foreign is not None:
+                raise SetupError(
+                    f"the lock {layout.lock} is held by another user (uid {foreign[1]}, pid {foreign[0]}), not by a "
+                    "winclip run that can write here; stop that process or remove the lock file"
+                ) from None
+            os.set_blocking(fd, True)
+            text = os.read(fd, _LOCK_READ_LIMIT).decode("utf-8", "replace").strip()
+            return describe_lock(text) if text else "another process"
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _foreign_holder(info: os.stat_result) -> tuple[int, int] | None:
+    """(pid, uid) of a process of another user (neither this user nor root) holding a lock on the file
+    ``info`` describes, from /proc/locks (Linux); None when there is none or it cannot be told."""
+    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            lines = handle.read(1 << 20).splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or "->" in fields or fields[5] != wanted:
+            continue
+        try:
+            pid = int(fields[4])
+            uid = os.stat(f"/proc/{pid}").st_uid
+        except (ValueError, OSError):
+            continue
+        if uid not in (os.geteuid(), 0):
+            return pid, uid
+    return None
+
+
 class OutputLock:
     """An exclusive lock on an output folder, held for the whole run.
 
     ``fcntl.flock`` is released by the kernel when its holder dies, so a lock left by a killed
     process is simply free: the next run takes it over and says whose it was.
 
-    The lock file is opened without following links and must be a plain file of the folder (one hard
-    link), so a planted link cannot make the run truncate a file elsewhere.
+    The lock file lives in ``OUT/.winclip`` (mode 0700, of this user), is mode 0600, is opened without
+    following links or blocking on a FIFO, and must be a plain file with one link: another user can neither
+    hold it nor make the run truncate a file elsewhere. Only the parsed "pid N on HOST since DATE" of a
+    previous holder is ever shown.
     """
 
     def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
         self.path = OutputLayout(out_dir).lock
         self._fh: Any = None
         self.previous_holder: str = ""
 
     def _open(self) -> Any:
-        refuse_link(self.path.parent)  # before mkdir, which a dangling link would make fail
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-        try:
-            fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise SetupError(LinkInOutputError(self.path).strerror) from None
-            raise SetupError(f"cannot open the lock {self.path}: {err.strerror}") from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-            os.close(fd)
-            raise SetupError(
-                f"{self.path} is not a plain file of the output folder (a link or special file); "
-                "remove it or choose another --out"
-            )
+        fd = _open_lock_file(self.out_dir, os.O_RDWR | os.O_CREAT)
         return os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
 
     def acquire(self) -> OutputLock:
@@ -109,9 +219,17 @@ class OutputLock:
                 raise SetupError(
                     f"cannot lock {self.path} ({err.strerror}); use an --out on a local file system"
                 ) from None
+            foreign = _foreign_holder(os.fstat(fh.fileno()))
             fh.seek(0)
             holder = fh.read(_LOCK_READ_LIMIT).strip()
             fh.close()
+            if foreign is not None:
+                # not a winclip run that could write here: a user who opened the lock file while older
+                # versions left it readable. Exit 2, said on stderr, not the busy exit 4 a cron line skips.
+                raise SetupError(
+                    f"the lock {self.path} is held by another user (uid {foreign[1]}, pid {foreign[0]}), not by a "
+                    "winclip run that can write here; stop that process or remove the lock file"
+                ) from None
             holder = describe_lock(holder) if holder else "another process"
             raise OutputBusyError(
                 f"another winclip scan is writing to {self.path.parent.parent} ({holder}); "
@@ -162,10 +280,16 @@ class RunState:
 
     def __init__(self, out_dir: Path) -> None:
         self.path = OutputLayout(out_dir).state_db
-        refuse_link(self.path.parent)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for suffix in _SQLITE_SUFFIXES:
-            refuse_link(Path(f"{self.path}{suffix}"))  # SQLite follows links: one would make it write elsewhere
+        folder = _state_folder(out_dir)  # 0700, of this user: nobody else can plant a link in it
+        try:
+            for suffix in _SQLITE_SUFFIXES:  # SQLite follows links: one would make it write elsewhere
+                try:
+                    if stat.S_ISLNK(os.lstat(f"{STATE_DB_NAME}{suffix}", dir_fd=folder).st_mode):
+                        raise SetupError(LinkInOutputError(Path(f"{self.path}{suffix}")).strerror)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(folder)
         # One connection used from the scan's writer thread and the main thread, never at once.
         self._lock = threading.Lock()
         self.recovered_from = ""
@@ -364,24 +488,12 @@ def clean_stale_temporaries(out_dir: Path) -> int:
     """Remove the temporary files (``.NAME.*.tmp``) of atomic writes that a killed run left behind.
 
     Only winclip's own files are touched: its folders, and temporaries of its top-level files,
-    so an output folder shared with other tools keeps their files. Links are never followed (a
-    linked folder is not searched; a link named like a temporary is removed, not its target).
+    so an output folder shared with other tools keeps their files. Only regular files are removed, found
+    by walking opened folders: a linked folder is never searched, a link named like a temporary is left.
     """
     removed = 0
-    candidates = [p for name in OWN_FILES for p in out_dir.glob(f".{name}.*.tmp")]
+    for name in OWN_FILES:
+        removed += remove_stale_temporaries(out_dir, "", recursive=False, prefix=f".{name}.")
     for folder in OWN_FOLDERS:
-        top = out_dir / folder
-        try:
-            if not stat.S_ISDIR(os.lstat(top).st_mode):
-                continue
-        except OSError:
-            continue
-        for parent, _dirs, files in os.walk(top, followlinks=False):
-            candidates += [Path(parent) / name for name in files if name.startswith(".") and name.endswith(".tmp")]
-    for path in candidates:
-        try:
-            path.unlink()
-            removed += 1
-        except OSError:
-            pass
+        removed += remove_stale_temporaries(out_dir, folder, recursive=True)
     return removed

@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from winclip_cli.io.layout import thumbnail_relpaths
-from winclip_cli.io.outputs import atomic_path, confined_path
+from winclip_cli.io.outputs import confined_path
+from winclip_cli.io.safe_fs import Confined, atomic_write
 
 __all__ = ["THUMB_QUALITY", "THUMB_SIZE", "save_thumbnail", "write_thumbnails"]
 
@@ -33,7 +34,7 @@ def _as_rgb_image(array: np.ndarray, what: str) -> Image.Image:
     raise ValueError(f"{what} must be (H, W) or (H, W, 3) uint8, got shape {arr.shape}")
 
 
-def save_thumbnail(image: Image.Image, path: Path, owned: bool = False) -> None:
+def save_thumbnail(image: Image.Image, path: Path | Confined, owned: bool = False) -> None:
     """Shrink (never enlarge) to THUMB_SIZE on the longest side and write a JPEG atomically.
 
     ``owned``: the caller's image may be shrunk in place (saves copying a full-size image)."""
@@ -41,8 +42,8 @@ def save_thumbnail(image: Image.Image, path: Path, owned: bool = False) -> None:
     thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
     # No fsync: thumbnails can be regenerated, and a scan writes thousands. An empty file left by a power
     # cut is treated as missing by the report.
-    with atomic_path(path, fsync=False) as tmp:
-        thumb.save(tmp, format="JPEG", quality=THUMB_QUALITY)
+    with atomic_write(path, fsync=False) as handle:
+        thumb.save(handle, format="JPEG", quality=THUMB_QUALITY)
 
 
 def write_thumbnails(

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from stat import S_ISREG
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,8 +23,8 @@ import torch
 
 from winclip_cli.core.tiling import Tile, auto_tile_size, crop, tile_count, tile_grid
 from winclip_cli.errors import ImageDecodeError
-from winclip_cli.io.hashing import sha256_file
-from winclip_cli.io.images import LoadedImage, load_image, preprocess, unreadable_reason
+from winclip_cli.io.hashing import sha256_handle
+from winclip_cli.io.images import LoadedImage, load_image, open_image_file, preprocess
 from winclip_cli.io.state import FileStamp
 from winclip_cli.jobs.threads import BUDGET, ThreadBudget, one_torch_thread
 from winclip_cli.options import AUTO, DEFAULT_MAX_PIXELS, Tiling
@@ -122,19 +121,18 @@ def decode_file(
     usable image (a 20 GB sparse ``x.png``) costs no full read. ``take_inputs(n)`` is called with
     the number of model inputs before they are built; it may wait (see :class:`OrderedBudget`).
     """
-    try:
-        stat = path.stat()
-    except OSError as err:
-        return Decoded(path, relpath, error=unreadable_reason(path, err))
-    if not S_ISREG(stat.st_mode):  # a FIFO or device would block or never end when read
-        return Decoded(path, relpath, error="not a regular file")
+    try:  # opened once, never blocking on a FIFO; decoded and hashed from the same descriptor
+        handle = open_image_file(path)
+    except ImageDecodeError as err:
+        return Decoded(path, relpath, error=str(err))
+    stat = os.fstat(handle.fileno())
     stamp = FileStamp(stat.st_size, stat.st_mtime_ns)
     step = "decoding"
     try:
-        image = load_image(path, max_pixels=prep.max_pixels)
+        image = load_image(handle, max_pixels=prep.max_pixels)
         if with_stamp:  # only a file that will be scored is read whole
             step = "reading"
-            stamp = FileStamp(stat.st_size, stat.st_mtime_ns, sha256_file(path))
+            stamp = FileStamp(stat.st_size, stat.st_mtime_ns, sha256_handle(handle))
         step = "tiling"
         tiles = prep.tiles_for(image.height, image.width)
         take_inputs(1 if tiles is None else len(tiles))
@@ -147,6 +145,8 @@ def decode_file(
         return Decoded(path, relpath, stamp=stamp, error=str(err))
     except Exception as err:  # anything else one file can cause (torch "can't allocate", ...) is that file's error
         return Decoded(path, relpath, stamp=stamp, error=failure_reason(step, err))
+    finally:
+        handle.close()
     return Decoded(path, relpath, stamp=stamp, image=image, inputs=inputs, tiles=tiles)
 
 

@@ -2,14 +2,19 @@
 
 The merged folder is an ordinary output folder (scores.csv, heatmaps, thumbnails, run.json), so
 ``winclip report`` and every script that reads one scan's output read it the same way. Files are
-hard-linked where the file system allows it, else copied.
+hard-linked where the file system allows it, else copied; every file is read and written through opened
+folders (io/safe_fs.py), and the output folder is locked like a scan's.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
+import secrets
 import shutil
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ from typing import Any
 from winclip_cli.errors import SetupError
 from winclip_cli.io.layout import (
     HEATMAP_DIR,
+    RUN_NAME,
     OutputLayout,
     heatmap_relpath,
     is_heatmap_name,
@@ -26,14 +32,21 @@ from winclip_cli.io.layout import (
     thumbnail_relpaths_of_heatmap,
 )
 from winclip_cli.io.outputs import (
-    LinkInOutputError,
     ResultRow,
-    confined_path,
     read_results_csv,
     write_results_csv_atomic,
     write_text_atomic,
 )
-from winclip_cli.io.state import refuse_links
+from winclip_cli.io.safe_fs import (
+    Confined,
+    LinkInOutputError,
+    NotRegularFileError,
+    atomic_write,
+    open_confined,
+    open_folder,
+    read_confined_bytes,
+)
+from winclip_cli.io.state import OutputLock, clean_stale_temporaries, refuse_links
 from winclip_cli.jobs.record import CONFIG_KEYS, merged_run_json
 from winclip_cli.options import DEFAULT_HEATMAPS, HEATMAP_SUFFIXES, HeatmapFormat
 
@@ -52,19 +65,22 @@ class MergeResult:
     warnings: list[str]
 
 
+_SHARD = re.compile(r"([0-9]{1,9})/([0-9]{1,9})")
+
+
 def completeness_warnings(sources: list[Path], runs: list[dict[str, Any]]) -> list[str]:
     """What a user should know before trusting a merge: missing or repeated shards, interrupted scans."""
     interrupted = [folder for folder, run in zip(sources, runs, strict=True) if run.get("interrupted")]
     warnings = [f"{folder}: its scan was interrupted" for folder in interrupted]
-    shards = [shard for run in runs if isinstance(shard := run.get("shard"), str) and "/" in shard]
-    if len(shards) == len(runs):
-        counts = {int(shard.split("/")[1]) for shard in shards}
+    shards = [_SHARD.fullmatch(run["shard"]) if isinstance(run.get("shard"), str) else None for run in runs]
+    if shards and all(shards):
+        counts = {int(shard[2]) for shard in shards if shard}
         if len(counts) > 1:
             warnings.append(f"the folders come from different shard counts ({', '.join(map(str, sorted(counts)))})")
         else:
             total = counts.pop()
-            present = [int(shard.split("/")[0]) for shard in shards]
-            missing = sorted(set(range(1, total + 1)) - set(present))
+            present = [int(shard[1]) for shard in shards if shard]
+            missing = sorted(set(range(1, total + 1)) - set(present)) if total <= 100_000 else []
             repeated = sorted({k for k in present if present.count(k) > 1})
             if missing:
                 warnings.append(f"shards {', '.join(map(str, missing))} of {total} are missing")
@@ -73,47 +89,76 @@ def completeness_warnings(sources: list[Path], runs: list[dict[str, Any]]) -> li
     return warnings
 
 
+_RUN_JSON_LIMIT = 16 << 20  # a run.json is a few KB; more is not one winclip wrote
+
+
 def _read_run(folder: Path) -> dict[str, Any]:
     run_json = OutputLayout(folder).run_json
     try:
-        info = json.loads(run_json.read_text(encoding="utf-8"))
+        # never through a link, never blocking on a FIFO
+        info = json.loads(read_confined_bytes(Confined(folder, RUN_NAME), _RUN_JSON_LIMIT).decode("utf-8"))
     except FileNotFoundError:
         raise SetupError(f"{folder} is not a winclip output folder (no run.json)") from None
     except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON, an endless number
-        raise SetupError(f"cannot read {run_json}: {str(err)[:120] or 'nested too deeply'}") from None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise SetupError(f"cannot read {run_json}: {reason[:160] or 'nested too deeply'}") from None
     if not isinstance(info, dict):
         raise SetupError(f"{run_json} is not a winclip run record")
     return info
 
 
-def _place(source: Path, target: Path) -> None:
-    """Hard link (cheap, same bytes) or copy ``source`` to ``target``, replacing what is there."""
-    if target.exists() and not target.is_symlink() and os.path.samefile(source, target):
-        return  # merged before: os.replace between two links of one file would leave the temporary
-    tmp = target.with_name(f".{target.name}.merge.tmp")
-    tmp.unlink(missing_ok=True)
+_PLAIN_MODE = ~(stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | 0o111) & 0o7777
+
+
+def _place(source: Confined, target: Confined) -> bool:
+    """Put the regular file ``source`` (reached without any link) at ``target``, replacing what is there;
+    False when there is no such file.
+
+    A hard link where possible (same bytes, no copy) of a file with plain permissions, else a copy written
+    through descriptors (io/safe_fs.py): nothing a link planted at any name leads to is read or written."""
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copy2(source, tmp)
-    os.replace(tmp, target)
+        handle = open_confined(source)
+    except (FileNotFoundError, NotADirectoryError, LinkInOutputError, NotRegularFileError):
+        return False
+    with handle:
+        info = os.fstat(handle.fileno())
+        try:
+            with open_folder(target.root, target.parts[:-1], create=False) as folder:
+                present = os.lstat(target.name, dir_fd=folder)
+            if stat.S_ISREG(present.st_mode) and (present.st_dev, present.st_ino) == (info.st_dev, info.st_ino):
+                return True  # merged before: already this very file
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        if stat.S_IMODE(info.st_mode) & ~_PLAIN_MODE == 0 and _link_into(source, info, target):
+            return True
+        with atomic_write(target, fsync=False) as out:
+            shutil.copyfileobj(handle, out, 1 << 20)
+    return True
 
 
-def _own_file(folder: Path, relpath: str) -> Path | None:
-    """``folder/relpath`` when it is a regular file of the folder itself (no symlink anywhere below it)."""
-    path = folder / relpath
+def _link_into(source: Confined, info: os.stat_result, target: Confined) -> bool:
+    """Hard-link ``source`` (the file ``info`` describes) at ``target`` through opened folders."""
     try:
-        if path.is_symlink() or not path.is_file():
-            return None
-        if not path.resolve().is_relative_to(folder.resolve()):
-            return None
+        with (
+            open_folder(source.root, source.parts[:-1], create=False) as from_folder,
+            open_folder(target.root, target.parts[:-1]) as to_folder,
+        ):
+            tmp = f".{target.name[:50]}.{secrets.token_hex(8)}.tmp"
+            # follow_symlinks=False: a link swapped in at the source name is linked itself, never followed;
+            # the check below then finds it is not the file that was opened and checked.
+            os.link(source.name, tmp, src_dir_fd=from_folder, dst_dir_fd=to_folder, follow_symlinks=False)
+            linked = os.lstat(tmp, dir_fd=to_folder)
+            if not stat.S_ISREG(linked.st_mode) or (linked.st_dev, linked.st_ino) != (info.st_dev, info.st_ino):
+                os.unlink(tmp, dir_fd=to_folder)
+                return False
+            os.replace(tmp, target.name, src_dir_fd=to_folder, dst_dir_fd=to_folder)
+            return True
     except OSError:
-        return None
-    return path
+        return False  # another file system, no hard links, ...: copied instead
 
 
-def _is_own_heatmap(folder: Path, relpath: str) -> bool:
-    """Whether ``relpath`` names a heatmap file that winclip could have written in ``folder``."""
+def _is_own_heatmap(relpath: str) -> bool:
+    """Whether ``relpath`` names a heatmap file that winclip could have written."""
     parts = relpath.split("/")
     return (
         len(parts) >= 2
@@ -121,7 +166,6 @@ def _is_own_heatmap(folder: Path, relpath: str) -> bool:
         and is_heatmap_name(relpath)
         and not any(part in ("", ".", "..") for part in parts)
         and "\\" not in relpath
-        and _own_file(folder, relpath) is not None
     )
 
 
@@ -141,14 +185,20 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
                 f"{folder} was scanned with another {', '.join(differing)} than {sources[0]}; "
                 "only scans of the same configuration can be merged"
             )
+    warnings = completeness_warnings(sources, runs)  # before anything is written: it cannot fail half-way
     merged: dict[str, ResultRow] = {}
     duplicates = 0
     origin: dict[str, Path] = {}
     for folder in sources:
         csv_path = OutputLayout(folder).scores_csv
-        if not csv_path.is_file():
-            raise SetupError(f"{folder} has no scores.csv")
-        for number, values in enumerate(read_results_csv(csv_path), start=2):
+        try:
+            values_list = read_results_csv(csv_path)
+        except FileNotFoundError:
+            raise SetupError(f"{folder} has no scores.csv") from None
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise SetupError(f"cannot read {csv_path}: {reason[:160]}") from None
+        for number, values in enumerate(values_list, start=2):
             try:
                 row = ResultRow.from_csv_dict(values)
             except (TypeError, ValueError) as err:
@@ -160,6 +210,20 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
             origin[row.path] = folder
     out.mkdir(parents=True, exist_ok=True)
     refuse_links(out)
+    # The output folder's lock, as a scan takes it: a scan or watch writing there, or a second merge,
+    # makes this merge exit 4 instead of mixing files and rows that the folder's state does not know.
+    with OutputLock(out):
+        clean_stale_temporaries(out)  # of a merge or scan killed before
+        try:
+            rows = _merge_files(merged, origin, out)
+        except LinkInOutputError as err:
+            raise SetupError(err.strerror) from None
+        _write_merged(rows, runs, reference, sources, out)
+    return MergeResult(rows=rows, duplicates=duplicates, sources=sources, warnings=warnings)
+
+
+def _merge_files(merged: dict[str, ResultRow], origin: dict[str, Path], out: Path) -> list[ResultRow]:
+    """Place every row's heatmap, map and thumbnails in ``out``; a row names only a heatmap placed there."""
     for path, row in merged.items():
         folder = origin[path]
         if row.status != "ok":
@@ -169,22 +233,25 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         # text): a crafted scores.csv cannot make merge read or write anything outside its folders.
         # The CSV also says which format the heatmap has (--heatmaps png or jpg), or that there is none.
         if row.heatmap:
-            own = _is_own_heatmap(folder, row.heatmap)
-            heatmap = row.heatmap if own else heatmap_relpath(row.path, _suffix_of(row.heatmap))
-            relpaths = [heatmap, map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap)]
+            suffix = _suffix_of(row.heatmap)
+            heatmap = row.heatmap if _is_own_heatmap(row.heatmap) else heatmap_relpath(row.path, suffix)
+            if not _place(Confined(folder, heatmap), Confined(out, heatmap)):
+                heatmap = heatmap_relpath(row.path, suffix)
+                if not _place(Confined(folder, heatmap), Confined(out, heatmap)):
+                    heatmap = ""  # no heatmap file in the shard: the merged row must not name one
+            relpaths = [map_relpath_of_heatmap(heatmap), *thumbnail_relpaths_of_heatmap(heatmap)] if heatmap else []
         else:
             heatmap = ""
             relpaths = [map_relpath(row.path), *thumbnail_relpaths(row.path)]
         merged[path] = replace(row, heatmap=heatmap)
         for relpath in relpaths:
-            source = _own_file(folder, relpath)
-            if source is not None:
-                try:
-                    _place(source, confined_path(out, relpath))
-                except LinkInOutputError as err:
-                    raise SetupError(err.strerror) from None
-    rows = sorted(merged.values(), key=lambda row: row.path)
+            _place(Confined(folder, relpath), Confined(out, relpath))
+    return sorted(merged.values(), key=lambda row: row.path)
+
+
+def _write_merged(
+    rows: list[ResultRow], runs: list[dict[str, Any]], reference: dict[str, Any], sources: list[Path], out: Path
+) -> None:
     write_results_csv_atomic(OutputLayout(out).scores_csv, rows)
     info = merged_run_json(reference, runs, sources, rows)
     write_text_atomic(OutputLayout(out).run_json, json.dumps(info, indent=2) + "\n")
-    return MergeResult(rows=rows, duplicates=duplicates, sources=sources, warnings=completeness_warnings(sources, runs))

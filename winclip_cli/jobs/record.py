@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # run.json keys that must agree for rows of two output folders to be comparable (merge)
 CONFIG_KEYS = (
     "architecture",
+    "model_config_sha256",
     "weights_sha256",
     "precision",
     "scales",
@@ -112,6 +113,7 @@ class ScanRecord:
         assert engine is not None
         return {
             **self.fingerprint(),
+            "model_config_sha256": engine.backbone.config_sha256,  # two configs of one name are two models
             "class_name": engine.ensemble.class_name,
             "pixel_threshold": self.choice.pixel,
             "max_pixels": spec.inputs.max_pixels,
@@ -224,7 +226,7 @@ def merged_run_json(
         durations="summed over the merged scans",
         **{key: _summed(runs, key) for key in DURATION_KEYS},
         interrupted=any(bool(run.get("interrupted")) for run in runs),
-        unlisted_dirs=[folder for run in runs for folder in run.get("unlisted_dirs") or []],
+        unlisted_dirs=[folder for run in runs for folder in run.get("unlisted_dirs") or [] if isinstance(folder, str)],
     )
     # shards written with different --heatmaps (each row's heatmap cell says which it has): all named
     formats = [f for run in runs for f in str(run.get("heatmaps") or "").split(",") if f]

@@ -36,6 +36,7 @@ from winclip_cli.io.outputs import (
     write_results_csv_atomic,
     write_text_atomic,
 )
+from winclip_cli.io.safe_fs import CALIBRATION_LIMIT, open_regular, read_user_file
 from winclip_cli.io.state import FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
 from winclip_cli.jobs.decode import Preprocessing, relative_name
 from winclip_cli.jobs.kernel import Reporter, Session, discover
@@ -119,7 +120,7 @@ def choose_threshold(
 
 def load_calibration_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_user_file(path, CALIBRATION_LIMIT).decode("utf-8"))
     except FileNotFoundError:
         raise SetupError(f"calibration file not found: {path}") from None
     except RecursionError:
@@ -439,8 +440,8 @@ class ScanSession:
 def _current_header(path: Path) -> bool:
     """Whether the CSV starts with this version's columns: rows are only ever appended under them."""
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            return handle.readline().rstrip("\r\n") == ",".join(CSV_COLUMNS)
+        with open_regular(path, follow_links=False) as handle:  # a FIFO or link is no current CSV
+            return handle.readline(1 << 16).decode("utf-8").rstrip("\r\n") == ",".join(CSV_COLUMNS)
     except (OSError, UnicodeDecodeError):
         return False
 

@@ -276,14 +276,20 @@ class FolderEvents:
 class AnomalyHook:
     """Runs ``command`` (a shell command line) for each anomalous row, the row as JSON on stdin, one at
     a time in a thread of its own so that a slow hook never holds up scoring. A hook that fails or
-    runs past ``timeout`` (its whole process group is killed) is reported, never fatal."""
+    runs past ``timeout`` (its whole process group is killed) is reported, never fatal.
+
+    At most ``max_waiting`` rows wait; a row beyond is dropped and said so. ``close`` never blocks longer
+    than it is told, whatever the queue holds, and nothing one row holds (a name that is not UTF-8, a
+    hook printing gigabytes) can stop the thread that sends the later ones."""
 
     def __init__(self, command: str, timeout: float, reporter: Reporter, max_waiting: int = 1000) -> None:
         self.command = command
         self.timeout = timeout
         self.reporter = reporter
         self.failures = 0
+        self.dropped = 0
         self._queue: queue.Queue[ResultRow | None] = queue.Queue(maxsize=max_waiting)
+        self._stop_by: float | None = None  # monotonic deadline set by close()
         self._thread = threading.Thread(target=self._run, name="winclip-hook", daemon=True)
         self._thread.start()
 
@@ -292,43 +298,72 @@ class AnomalyHook:
             self._queue.put_nowait(row)
         except queue.Full:
             self.failures += 1
+            self.dropped += 1
             self.reporter.warn(f"--on-anomaly: {row.path} not sent, too many hooks waiting")
 
     def close(self, wait: float) -> None:
         """Let the waiting hooks run for at most ``wait`` seconds; say how many were left."""
         deadline = time.monotonic() + wait
-        self._queue.put(None)
+        self._stop_by = deadline
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass  # the thread stops by the deadline instead: close() must never block on a full queue
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            left = max(1, self._queue.qsize())  # the one running, or those waiting behind the end mark
+        left = self._queue.qsize()
+        if self._thread.is_alive() or (left and not self._stop_mark_only()):
+            left = max(1, left)  # the one running, or those waiting behind the end mark
             self.reporter.warn(f"--on-anomaly: stopping with about {left} anomalous rows not sent")
+
+    def _stop_mark_only(self) -> bool:
+        try:
+            return self._queue.qsize() == 1 and self._queue.queue[0] is None
+        except IndexError:
+            return True
 
     def _run(self) -> None:
         while True:
-            row = self._queue.get()
+            if self._stop_by is not None and time.monotonic() >= self._stop_by:
+                return
+            try:
+                row = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if row is None:
                 return
-            problem = run_hook(self.command, row, self.timeout)
+            try:
+                problem = run_hook(self.command, row, self.timeout)
+            except Exception as err:  # this row's problem only: the later anomalies must still be sent
+                problem = f"cannot run: {type(err).__name__}: {str(err)[:160]}"
             if problem:
                 self.failures += 1
                 self.reporter.warn(f"--on-anomaly for {row.path}: {problem}")
 
 
+_HOOK_STDERR_TAIL = 4096  # bytes of a hook's stderr kept for its error line; the rest is read and dropped
+
+
 def run_hook(command: str, row: ResultRow, timeout: float) -> str:
-    """Run ``command`` with ``row`` as JSON on stdin; returns '' or what went wrong."""
+    """Run ``command`` with ``row`` as JSON on stdin; returns '' or what went wrong.
+
+    The hook's stdout is discarded and only the last 4 KB of its stderr kept, so a hook printing gigabytes
+    costs no memory; it is killed (its whole process group) ``timeout`` seconds after it started."""
     env = {
         **os.environ,
+        # os.fsencode (surrogateescape) gives a name that is not UTF-8 back its own bytes
         "WINCLIP_PATH": row.path,
         "WINCLIP_SCORE": "" if row.score is None else f"{row.score:.6f}",
         "WINCLIP_LABEL": row.label,
         "WINCLIP_HEATMAP": row.heatmap,
     }
+    payload = (json.dumps(row.as_json_dict(), ensure_ascii=False) + "\n").encode("utf-8")
+    deadline = time.monotonic() + timeout
     try:
         proc = subprocess.Popen(
             command,
             shell=True,
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,  # never mixed into the --json stream on our stdout
+            stdout=subprocess.DEVNULL,  # never mixed into the --json stream on our stdout, never buffered
             stderr=subprocess.PIPE,
             env=env,
             start_new_session=True,  # its own process group, so a timeout kills what it started too
@@ -336,20 +371,71 @@ def run_hook(command: str, row: ResultRow, timeout: float) -> str:
     except OSError as err:
         return f"cannot run: {err.strerror or err}"
     try:
-        _, err_text = proc.communicate(
-            (json.dumps(row.as_json_dict(), ensure_ascii=False) + "\n").encode(), timeout=timeout
-        )
+        tail = _feed_and_drain(proc, payload, deadline)
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
             pass
-        proc.communicate()
+        proc.wait()
         return f"timed out after {timeout:g} s (killed)"
+    finally:
+        for stream in (proc.stdin, proc.stderr):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
     if proc.returncode != 0:
-        last = err_text.decode("utf-8", "replace").strip().splitlines()[-1:] if err_text else []
-        return f"exit code {proc.returncode}" + (f": {last[0]}" if last else "")
+        # only printable characters of the hook's last line: its output could hold terminal escape codes
+        lines = [
+            "".join(ch for ch in line if ch.isprintable()).strip()
+            for line in tail.decode("utf-8", "replace").splitlines()
+        ]
+        last = [line for line in lines if line][-1:]
+        return f"exit code {proc.returncode}" + (f": {last[0][:200]}" if last else "")
     return ""
+
+
+def _feed_and_drain(proc: subprocess.Popen, payload: bytes, deadline: float) -> bytes:
+    """Write ``payload`` to the hook's stdin and read its stderr until it closes, keeping only the tail;
+    TimeoutExpired at ``deadline``."""
+    import selectors
+
+    assert proc.stdin is not None and proc.stderr is not None
+    os.set_blocking(proc.stdin.fileno(), False)
+    pending = memoryview(payload)
+    tail = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stderr, selectors.EVENT_READ)
+        if pending:
+            selector.register(proc.stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        open_streams = 2 if pending else 1
+        while open_streams:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired(proc.args, 0)
+            for key, _ in selector.select(remaining):
+                if key.fileobj is proc.stdin:
+                    try:
+                        pending = pending[os.write(proc.stdin.fileno(), pending) :]
+                    except BrokenPipeError:
+                        pending = pending[:0]  # the hook does not read its input: its choice
+                    if not pending:
+                        selector.unregister(proc.stdin)
+                        proc.stdin.close()
+                        open_streams -= 1
+                else:
+                    chunk = os.read(proc.stderr.fileno(), 1 << 16)
+                    if not chunk:
+                        selector.unregister(proc.stderr)
+                        open_streams -= 1
+                    else:
+                        tail = (tail + chunk)[-_HOOK_STDERR_TAIL:]
+    return tail
 
 
 # ------------------------------------------------------------------------------------------------------ watch

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import math
 import os
@@ -36,7 +37,8 @@ from winclip_cli.io.layout import (
     thumbnail_relpaths,
     thumbnail_relpaths_of_heatmap,
 )
-from winclip_cli.io.outputs import confined_path, write_text_atomic
+from winclip_cli.io.outputs import CSV_FIELD_LIMIT, confined_path, write_text_atomic
+from winclip_cli.io.safe_fs import Confined, open_confined, open_regular, read_confined_bytes
 from winclip_cli.io.state import refuse_link
 from winclip_cli.io.thumbnails import save_thumbnail
 
@@ -81,12 +83,20 @@ def _float(text: str | None) -> float | None:
 
 def _read_rows(csv_path: Path) -> list[_Row]:
     """Rows of scores.csv, one per path (the last row of a path wins), in file order of that last row."""
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"no scores.csv in {csv_path.parent}: nothing to report")
+    try:
+        raw_file = open_regular(csv_path, follow_links=False)  # never a link's target, never blocks on a FIFO
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no scores.csv in {csv_path.parent}: nothing to report") from None
     latest: dict[str, _Row] = {}
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
     # errors="replace": a row cut short by a crash must not stop the report.
-    with open(csv_path, newline="", encoding="utf-8", errors="replace") as fh:
-        for raw in csv.DictReader(fh):
+    with io.TextIOWrapper(raw_file, newline="", encoding="utf-8", errors="replace") as fh:
+        try:
+            rows = list(csv.DictReader(fh))
+        finally:
+            csv.field_size_limit(limit)
+        for raw in rows:
             # Missing columns (older files, a cut-short last row) read as ''; unknown columns are ignored.
             get = {key: value for key, value in raw.items() if isinstance(key, str) and isinstance(value, str)}.get
             path = get("path", "")
@@ -110,14 +120,21 @@ def _read_rows(csv_path: Path) -> list[_Row]:
     return list(latest.values())
 
 
+RUN_JSON_LIMIT = 16 << 20  # a run.json is a few KB
+HEATMAP_FORMATS = ("PNG", "JPEG")  # what --heatmaps writes
+
+
 def _read_run(run_path: Path) -> tuple[dict[str, object], str]:
     """run.json as a dict (empty when missing or unreadable) and a problem description ('' if fine)."""
     try:
-        data = json.loads(run_path.read_text(encoding="utf-8", errors="replace"))
+        # never through a link, never blocking on a FIFO, never a file of gigabytes
+        text = read_confined_bytes(run_path, RUN_JSON_LIMIT).decode("utf-8", errors="replace")
+        data = json.loads(text)
     except FileNotFoundError:
         return {}, "run.json is missing"
     except (OSError, ValueError, RecursionError) as exc:
-        return {}, f"run.json could not be read: {str(exc)[:120] or 'nested too deeply'}"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return {}, f"run.json could not be read: {reason[:120] or 'nested too deeply'}"
     if not isinstance(data, dict):
         return {}, "run.json does not hold an object"
     return data, ""
@@ -191,9 +208,14 @@ def _prepare_card(out: _Confined, row: _Row) -> _Card:
     image_path, heat_path = out.path(image_rel), out.path(heat_rel)
     if heat_path is not None and heatmap_path is not None and not _nonempty_file(heat_path):
         try:
-            with Image.open(heatmap_path) as img:
+            # opened without following any link, and only as the formats winclip writes heatmaps in: a file
+            # of another format saved as a heatmap (EPS would run Ghostscript) is not decoded at all
+            with (
+                open_confined(Confined(out.root, heatmap)) as handle,
+                Image.open(handle, formats=HEATMAP_FORMATS) as img,
+            ):
                 save_thumbnail(img, confined_path(out.root, heat_rel))
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             pass  # a broken heatmap: the card simply shows less
     return _Card(
         row,
