@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,7 @@ class MutualFeatureExtractor:
     """
 
     def __init__(self, visual: nn.Module, layers: Sequence[int] | None = None) -> None:
+        tower: Any = visual  # an open_clip VisionTransformer: its blocks are attributes torch's types cannot describe
         for name in ("forward_intermediates", "transformer", "grid_size", "proj"):
             if not hasattr(visual, name):
                 raise TypeError(
@@ -157,15 +159,15 @@ class MutualFeatureExtractor:
                 )
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError("mutual scoring does not support vision towers with attentional pooling")
-        depth = len(visual.transformer.resblocks)
+        depth = len(tower.transformer.resblocks)
         chosen = default_layers(depth) if layers is None else tuple(sorted({int(layer) for layer in layers}))
         if not chosen or chosen[0] < 0 or chosen[-1] >= depth:
             raise ValueError(
                 f"layers {list(layers or [])} are not blocks of this {depth}-block tower (0 to {depth - 1}, 0-based)"
             )
-        self.visual = visual
+        self.visual = tower
         self.layers = chosen
-        self.grid_size: tuple[int, int] = (int(visual.grid_size[0]), int(visual.grid_size[1]))
+        self.grid_size: tuple[int, int] = (int(tower.grid_size[0]), int(tower.grid_size[1]))
 
     def extract(self, images: torch.Tensor) -> PoolFeatures:
         """(N, 3, H, W) preprocessed images -> their :class:`PoolFeatures` (float32, on the images' device)."""
@@ -387,7 +389,7 @@ def mutual_scores(
     maps = mutual_grid_maps(pool, None, degrees, interval, block_elements)
     raw = map_maxima(maps, image_size)
     rescored = rescore_with_class_neighbours(raw, pool.class_embeddings, neighbours)
-    return MutualScores(grid_maps=maps, raw_scores=raw, scores=rescored, image_size=tuple(image_size))
+    return MutualScores(grid_maps=maps, raw_scores=raw, scores=rescored, image_size=(image_size[0], image_size[1]))
 
 
 def score_against_pool(
@@ -418,7 +420,7 @@ def score_against_pool(
     if pool_raw.shape[0] != len(pool):
         raise ValueError(f"{len(kept)} kept images but {pool_raw.shape[0] - len(new)} kept raw scores")
     rescored = rescore_with_class_neighbours(pool_raw, pool.class_embeddings, neighbours)[: len(new)]
-    return MutualScores(grid_maps=maps, raw_scores=raw, scores=rescored, image_size=tuple(image_size))
+    return MutualScores(grid_maps=maps, raw_scores=raw, scores=rescored, image_size=(image_size[0], image_size[1]))
 
 
 def _rows(scores: MutualScores, count: int) -> MutualScores:
