@@ -20,7 +20,7 @@ from winclip_cli.errors import SetupError
 DEFAULT_ARCHITECTURE = "ViT-B-16-plus-240"
 DEFAULT_MAX_PIXELS = 80_000_000  # decompression-bomb guard: larger images are refused
 DEFAULT_SCALES: tuple[int, ...] = (2, 3)  # window sizes in patches
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = "auto"  # measured best for the device and model: core/batching.py
 DEFAULT_TILE_OVERLAP = 0.25
 DEFAULT_FPR = 0.01  # calibrate: largest false-alarm rate on good parts
 DEFAULT_CALIBRATION_FILE = Path("winclip-calibration.json")
@@ -42,6 +42,19 @@ def parse_scales(text: str) -> tuple[int, ...]:
     if not scales or any(s < 1 for s in scales) or len(set(scales)) != len(scales):
         raise SetupError(f"--scales needs distinct window sizes of at least 1 patch, got {text!r}")
     return scales
+
+
+def parse_batch_size(text: str) -> int | str:
+    """'auto' (chosen for the device and model once it loads, see core/batching.py) or a whole number >= 1."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        size = int(text)
+    except ValueError:
+        raise SetupError(f"--batch-size takes a whole number or 'auto', not {text!r}") from None
+    if size < 1:
+        raise SetupError(f"--batch-size must be at least 1, got {size}")
+    return size
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

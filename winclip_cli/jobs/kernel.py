@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from winclip_cli.core.backbone import Backbone
+from winclip_cli.core.batching import resolve_batch_size
 from winclip_cli.core.engine import Engine, ModelOptions, build_backbone, build_engine
 from winclip_cli.core.winclip import WinClipScorer
 from winclip_cli.errors import SetupError
@@ -171,7 +172,7 @@ class Session:
             backbone=backbone,
             scorer=scorer,
             prep=inputs.preprocessing(backbone),
-            batch_size=inputs.batch_size,
+            batch_size=resolve_batch_size(inputs.batch_size, backbone.device.type, backbone.model.visual, model.scales),
             workers=decoding_workers(inputs.workers, backbone.device),
             engine=engine,
             memory=memory,
@@ -243,7 +244,7 @@ class Session:
 
     def describe(self) -> str:
         backbone = self.backbone
-        return f"{backbone.architecture} on {backbone.device} {backbone.precision}"
+        return f"{backbone.architecture} on {backbone.device} {backbone.precision}, batch {self.batch_size}"
 
 
 def calibration_fingerprint(session: Session) -> dict[str, Any]:

@@ -108,7 +108,7 @@ class Preprocessing:
 class InputOptions:
     """How every command reads and batches its images: shared by scan, build-refs, calibrate, eval."""
 
-    batch_size: int = 8  # model inputs (images or tiles) per batch
+    batch_size: int | str = "auto"  # model inputs (images or tiles) per batch; "auto": core/batching.py
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused
     workers: int | None = None  # decoding threads (None: automatic)
     tile: int | str | None = None  # tile size in pixels, "auto", or None for whole images

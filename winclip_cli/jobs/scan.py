@@ -383,9 +383,11 @@ class ScanSession:
             f"winclip {__version__}: {plural(len(todo), 'image')} to score"
             + (f" ({skipped} unchanged)" if skipped else "")
             + f"{shard}, {backbone.architecture} ({backbone.weights}) on {backbone.device} {backbone.precision}, "
+            f"batch {self.session.batch_size}, "
             f"{mode}, class '{self.engine.ensemble.class_name}', threshold {choice.value:g} ({choice.source})"
         )
         self.run_info = _run_info(options, self.engine, context, choice, self.memory_id)
+        self.run_info["batch_size"] = self.session.batch_size  # as given, or what --batch-size auto chose
         self.write_run_info()
         # The CSV is rebuilt from the state first unless it is exactly what the last run left: a run
         # killed mid-line (or a user's edit) leaves nothing half-written or stale behind.
