@@ -12,12 +12,18 @@ measurements of a round alike; the best of the rounds is kept):
                sizes given with --scan-batches: the marginal seconds per image from N against 3N images
                (the scan's own clock in run.json, so process start-up, model load and text cancel).
 
+Every figure is taken twice: wall-clock seconds, and process CPU seconds (of the scan's process
+with all its threads), which on a machine shared with other jobs count the work rather than the
+waiting. Set OMP_WAIT_POLICY=PASSIVE there, so that a thread waiting for its partner sleeps instead
+of spinning (spinning would count as work); the reference and the scan run under the same setting.
+
 The fastest batch of each row (within 3 %) is what ``winclip_cli/core/batching.py``'s rule should
 give; README's Speed section lists the rows per machine.
 
 Examples:
   python benchmarks/batch_size.py                        # CPU, about 6 minutes on 2 cores
   python benchmarks/batch_size.py --rounds 3 --scan-images 4
+  OMP_WAIT_POLICY=PASSIVE python benchmarks/batch_size.py     # on a machine shared with other jobs
   python benchmarks/batch_size.py --device cuda --batches 1,8,32,64 --scan-images 64
 """
 
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -64,24 +71,38 @@ def sync(torch, device) -> None:
         torch.cuda.synchronize()
 
 
-def seconds_per_image(torch, scorer, batch, device, repeats: int = 1) -> float:
-    best = float("inf")
+def seconds_per_image(torch, scorer, batch, device, repeats: int = 1) -> tuple[float, float]:
+    """(wall, process CPU) seconds per image of the best of ``repeats`` calls."""
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         scorer.embed(batch)
         sync(torch, device)
         best = min(best, time.perf_counter() - start)
-    return best / batch.shape[0]
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
+    return best / batch.shape[0], best_cpu / batch.shape[0]
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def scan_seconds(folder: Path, out: Path, model_args: list[str], precision: str, batch: str, env) -> dict:
     command = [sys.executable, "-m", "winclip_cli", "scan", str(folder), "--out", str(out), "--class", "bottle"]
     command += ["--precision", precision, "--batch-size", batch, "-q", *model_args]
+    cpu = children_cpu_seconds()
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    cpu = children_cpu_seconds() - cpu
     if proc.returncode != 0:
         raise SystemExit(f"scan failed ({proc.returncode}): {proc.stderr[-2000:]}")
     info = json.loads((out / "run.json").read_text())
-    return {"scan_seconds": info["scan_seconds"], "scored": info["scored"], "batch_size": info["batch_size"]}
+    return {
+        "scan_seconds": info["scan_seconds"],
+        "process_cpu_seconds": cpu,
+        "scored": info["scored"],
+        "batch_size": info["batch_size"],
+    }
 
 
 def main() -> int:
@@ -117,6 +138,7 @@ def main() -> int:
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "load_average_at_start": os.getloadavg(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         },
         "precisions": precisions,
     }
@@ -168,20 +190,25 @@ def main() -> int:
             scan_seconds(one, work / "warm-out", model_args, precision, "1", env)
 
     encode: dict = {}
+    encode_cpu: dict = {}
     reference: list[float] = []
+    reference_cpu: list[float] = []  # process CPU seconds per image: see --help on loaded machines
     scans: dict = {}
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}/{args.rounds}, load average {os.getloadavg()[0]:.2f}", flush=True)
         scorer, dtype, _ = scorers["default", "fp32"]
-        reference.append(seconds_per_image(torch, scorer, batch_of(1, dtype), device))
+        wall, cpu = seconds_per_image(torch, scorer, batch_of(1, dtype), device)
+        reference.append(wall)
+        reference_cpu.append(cpu)
         if "encode" not in skip:
             for (name, precision), (scorer, dtype, _) in scorers.items():
                 if name == "tiny" and "tiny" in skip:
                     continue
                 for size in batches:
                     repeats = args.tiny_repeats if name == "tiny" else 1
-                    value = seconds_per_image(torch, scorer, batch_of(size, dtype), device, repeats)
+                    value, cpu = seconds_per_image(torch, scorer, batch_of(size, dtype), device, repeats)
                     encode.setdefault(f"{name} {precision}", {}).setdefault(size, []).append(value)
+                    encode_cpu.setdefault(f"{name} {precision}", {}).setdefault(size, []).append(cpu)
         if "scan" not in skip:
             for precision in precisions:
                 for batch in scan_batches:
@@ -191,12 +218,16 @@ def main() -> int:
                         folders[precision, 3 * n], work / "out-large", model_args, precision, batch, env
                     )
                     marginal = (large["scan_seconds"] - small["scan_seconds"]) / (2 * n)
+                    marginal_cpu = (large["process_cpu_seconds"] - small["process_cpu_seconds"]) / (2 * n)
                     entry = scans.setdefault(f"{precision} --batch-size {batch}", {"batch_size": small["batch_size"]})
                     entry.setdefault("marginal_s_per_image", []).append(marginal)
+                    entry.setdefault("marginal_cpu_s_per_image", []).append(marginal_cpu)
                     entry.setdefault("reference_in_round", []).append(reference[-1])
+                    entry.setdefault("reference_cpu_in_round", []).append(reference_cpu[-1])
         print(json.dumps({"reference": reference[-1]}), flush=True)
 
     results["reference_fp32_batch1_s_per_image"] = {"rounds": reference, "best": min(reference)}
+    results["reference_fp32_batch1_cpu_s_per_image"] = {"rounds": reference_cpu, "best": min(reference_cpu)}
     table = {}
     for key, per_size in encode.items():
         best = {size: min(values) for size, values in per_size.items()}
@@ -206,6 +237,8 @@ def main() -> int:
             "rounds": per_size,
             "fastest_batch": fastest_batch(best),
             "relative_to_batch_1": {size: value / best[batches[0]] for size, value in best.items()},
+            "cpu_s_per_image_best": {size: min(values) for size, values in encode_cpu[key].items()},
+            "cpu_rounds": encode_cpu[key],
             "auto_batch_size": auto_batch_size(device.type, results["models"][name]["gflop_per_image"]),
         }
     results["encode"] = table
@@ -217,6 +250,11 @@ def main() -> int:
             ref / value for ref, value in zip(entry["reference_in_round"], values, strict=True)
         ]
         entry["rate_vs_reference_best"] = min(reference) / min(values)
+        entry["cpu_rate_vs_reference_per_round"] = [
+            ref / value
+            for ref, value in zip(entry["reference_cpu_in_round"], entry["marginal_cpu_s_per_image"], strict=True)
+        ]
+        entry["cpu_rate_vs_reference_best"] = min(reference_cpu) / min(entry["marginal_cpu_s_per_image"])
     results["scan"] = scans
     results["machine"]["load_average_at_end"] = os.getloadavg()
     Path(args.json_path).write_text(json.dumps(results, indent=2) + "\n")
@@ -231,11 +269,14 @@ def print_summary(results: dict) -> None:
     for key, row in results.get("encode", {}).items():
         cells = "  ".join(f"b{size}: {value:.4g}" for size, value in row["s_per_image_best"].items())
         print(f"encode {key:14s} s/image  {cells}   fastest {row['fastest_batch']}, auto {row['auto_batch_size']}")
+        cells = "  ".join(f"b{size}: {value:.4g}" for size, value in row["cpu_s_per_image_best"].items())
+        print(f"encode {key:14s} CPU s/image  {cells}")
     for key, entry in results.get("scan", {}).items():
         rounds = ", ".join(f"{r:.2f}" for r in entry["rate_vs_reference_per_round"])
         print(
             f"scan {key} (batch {entry['batch_size']}): {entry['best_marginal_s_per_image']:.3f} s/image marginal,"
-            f" rate / reference {entry['rate_vs_reference_best']:.2f} (per round: {rounds})"
+            f" rate / reference {entry['rate_vs_reference_best']:.2f} (per round: {rounds}); in CPU seconds"
+            f" {min(entry['marginal_cpu_s_per_image']):.3f}, rate / reference {entry['cpu_rate_vs_reference_best']:.2f}"
         )
 
 
