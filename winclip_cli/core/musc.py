@@ -53,10 +53,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 AGGREGATION_DEGREES = (1, 3, 5)  # LNAMD's r: neighbourhoods of 1 x 1, 3 x 3 and 5 x 5 patches
 INTERVAL = (0.0, 0.3)  # MSM: mean of the sorted nearest-patch distances from 0 % up to 30 %
@@ -149,7 +149,7 @@ class MutualFeatureExtractor:
     as in open_clip's own ``encode_image``, then is L2-normalised.
     """
 
-    def __init__(self, visual: nn.Module, layers: Sequence[int] | None = None) -> None:
+    def __init__(self, visual: Any, layers: Sequence[int] | None = None) -> None:  # open_clip VisionTransformer
         for name in ("forward_intermediates", "transformer", "grid_size", "proj"):
             if not hasattr(visual, name):
                 raise TypeError(
@@ -387,7 +387,9 @@ def mutual_scores(
     maps = mutual_grid_maps(pool, None, degrees, interval, block_elements)
     raw = map_maxima(maps, image_size)
     rescored = rescore_with_class_neighbours(raw, pool.class_embeddings, neighbours)
-    return MutualScores(grid_maps=maps, raw_scores=raw, scores=rescored, image_size=tuple(image_size))
+    return MutualScores(
+        grid_maps=maps, raw_scores=raw, scores=rescored, image_size=(int(image_size[0]), int(image_size[1]))
+    )
 
 
 def score_against_pool(
@@ -418,7 +420,9 @@ def score_against_pool(
     if pool_raw.shape[0] != len(pool):
         raise ValueError(f"{len(kept)} kept images but {pool_raw.shape[0] - len(new)} kept raw scores")
     rescored = rescore_with_class_neighbours(pool_raw, pool.class_embeddings, neighbours)[: len(new)]
-    return MutualScores(grid_maps=maps, raw_scores=raw, scores=rescored, image_size=tuple(image_size))
+    return MutualScores(
+        grid_maps=maps, raw_scores=raw, scores=rescored, image_size=(int(image_size[0]), int(image_size[1]))
+    )
 
 
 def _rows(scores: MutualScores, count: int) -> MutualScores:
