@@ -186,8 +186,9 @@ def main() -> int:
     from winclip_cli.core.prompts import load_vocabulary  # noqa: E402
     from winclip_cli.core.text import TextEmbeddingCache, encode_text_truncated  # noqa: E402
     from winclip_cli.core.winclip import WinClipScorer  # noqa: E402
+    from winclip_cli.options import Device, Precision  # noqa: E402
 
-    device = select_device(args.device)
+    device = select_device(Device.parse(args.device))
     results["machine"].update(
         device=str(device),
         torch=torch.__version__,
@@ -197,7 +198,7 @@ def main() -> int:
     )
     if args.precisions == "auto":
         precisions = ["fp32"] + (
-            [select_precision("auto", device)] if select_precision("auto", device) != "fp32" else []
+            [select_precision(Precision.AUTO, device)] if select_precision(Precision.AUTO, device) != "fp32" else []
         )
     else:
         precisions = args.precisions.split(",")

@@ -29,14 +29,15 @@ def main() -> int:
     from winclip_cli.core.backbone import select_device, select_precision
     from winclip_cli.core.engine import ModelOptions, build_backbone, quiet_open_clip
     from winclip_cli.core.winclip import WinClipScorer
+    from winclip_cli.options import Device, Precision
 
     report: dict = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
     if not torch.cuda.is_available():
         print(json.dumps(report))
         return 1
     report["gpu"] = torch.cuda.get_device_name(0)
-    report["auto_device"] = str(select_device("auto"))
-    report["auto_precision"] = select_precision("auto", torch.device("cuda"))
+    report["auto_device"] = str(select_device(Device.parse("auto")))
+    report["auto_precision"] = select_precision(Precision.AUTO, torch.device("cuda"))
 
     work = Path(tempfile.mkdtemp(prefix="winclip-gpu-"))
     os.environ["WINCLIP_CACHE_DIR"] = str(work / "cache")

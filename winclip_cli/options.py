@@ -25,12 +25,12 @@ from winclip_cli.errors import SetupError
 DEFAULT_ARCHITECTURE = "ViT-B-16-plus-240"
 DEFAULT_MAX_PIXELS = 80_000_000  # decompression-bomb guard: larger images are refused
 DEFAULT_SCALES: tuple[int, ...] = (2, 3)  # window sizes in patches
-DEFAULT_BATCH_SIZE = 8
 DEFAULT_TILE_OVERLAP = 0.25
 DEFAULT_THRESHOLD = 0.5  # image score above which an image is anomalous, when nothing else decides
 DEFAULT_FPR = 0.01  # calibrate: largest false-alarm rate on good parts
 DEFAULT_CALIBRATION_FILE = Path("winclip-calibration.json")
-AUTO = "auto"  # --threshold, --tile, --device, --precision: let winclip decide
+AUTO = "auto"  # --threshold, --tile, --device, --precision, --batch-size: let winclip decide
+DEFAULT_BATCH_SIZE = AUTO  # the measured best for the device and model: core/batching.py
 DEFAULT_THRESHOLD_CHOICE = AUTO  # --threshold: a calibration when one fits, else DEFAULT_THRESHOLD
 DEFAULT_DEVICE = AUTO
 DEFAULT_PRECISION = "fp32"
@@ -197,16 +197,36 @@ class ScoringMode(Enum):
 
 @dataclass(frozen=True)
 class BatchSize:
-    """Model inputs (images or tiles) per batch."""
+    """Model inputs (images or tiles) per batch: a number, or AUTO, the measured best for the device and
+    model, chosen once the model is loaded (``core/batching.py``)."""
 
-    value: int = DEFAULT_BATCH_SIZE
+    value: int | str = DEFAULT_BATCH_SIZE
 
     def __post_init__(self) -> None:
-        if self.value < 1:
-            raise SetupError(f"--batch-size must be at least 1, got {self.value}")
+        if self.value != AUTO and (not isinstance(self.value, int) or self.value < 1):
+            raise SetupError(f"--batch-size must be at least 1 or 'auto', got {self.value!r}")
 
-    def __int__(self) -> int:
-        return self.value
+    @classmethod
+    def parse(cls, text: str | int | BatchSize) -> BatchSize:
+        """'auto' (any case) or a whole number >= 1."""
+        if isinstance(text, BatchSize):
+            return text
+        if isinstance(text, int):
+            return cls(text)
+        if text.strip().lower() == AUTO:
+            return cls(AUTO)
+        try:
+            size = int(text)
+        except ValueError:
+            raise SetupError(f"--batch-size takes a whole number or 'auto', not {text!r}") from None
+        return cls(size)
+
+    @property
+    def is_auto(self) -> bool:
+        return self.value == AUTO
+
+    def __str__(self) -> str:
+        return str(self.value)
 
 
 # --------------------------------------------------------------------------------------------------- parsers

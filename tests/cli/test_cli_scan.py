@@ -65,6 +65,39 @@ def test_scores_are_independent_of_batch_size(tmp_path, tiny_args):
     assert a == pytest.approx(b, abs=2e-6)
 
 
+def scan_results(out: Path) -> tuple[list[float], list[np.ndarray], dict]:
+    rows = read_results_csv(out / "scores.csv")
+    maps = [tifffile.imread(out / "maps" / (row["path"] + ".tiff")) for row in rows]
+    return [float(row["score"]) for row in rows], maps, json.loads((out / "run.json").read_text())
+
+
+@pytest.mark.parametrize("budget_images", [None, 2])
+def test_batch_size_auto_scores_as_batch_1_does(tmp_path, tiny_args, tiny_backbone, monkeypatch, budget_images):
+    """--batch-size auto (the default) moves fp32 scores and maps by float rounding only; the size it
+    chose is on the first line and in run.json. ``budget_images=2``: a CPU budget of two tiny-model
+    images per batch, so that auto picks 2 as it does for the default model."""
+    from winclip_cli.core import batching
+
+    expected = 8
+    if budget_images is not None:
+        gflop = batching.visual_facts(tiny_backbone.model.visual).gflop_per_image((2, 3))
+        monkeypatch.setattr(batching, "CPU_GFLOP_PER_BATCH", budget_images * gflop * 1.01)
+        expected = budget_images
+    one, auto = tmp_path / "one", tmp_path / "auto"
+    common = ["--class", "fabric", "--save-maps", *tiny_args]
+    assert invoke(["scan", str(SAMPLE_TEST), "--out", str(one), "--batch-size", "1", "-q", *common]).exit_code == 0
+    result = invoke(["scan", str(SAMPLE_TEST), "--out", str(auto), *common])
+    assert result.exit_code == 0, result.output
+    assert f"on cpu fp32, batch {expected}," in result.output
+    scores_one, maps_one, info_one = scan_results(one)
+    scores_auto, maps_auto, info_auto = scan_results(auto)
+    assert (info_one["batch_size"], info_auto["batch_size"]) == (1, expected)
+    assert len(scores_one) == 6
+    # scores.csv holds 6 decimals: a rounding step is 1e-6; the float32 maps are compared whole
+    assert np.abs(np.array(scores_auto) - np.array(scores_one)).max() <= 1e-6 + 1e-12
+    assert max(float(np.abs(a - b).max()) for a, b in zip(maps_auto, maps_one, strict=True)) <= 1e-6
+
+
 def test_class_name_changes_the_scores(tmp_path, tiny_args):
     scores = {}
     for name in ("fabric", "bottle"):

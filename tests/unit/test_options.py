@@ -100,7 +100,7 @@ def test_value_types_parse_option_text_once() -> None:
     assert Threshold.parse("auto").auto and Threshold.parse("0.7") == Threshold(0.7)
     with pytest.raises(SetupError, match="between 0 and 1"):
         Threshold.parse("1.5")
-    assert int(BatchSize(3)) == 3
+    assert BatchSize(3).value == 3 and not BatchSize(3).is_auto and BatchSize.parse("Auto").is_auto
     with pytest.raises(SetupError, match="--batch-size"):
         BatchSize(0)
     assert ScoringMode.of_refs(None) is ScoringMode.ZERO_SHOT
@@ -115,7 +115,7 @@ def test_specs_hold_parsed_values_and_the_defaults() -> None:
     with pytest.raises(SetupError):
         ModelSpec(device="tpu")
     inputs = InputSpec()
-    assert int(inputs.batch_size) == options.DEFAULT_BATCH_SIZE and inputs.tiling.overlap == 0.25
+    assert inputs.batch_size.value == options.DEFAULT_BATCH_SIZE and inputs.tiling.overlap == 0.25
     assert OutputSpec(Path("out")).heatmaps is HeatmapFormat.PNG
     # the Python API's older name, positional as the benchmarks call it
     expected = ModelSpec("ViT-B-16", "w.pt", Device("cpu"), Precision.BF16)

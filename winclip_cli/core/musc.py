@@ -57,7 +57,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 AGGREGATION_DEGREES = (1, 3, 5)  # LNAMD's r: neighbourhoods of 1 x 1, 3 x 3 and 5 x 5 patches
 INTERVAL = (0.0, 0.3)  # MSM: mean of the sorted nearest-patch distances from 0 % up to 30 %
@@ -150,8 +149,7 @@ class MutualFeatureExtractor:
     as in open_clip's own ``encode_image``, then is L2-normalised.
     """
 
-    def __init__(self, visual: nn.Module, layers: Sequence[int] | None = None) -> None:
-        tower: Any = visual  # an open_clip VisionTransformer: its blocks are attributes torch's types cannot describe
+    def __init__(self, visual: Any, layers: Sequence[int] | None = None) -> None:  # open_clip VisionTransformer
         for name in ("forward_intermediates", "transformer", "grid_size", "proj"):
             if not hasattr(visual, name):
                 raise TypeError(
@@ -159,15 +157,15 @@ class MutualFeatureExtractor:
                 )
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError("mutual scoring does not support vision towers with attentional pooling")
-        depth = len(tower.transformer.resblocks)
+        depth = len(visual.transformer.resblocks)
         chosen = default_layers(depth) if layers is None else tuple(sorted({int(layer) for layer in layers}))
         if not chosen or chosen[0] < 0 or chosen[-1] >= depth:
             raise ValueError(
                 f"layers {list(layers or [])} are not blocks of this {depth}-block tower (0 to {depth - 1}, 0-based)"
             )
-        self.visual = tower
+        self.visual = visual
         self.layers = chosen
-        self.grid_size: tuple[int, int] = (int(tower.grid_size[0]), int(tower.grid_size[1]))
+        self.grid_size: tuple[int, int] = (int(visual.grid_size[0]), int(visual.grid_size[1]))
 
     def extract(self, images: torch.Tensor) -> PoolFeatures:
         """(N, 3, H, W) preprocessed images -> their :class:`PoolFeatures` (float32, on the images' device)."""
@@ -389,7 +387,9 @@ def mutual_scores(
     maps = mutual_grid_maps(pool, None, degrees, interval, block_elements)
     raw = map_maxima(maps, image_size)
     rescored = rescore_with_class_neighbours(raw, pool.class_embeddings, neighbours)
-    return MutualScores(grid_maps=maps, raw_scores=raw, scores=rescored, image_size=(image_size[0], image_size[1]))
+    return MutualScores(
+        grid_maps=maps, raw_scores=raw, scores=rescored, image_size=(int(image_size[0]), int(image_size[1]))
+    )
 
 
 def score_against_pool(
@@ -420,7 +420,9 @@ def score_against_pool(
     if pool_raw.shape[0] != len(pool):
         raise ValueError(f"{len(kept)} kept images but {pool_raw.shape[0] - len(new)} kept raw scores")
     rescored = rescore_with_class_neighbours(pool_raw, pool.class_embeddings, neighbours)[: len(new)]
-    return MutualScores(grid_maps=maps, raw_scores=raw, scores=rescored, image_size=(image_size[0], image_size[1]))
+    return MutualScores(
+        grid_maps=maps, raw_scores=raw, scores=rescored, image_size=(int(image_size[0]), int(image_size[1]))
+    )
 
 
 def _rows(scores: MutualScores, count: int) -> MutualScores:

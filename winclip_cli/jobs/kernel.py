@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from winclip_cli.core.backbone import Backbone
+from winclip_cli.core.batching import resolve_batch_size
 from winclip_cli.core.engine import Engine, build_backbone, build_engine
 from winclip_cli.core.winclip import WinClipScorer, WindowEncoder
 from winclip_cli.errors import SetupError
@@ -167,7 +168,7 @@ class Session:
             backbone=backbone,
             encoder=encoder,
             prep=Preprocessing.for_backbone(backbone, inputs),
-            batch_size=int(inputs.batch_size),
+            batch_size=resolve_batch_size(inputs.batch_size, backbone.device.type, backbone.model.visual, model.scales),
             workers=decoding_workers(inputs.workers, backbone.device),
             scorer=scorer,
             engine=engine,
@@ -221,4 +222,4 @@ class Session:
 
     def describe(self) -> str:
         backbone = self.backbone
-        return f"{backbone.architecture} on {backbone.device} {backbone.precision}"
+        return f"{backbone.architecture} on {backbone.device} {backbone.precision}, batch {self.batch_size}"

@@ -135,6 +135,7 @@ class ScanRecord:
             "class_name": engine.ensemble.class_name,
             **backbone.identity,
             "device": str(backbone.device),
+            "batch_size": self.session.batch_size,  # as given, or what --batch-size auto chose
             "scales": list(engine.scorer.scales),
             "threshold": choice.value,
             "threshold_source": choice.source,

@@ -377,6 +377,7 @@ class ScanSession:
             f"winclip {__version__}: {plural(len(todo), 'image')} to score"
             + (f" ({skipped} unchanged)" if skipped else "")
             + f"{shard}, {backbone.architecture} ({backbone.weights}) on {backbone.device} {backbone.precision}, "
+            f"batch {self.session.batch_size}, "
             f"{mode}, class '{self.engine.ensemble.class_name}', threshold {choice.value:g} ({choice.source})"
         )
         self.run_info = self.record.run_json()

@@ -1,0 +1,83 @@
+"""core/batching.py: the batch-size rule of --batch-size auto, and the cost figures it rests on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from winclip_cli.core.batching import (
+    CPU_MAX_BATCH,
+    CUDA_BATCH,
+    auto_batch_size,
+    fastest_batch,
+    resolve_batch_size,
+    visual_facts,
+)
+from winclip_cli.errors import SetupError
+from winclip_cli.options import BatchSize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+
+def meta_visual(architecture: str):
+    """The architecture's visual tower with no storage: its sizes, at no cost."""
+    with torch.device("meta"):
+        return open_clip.create_model(architecture, pretrained=None, device="meta").visual
+
+
+def test_gflop_per_image_counts_the_same_work_as_the_benchmark():
+    from bench import vit_flops_per_image
+
+    visual = meta_visual("ViT-B-16-plus-240")
+    facts = visual_facts(visual)
+    assert (facts.width, facts.mlp_width, facts.layers, facts.grid) == (896, 3584, 12, (15, 15))
+    assert facts.gflop_per_image((2, 3)) == pytest.approx(vit_flops_per_image(visual, (2, 3)) / 1e9, rel=1e-12)
+    assert facts.gflop_per_image((2, 3)) == pytest.approx(673.5, abs=0.1)
+    # more scales, more windows, more work
+    assert facts.gflop_per_image((2, 3, 4)) > facts.gflop_per_image((2, 3))
+
+
+@pytest.mark.parametrize(
+    ("architecture", "expected"),
+    [
+        ("ViT-B-16-plus-240", 2),  # measured: batch 2 is the fastest per image on a 2-core Sapphire Rapids
+        ("ViT-L-14", 1),  # 2 TFLOP per image: one at a time
+        ("ViT-B-32", CPU_MAX_BATCH),  # 82 GFLOP: per-batch overhead dominates, capped at 8
+    ],
+)
+def test_cpu_rule_follows_the_models_cost(architecture, expected):
+    gflop = visual_facts(meta_visual(architecture)).gflop_per_image((2, 3))
+    assert auto_batch_size("cpu", gflop) == expected
+
+
+def test_small_models_keep_batches_of_8_and_other_devices_have_their_own_size(tiny_backbone):
+    gflop = visual_facts(tiny_backbone.model.visual).gflop_per_image((2, 3))
+    assert gflop < 1
+    assert auto_batch_size("cpu", gflop) == CPU_MAX_BATCH == 8
+    assert auto_batch_size("cuda", gflop) == auto_batch_size("cuda", 673.5) == CUDA_BATCH
+    assert auto_batch_size("mps", 673.5) == 8
+
+
+def test_an_explicit_batch_size_wins(tiny_backbone):
+    visual = tiny_backbone.model.visual
+    assert resolve_batch_size(BatchSize(3), "cpu", visual, (2, 3)) == 3
+    assert resolve_batch_size(BatchSize(64), "cuda", visual, (2, 3)) == 64
+    assert resolve_batch_size(BatchSize(), "cpu", visual, (2, 3)) == 8
+
+
+def test_parse_batch_size():
+    assert BatchSize.parse("auto") == BatchSize.parse("AUTO") == BatchSize() and BatchSize().is_auto
+    assert BatchSize.parse("4") == BatchSize(4) and BatchSize.parse("4").value == 4
+    for bad in ("0", "-2", "four", "2.5", ""):
+        with pytest.raises(SetupError, match="--batch-size"):
+            BatchSize.parse(bad)
+
+
+def test_fastest_batch_prefers_the_smaller_of_near_ties():
+    assert fastest_batch({1: 2.77, 2: 2.72, 4: 3.0, 8: 4.49}) == 1  # 2 is within 3 % of 1
+    assert fastest_batch({1: 0.79, 2: 0.64, 4: 0.82, 8: 0.83}) == 2
+    assert fastest_batch({1: 1.0, 2: 0.5, 4: 0.2}, tolerance=0.0) == 4

@@ -1,0 +1,103 @@
+"""How many model inputs go into one batch: the size that gives the best images/s, from measurements.
+
+``--batch-size auto`` (the default) asks :func:`auto_batch_size`; an explicit ``--batch-size N`` wins.
+The rule is written down from ``benchmarks/batch_size.py`` (README, section Speed, lists the machine
+of each measurement):
+
+* CPU: a WinCLIP pass is one full image plus every window of every scale, so one image is already
+  hundreds of short sequences (365 windows for the default 15x15 grid and scales 2, 3). A batch of B
+  images runs B times as many window sequences through each layer at once, and past a few hundred
+  GFLOP per batch its activations (tokens x MLP width) no longer stay in the caches: on a 2-core
+  Sapphire Rapids, ViT-B-16-plus-240 (673 GFLOP per image) costs 1.0 / 1.0 / 1.1 / 1.6x the batch-1
+  time per image at batch 1 / 2 / 4 / 8 in fp32, and bf16 (AMX) is best at 2 as well. A small model
+  costs little per image and much per batch (Python, thread wake-ups), so it wants large batches.
+  The rule: the largest batch of at most :data:`CPU_MAX_BATCH` whose work stays within
+  :data:`CPU_GFLOP_PER_BATCH`, at least 1.
+* CUDA: :data:`CUDA_BATCH` (a GPU needs many inputs in flight; from the H200 rows of the README, not
+  re-measured per model); memory is the limit, and an out-of-memory error names ``--batch-size``.
+* Apple MPS: :data:`OTHER_BATCH`, the earlier default (not measured).
+
+Batch composition moves fp32 scores only by float rounding (about 1e-7): a GEMM of other shape
+sums in another order. Scores are otherwise independent of the batch size.
+
+This module imports neither torch nor open_clip; :func:`visual_facts` reads a loaded tower's sizes
+by attribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from winclip_cli.options import BatchSize
+
+CPU_GFLOP_PER_BATCH = 1500.0  # best measured: 2 x 673 GFLOP (default model) fits, 4 x 673 does not
+CPU_MAX_BATCH = 8  # small models: the per-batch overhead is paid once per 8 inputs
+CUDA_BATCH = 32
+OTHER_BATCH = 8
+
+
+@dataclass(frozen=True)
+class VisualFacts:
+    """The sizes of a ViT visual tower that decide its cost per image."""
+
+    width: int  # transformer width C
+    mlp_width: int  # hidden width of each MLP
+    layers: int
+    grid: tuple[int, int]  # patch grid (rows, columns)
+    patch_size: int
+    embed_dim: int  # output (projection) width
+
+    def gflop_per_image(self, scales: Sequence[int]) -> float:
+        """Multiply-adds x 2 of one WinCLIP pass: patch embedding, the full image, every window of every scale."""
+        rows, cols = self.grid
+        patches = rows * cols
+        sequences = [(1, patches + 1)] + [((rows - s + 1) * (cols - s + 1), s * s + 1) for s in scales]
+        total = 2.0 * patches * 3 * self.patch_size**2 * self.width
+        for count, length in sequences:
+            linear = 2.0 * length * (4 * self.width**2 + 2 * self.width * self.mlp_width)
+            attention = 4.0 * length * length * self.width
+            total += count * (self.layers * (linear + attention) + 2.0 * self.width * self.embed_dim)
+        return total / 1e9
+
+
+def visual_facts(visual: Any) -> VisualFacts:
+    """The sizes of an open_clip ``VisionTransformer`` (read by attribute, no torch needed here)."""
+    block = visual.transformer.resblocks[0]
+    patch = visual.conv1.kernel_size
+    proj = getattr(visual, "proj", None)
+    return VisualFacts(
+        width=int(visual.conv1.out_channels),
+        mlp_width=int(block.mlp.c_fc.out_features),
+        layers=len(visual.transformer.resblocks),
+        grid=(int(visual.grid_size[0]), int(visual.grid_size[1])),
+        patch_size=int(patch[0] if isinstance(patch, tuple | list) else patch),
+        embed_dim=int(proj.shape[1]) if proj is not None else int(visual.conv1.out_channels),
+    )
+
+
+def auto_batch_size(device_type: str, gflop_per_image: float) -> int:
+    """The batch size of ``--batch-size auto`` for a device type (cpu, cuda, mps) and a model's cost
+    per image (see the module's docstring); the same for every precision (bf16 measured best at the
+    fp32 size too)."""
+    if device_type == "cuda":
+        return CUDA_BATCH
+    if device_type != "cpu":
+        return OTHER_BATCH
+    fits = int(CPU_GFLOP_PER_BATCH // max(gflop_per_image, 1e-9))
+    return max(1, min(CPU_MAX_BATCH, fits))
+
+
+def fastest_batch(seconds_per_image: Mapping[int, float], tolerance: float = 0.03) -> int:
+    """The batch size with the best measured rate; of sizes within ``tolerance`` of the best, the
+    smallest (less memory, earlier first results). Used by ``benchmarks/batch_size.py``."""
+    best = min(seconds_per_image.values())
+    return min(size for size, seconds in seconds_per_image.items() if seconds <= best * (1 + tolerance))
+
+
+def resolve_batch_size(requested: BatchSize, device_type: str, visual: Any, scales: Sequence[int]) -> int:
+    """``--batch-size``: a number as given, or ``auto`` chosen by :func:`auto_batch_size`."""
+    if not requested.is_auto:
+        return int(requested.value)
+    return auto_batch_size(device_type, visual_facts(visual).gflop_per_image(scales))
