@@ -6,6 +6,7 @@ A command's spec is composed of the parts the stages need, each made of the valu
     ModelSpec   which model, device, precision, window sizes   -> the backbone and scorer
     InputSpec   batch size, pixel limit, decoding threads, tiling -> decoding and batching
     TextSpec    class name, prompt file, text cache            -> the text embeddings
+    MutualSpec  pool size, layers (mode mutual)               -> the pools and their features
     OutputSpec  output folder, heatmap format, raw maps         -> the result writer
 
 A stage takes only its part: the decoder an ``InputSpec``, the writer an ``OutputSpec``. Nothing
@@ -29,6 +30,8 @@ from winclip_cli.options import (
     BatchSize,
     Device,
     HeatmapFormat,
+    Layers,
+    PoolSize,
     Precision,
     Tiling,
 )
@@ -74,6 +77,15 @@ class TextSpec:
     class_name: str = DEFAULT_CLASS
     prompts: Path | None = None
     use_cache: bool = True
+
+
+@dataclass(frozen=True)
+class MutualSpec:
+    """Mutual scoring (``--mode mutual``): how many images a pool holds at most, and which blocks'
+    patch tokens are compared."""
+
+    pool_size: PoolSize = field(default_factory=PoolSize)
+    layers: Layers = field(default_factory=Layers)
 
 
 @dataclass(frozen=True)

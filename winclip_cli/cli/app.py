@@ -27,6 +27,7 @@ from winclip_cli.cli import preflight
 from winclip_cli.cli.args import (
     ClassOpt,
     InputArgs,
+    ModeArgs,
     ModelArgs,
     NoCacheOpt,
     PromptsOpt,
@@ -336,10 +337,23 @@ def scan_spec(
     *,
     incremental: bool,
     shard: tuple[int, int] | None = None,
+    mode_args: ModeArgs | None = None,
+    fail_on_anomaly: bool = False,
 ) -> ScanSpec:
     """The spec of a scan or a watch, with everything that needs no model checked first."""
     model = model_args.parse()
-    threshold = Threshold.parse(scan_args.threshold)
+    mode, mutual = (mode_args or ModeArgs()).parse(scan_args.refs)
+    threshold = Threshold.parse(scan_args.threshold, upper=mode.score_range)
+    if mutual is not None:
+        if tile_args.tile is not None:
+            raise SetupError("--mode mutual scores whole images: it takes no --tile")
+        if incremental:
+            raise SetupError("--mode mutual does not take --incremental yet: rescan the folder (its pools change)")
+        if fail_on_anomaly and threshold.auto and scan_args.calibration is None:
+            raise SetupError(
+                "--fail-on-anomaly with --mode mutual needs a threshold: --calibration from "
+                "`winclip calibrate --mode mutual`, or --threshold"
+            )
     heatmaps = HeatmapFormat.parse(scan_args.heatmaps)
     tiling = tile_args.parse(model_args.model)
     out = scan_args.out
@@ -363,11 +377,12 @@ def scan_spec(
         calibration=scan_args.calibration,
         incremental=incremental,
         shard=shard,
+        mutual=mutual,
     )
 
 
 @app.command(epilog=EXIT_CODES_HELP)
-@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
+@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs, mode_args=ModeArgs)
 def scan(
     directory: Annotated[
         Path,
@@ -377,6 +392,7 @@ def scan(
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
+    mode_args: ModeArgs,
     fail_on_anomaly: Annotated[
         bool,
         typer.Option(
@@ -414,6 +430,19 @@ def scan(
       winclip scan /data/camera1 --class bottle --out /data/results --incremental --quiet
 
       winclip scan ./images --weights ~/models/vit_b_16_plus_240-laion400m_e31.pt --json > scores.jsonl
+
+      winclip scan ./images --mode mutual --out mutual-out
+
+      winclip calibrate ./good --mode mutual --out mutual-calibration.json
+
+      winclip scan ./images --mode mutual --calibration mutual-calibration.json --fail-on-anomaly
+
+    --mode mutual (MuSc) scores each image against the other images of its pool (--pool-size, in path
+    order): no prompts or references. `score` is MuSc's final score, ranked within the pool (0 to 1
+    there, so one image of every pool is near 1); the label compares `raw_score` (the map's maximum, a
+    distance on the model's scale) with a threshold from `calibrate --mode mutual` or --threshold, and
+    is empty without one. A folder where most parts are defective is the wrong input; a pool of fewer
+    than 10 images is warned about.
     """
     out = scan_args.out
 
@@ -426,6 +455,8 @@ def scan(
             scan_args,
             incremental=incremental,
             shard=parse_shard(shard),
+            mode_args=mode_args,
+            fail_on_anomaly=fail_on_anomaly,
         )
 
     def job(spec: ScanSpec, reporter: Reporter, stop: Callable[[], bool]) -> ScanResult:

@@ -79,6 +79,9 @@ CSV_COLUMNS: tuple[str, ...] = (
     "tiles",
     "best_tile",
     "sha256",
+    "raw_score",
+    "pool",
+    "pool_size",
 )
 
 _STATUSES = frozenset({"ok", "error"})
@@ -146,6 +149,17 @@ class ResultRow:
     tiles: int | None = None  # number of tiles in tiled mode
     best_tile: str = ""  # "x0 y0 x1 y1" of the tile that produced the image score, in tiled mode
     sha256: str = ""  # of the input file's bytes
+    # mode mutual: the map's maximum before RsCIN (what the threshold applies to), and the pool the
+    # image was scored against ("2/3": the second of this run's three pools) with its image count
+    raw_score: float | None = None
+    pool: str = ""
+    pool_size: int | None = None
+
+    @property
+    def decision_score(self) -> float | None:
+        """The value the threshold applies to: the raw score in mutual mode (``score`` is relative to
+        the pool there), else the score."""
+        return self.raw_score if self.mode == "mutual" else self.score
 
     def __post_init__(self) -> None:
         # A typo here would silently corrupt every downstream filter on status/label, so fail loudly.
@@ -201,8 +215,8 @@ class ResultRow:
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
-_FLOAT_FIELDS = frozenset({"score", "threshold", "max_pixel_score", "anomalous_area"})
-_INT_FIELDS = frozenset({"width", "height", "k_shot", "tiles"})
+_FLOAT_FIELDS = frozenset({"score", "threshold", "max_pixel_score", "anomalous_area", "raw_score"})
+_INT_FIELDS = frozenset({"width", "height", "k_shot", "tiles", "pool_size"})
 
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

@@ -67,6 +67,17 @@ def calibration_fingerprint(session: Session) -> dict[str, Any]:
     """What a calibration depends on: the same fingerprint must hold when it is used."""
     engine, tiling = session.engine, session.prep.tiling
     assert engine is not None
+    if session.extractor is not None:
+        # mutual scores use neither the prompts nor the windows: a calibration holds whatever the class
+        return {
+            "mode": "mutual",
+            "architecture": engine.backbone.architecture,
+            "weights_sha256": engine.backbone.weights_sha256,
+            "precision": engine.backbone.precision,
+            "layers": list(session.extractor.layers),
+            "tile": tiling.size,
+            "tile_overlap": tiling.recorded_overlap,
+        }
     return {
         "architecture": engine.backbone.architecture,
         "weights_sha256": engine.backbone.weights_sha256,
@@ -120,7 +131,16 @@ class ScanRecord:
             # another folder or shard in the same OUT must never mix with (or delete) the stored rows
             "input": str(spec.directory.resolve()),
             "shard": list(spec.shard) if spec.shard else None,
+            **self._mutual(),
         }
+
+    def _mutual(self) -> dict[str, Any]:
+        """Mode mutual's settings (pools of at most ``pool_size`` images, the blocks compared); nothing
+        for the other modes, whose records stay as they were."""
+        session = self.session
+        if session.extractor is None or session.mutual is None:
+            return {}
+        return {"pool_size": int(session.mutual.pool_size), "layers": list(session.extractor.layers)}
 
     def run_json(self) -> dict[str, Any]:
         """run.json as a scan starts: what is needed to reproduce the run."""
@@ -153,6 +173,7 @@ class ScanRecord:
             "heatmaps": spec.output.heatmaps.value,
             "shard": f"{spec.shard[0]}/{spec.shard[1]}" if spec.shard else None,
             "columns": list(CSV_COLUMNS),
+            **self._mutual(),
         }
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from winclip_cli import __version__
 from winclip_cli.core.backbone import Backbone
@@ -40,10 +40,13 @@ from winclip_cli.io.safe_fs import CALIBRATION_LIMIT, open_regular, read_user_fi
 from winclip_cli.io.state import FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
 from winclip_cli.jobs.decode import Preprocessing, relative_name
 from winclip_cli.jobs.kernel import Reporter, Session, discover
+
+if TYPE_CHECKING:
+    from winclip_cli.jobs.mutual import MutualStream
 from winclip_cli.jobs.record import ScanRecord, calibration_fingerprint, scan_totals
 from winclip_cli.jobs.write import ResultWriter, RowContext, ScanSummary, write_all
-from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES, ScoringMode, Threshold
-from winclip_cli.spec import InputSpec, ModelSpec, OutputSpec, TextSpec
+from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES, MAX_DISTANCE, ScoringMode, Threshold
+from winclip_cli.spec import InputSpec, ModelSpec, MutualSpec, OutputSpec, TextSpec
 from winclip_cli.wording import plural
 
 # --------------------------------------------------------------------------------------------------- shards
@@ -60,7 +63,7 @@ def shard_of(relpath: str, count: int) -> int:
 
 @dataclass
 class ThresholdChoice:
-    value: float
+    value: float | None  # None: no label (mode mutual with neither --threshold nor a calibration)
     source: str
     pixel: float | None = None
     calibration: dict[str, Any] | None = None
@@ -82,12 +85,19 @@ def choose_threshold(
     """
     from winclip_cli.core.calibration import Calibration
 
+    mutual = fingerprint.get("mode") == ScoringMode.MUTUAL.value
     usable = None
     if calibration is not None:
         stored = calibration.get("fingerprint")
         if not isinstance(stored, dict):
             raise SetupError(
                 f"{calibration_origin} holds a malformed calibration; recalibrate with `winclip calibrate`"
+            )
+        if (stored.get("mode") == ScoringMode.MUTUAL.value) != mutual:
+            made, used = ("mutual", "winclip") if not mutual else ("winclip", "mutual")
+            raise SetupError(
+                f"the calibration in {calibration_origin} is for {made} scores and this run makes {used} scores, "
+                "on another scale: calibrate for this mode (`winclip calibrate --mode ...`)"
             )
         differences = sorted(key for key in fingerprint if stored.get(key) != fingerprint[key])
         calibrated_for = calibration.get("class_name")
@@ -108,13 +118,16 @@ def choose_threshold(
             )
             reporter.warn(f"{message}; using {fallback} and no pixel threshold")
         else:
-            usable = Calibration.from_dict(calibration["calibration"])
+            usable = Calibration.from_dict(calibration["calibration"], upper=MAX_DISTANCE if mutual else 1.0)
     pixel = usable.pixel_threshold if usable is not None else None
     if requested is not None:
         return ThresholdChoice(requested, "--threshold", pixel, calibration)
     if usable is not None:
         source = f"calibrated: fpr {usable.fpr:g} on {usable.n_images} good images ({calibration_origin})"
         return ThresholdChoice(usable.threshold, source, pixel, calibration)
+    if mutual:
+        # raw mutual scores are distances on the model's own scale: no number fits every model and product
+        return ThresholdChoice(None, "none: calibrate with `winclip calibrate --mode mutual` or give --threshold")
     return ThresholdChoice(DEFAULT_THRESHOLD, "default", None, None)
 
 
@@ -134,8 +147,9 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
         raise SetupError(f"{path} holds a malformed calibration; recalibrate with `winclip calibrate`")
     from winclip_cli.core.calibration import Calibration
 
-    try:
-        Calibration.from_dict(data["calibration"])  # refused now, whether or not its fingerprint matches
+    mutual = data["fingerprint"].get("mode") == ScoringMode.MUTUAL.value
+    try:  # refused now, whether or not its fingerprint matches
+        Calibration.from_dict(data["calibration"], upper=MAX_DISTANCE if mutual else 1.0)
     except SetupError as err:
         raise SetupError(f"{path}: {err}") from None
     return data
@@ -159,6 +173,7 @@ class ScanSpec:
     calibration: Path | None = None
     incremental: bool = False
     shard: tuple[int, int] | None = None
+    mutual: MutualSpec | None = None  # mode mutual: each image scored against the others of its pool
 
     @property
     def out(self) -> Path:
@@ -166,7 +181,7 @@ class ScanSpec:
 
     @property
     def mode(self) -> ScoringMode:
-        return ScoringMode.of_refs(self.refs)
+        return ScoringMode.MUTUAL if self.mutual is not None else ScoringMode.of_refs(self.refs)
 
 
 @dataclass
@@ -218,6 +233,8 @@ def run_scan_job(options: ScanSpec, reporter: Reporter, should_stop: Callable[[]
                 unlisted=unlisted,
             )
         )
+        if session.mutual is not None:  # the pools of this run: each row names its own
+            session.run_info["pools"] = [pool.as_dict() for pool in session.mutual.pools]
         session.write_run_info()
     run_info = session.run_info
     return ScanResult(
@@ -320,13 +337,15 @@ class ScanSession:
             memory=memory,
             reporter=reporter,
             backbone=self._backbone,
+            mutual=options.mutual,
         )
         engine = self.engine
         context = RowContext(
             threshold=DEFAULT_THRESHOLD,
             threshold_source="",
             mode=options.mode.value,
-            vocabulary_sha256=engine.ensemble.sha256,
+            # mutual scores use no prompts: their rows name no vocabulary
+            vocabulary_sha256=engine.ensemble.sha256 if options.mutual is None else "",
         )
         memory_id = self.session.memory_id
         if memory is not None:
@@ -344,6 +363,12 @@ class ScanSession:
         )
         context.threshold, context.threshold_source, context.pixel_threshold = choice.value, choice.source, choice.pixel
         self.context, self.choice, self.memory_id = context, choice, memory_id
+        self.mutual: MutualStream | None = None
+        if options.mutual is not None:
+            from winclip_cli.jobs.mutual import MutualStream
+
+            prefix = f"{options.shard[0]}/{options.shard[1]}:" if options.shard else ""
+            self.mutual = MutualStream(self.session, reporter, int(options.mutual.pool_size), prefix)
         self.record = ScanRecord(options, self.session, context, choice)
         self.config = self.record.state_config()
         self.state = RunState(options.out)
@@ -372,13 +397,17 @@ class ScanSession:
             self.state, self.config, context, inputs, options.incremental, self.reporter, listing_incomplete
         )
         mode = f"few-shot k={context.k_shot}" if self.memory is not None else "zero-shot"
+        if options.mutual is not None:
+            mode = f"mutual, pools of at most {int(options.mutual.pool_size)}"
         shard = f", shard {options.shard[0]}/{options.shard[1]}" if options.shard else ""
+        threshold = "none" if choice.value is None else f"{choice.value:g}"
+        scored_class = "" if options.mutual is not None else f", class '{self.engine.ensemble.class_name}'"
         self.reporter.info(
             f"winclip {__version__}: {plural(len(todo), 'image')} to score"
             + (f" ({skipped} unchanged)" if skipped else "")
             + f"{shard}, {backbone.architecture} ({backbone.weights}) on {backbone.device} {backbone.precision}, "
             f"batch {self.session.batch_size}, "
-            f"{mode}, class '{self.engine.ensemble.class_name}', threshold {choice.value:g} ({choice.source})"
+            f"{mode}{scored_class}, threshold {threshold} ({choice.source})"
         )
         self.run_info = self.record.run_json()
         self.write_run_info()
@@ -419,7 +448,11 @@ class ScanSession:
                 device=self.session.backbone.device,
                 threads=self.session.threads,
             )
-            return write_all(self.session.scored(todo, with_stamp=True, should_stop=should_stop), writer)
+            if self.mutual is not None:
+                items = self.mutual.scored(todo, with_stamp=True, should_stop=should_stop)
+            else:
+                items = self.session.scored(todo, with_stamp=True, should_stop=should_stop)
+            return write_all(items, writer)
 
     def rewrite_csv(self) -> list[ResultRow]:
         """scores.csv rewritten atomically from the state (one row per file, sorted); returns the rows."""
@@ -524,7 +557,8 @@ def _select(
     relabelled = [_relabel(row, context) for row in rows]
     # compare as written (6 decimals): the stored rows hold the rounded values
     if any(a.as_csv_dict() != b.as_csv_dict() for a, b in zip(rows, relabelled, strict=True)):
-        reporter.info(f"threshold is now {context.threshold:g} ({context.threshold_source}): stored rows relabelled")
+        now = "none" if context.threshold is None else f"{context.threshold:g}"
+        reporter.info(f"threshold is now {now} ({context.threshold_source}): stored rows relabelled")
         state.replace_rows(relabelled)
         changed_rows = True
     stamps = state.stamps()
@@ -575,5 +609,8 @@ def _relabel(row: ResultRow, context: RowContext) -> ResultRow:
     if row.status != "ok" or row.score is None:
         return replace(row, threshold_source=context.threshold_source)
     return replace(
-        row, threshold=context.threshold, label=context.label(row.score), threshold_source=context.threshold_source
+        row,
+        threshold=context.threshold,
+        label=context.label(row.decision_score),
+        threshold_source=context.threshold_source,
     )
