@@ -33,7 +33,7 @@ from winclip_cli.io.safe_fs import (
     open_regular,
     remove_regular,
 )
-from winclip_cli.options import HeatmapFormat
+from winclip_cli.options import HeatmapFormat, ScoringMode
 
 __all__ = [
     "NOTE_LIMIT",
@@ -159,7 +159,7 @@ class ResultRow:
     def decision_score(self) -> float | None:
         """The value the threshold applies to: the raw score in mutual mode (``score`` is relative to
         the pool there), else the score."""
-        return self.raw_score if self.mode == "mutual" else self.score
+        return self.raw_score if self.mode == ScoringMode.MUTUAL.value else self.score
 
     def __post_init__(self) -> None:
         # A typo here would silently corrupt every downstream filter on status/label, so fail loudly.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from winclip_cli import __version__
 from winclip_cli.io.outputs import CSV_COLUMNS, ResultRow
+from winclip_cli.options import ScoringMode
 
 if TYPE_CHECKING:
     from winclip_cli.core.calibration import Calibration
@@ -70,7 +71,7 @@ def calibration_fingerprint(session: Session) -> dict[str, Any]:
     if session.extractor is not None:
         # mutual scores use neither the prompts nor the windows: a calibration holds whatever the class
         return {
-            "mode": "mutual",
+            "mode": ScoringMode.MUTUAL.value,
             "architecture": engine.backbone.architecture,
             "weights_sha256": engine.backbone.weights_sha256,
             "precision": engine.backbone.precision,
