@@ -192,3 +192,54 @@ def test_layers_beyond_the_tower_are_refused(tmp_path, tiny_args):
     result, _ = scan(tmp_path, SAMPLE_TEST, tiny_args, "--layers", "0,5")
     assert result.exit_code == 2
     assert "--layers 0,5" in result.output and "2-block tower" in result.output
+
+
+def test_calibrate_mutual_takes_the_threshold_on_raw_scores_and_modes_do_not_mix(tmp_path, tiny_args, tiny_backbone):
+    good = SAMPLE_DATA / "fabric" / "good"
+    good_files = sorted(good.rglob("*.jpg"), key=lambda p: p.relative_to(good).as_posix())
+    calibration = tmp_path / "mutual.json"
+    result = invoke(["calibrate", good, "--mode", "mutual", "--out", calibration, *tiny_args])
+    assert result.exit_code == 0, result.output
+    stored = json.loads(calibration.read_text())
+    assert stored["fingerprint"]["mode"] == "mutual" and stored["fingerprint"]["layers"] == [0, 1]
+    expected = direct_musc(tiny_backbone, good_files)
+    # 4 good images cannot support fpr 0.01: the threshold is the highest raw score seen
+    assert stored["calibration"]["threshold"] == pytest.approx(float(expected.raw_scores.max()), abs=1e-9)
+    result, out = scan(tmp_path, SAMPLE_TEST, tiny_args, "--calibration", calibration)
+    assert result.exit_code == 0, result.output
+    threshold = stored["calibration"]["threshold"]
+    for row in read_results_csv(out / "scores.csv"):
+        assert row["threshold_source"].startswith("calibrated")
+        assert row["label"] == ("anomalous" if float(row["raw_score"]) > threshold else "normal")
+    # thresholds do not carry across modes, either way
+    zero_shot = tmp_path / "zero.json"
+    assert invoke(["calibrate", good, "--out", zero_shot, "-q", *tiny_args]).exit_code == 0
+    refused, _ = scan(tmp_path, SAMPLE_TEST, tiny_args, "--calibration", zero_shot, name="refused")
+    assert refused.exit_code == 2 and "thresholds do not carry across modes" in refused.output
+    refused = invoke(["scan", SAMPLE_TEST, "--out", tmp_path / "z", "--calibration", calibration, *tiny_args])
+    assert refused.exit_code == 2 and "`winclip calibrate` without --mode mutual" in refused.output
+
+
+def test_eval_mutual_measures_musc_final_scores(tmp_path, tiny_args, tiny_backbone):
+    from test_decisions import make_mvtec
+
+    from winclip_cli.core.metrics import image_auroc
+
+    root = tmp_path / "mvtec"
+    make_mvtec(root)
+    out = tmp_path / "eval"
+    result = invoke(["eval", root, "--mode", "mutual", "--out", out, *tiny_args])
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["mode"] == "mutual" and document["pool_size"] == 200
+    for category in document["categories"]:
+        test = sorted((root / category["name"] / "test").rglob("*.png"), key=str)
+        labels = np.array([0 if path.parent.name == "good" else 1 for path in test])
+        expected = direct_musc(tiny_backbone, test)
+        assert category["images"] == len(test) and category["references"] == []
+        assert category["metrics"]["image_auroc"] == pytest.approx(
+            image_auroc(labels, expected.scores.double().numpy()), abs=1e-9
+        )
+        assert category["metrics"]["pixel_auroc"] is not None
+    refused = invoke(["eval", root, "--mode", "mutual", "--k-shot", "2", "--out", out, *tiny_args])
+    assert refused.exit_code == 2 and "--mode mutual takes no --k-shot" in refused.output

@@ -52,6 +52,7 @@ from winclip_cli.options import (
     DEFAULT_FPR,
     DEFAULT_HOOK_TIMEOUT,
     HeatmapFormat,
+    ScoringMode,
     Threshold,
     check_rate,
     parse_shard,
@@ -684,7 +685,7 @@ def build_refs(
 
 
 @app.command(epilog=JOB_EXIT_CODES_HELP)
-@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
+@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs, mode_args=ModeArgs)
 def calibrate(
     good_dir: Annotated[
         Path, typer.Argument(help="Folder of normal (good) images, searched recursively.", show_default=False)
@@ -692,6 +693,7 @@ def calibrate(
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
+    mode_args: ModeArgs,
     fpr: Annotated[
         float, typer.Option("--fpr", help="Largest acceptable false-alarm rate on good parts, e.g. 0.01 = 1 %.")
     ] = DEFAULT_FPR,
@@ -738,10 +740,19 @@ def calibrate(
       winclip calibrate ./good --class bottle --out bottle-calibration.json
 
       winclip scan ./new --class bottle --calibration bottle-calibration.json
+
+      winclip calibrate ./good --mode mutual --out mutual-calibration.json
+
+    With --mode mutual the good images are pooled as `scan --mode mutual` pools a folder (the same
+    --pool-size, so use as many good images as a scan's pool holds) and the threshold is taken on
+    their raw scores; a calibration of one mode is refused by a scan of another.
     """
 
     def parse() -> CalibrateSpec:
         model = model_args.parse()
+        _, mutual = mode_args.parse(refs)
+        if mutual is not None and tile_args.tile is not None:
+            raise SetupError("--mode mutual scores whole images: it takes no --tile")
         tiling = tile_args.parse(model_args.model)
         check_rate("--fpr", fpr)
         check_rate("--pixel-fpr", pixel_fpr)
@@ -759,7 +770,9 @@ def calibrate(
 
         inputs = input_args.parse(tiling)
         text = TextSpec(class_name, prompts, use_cache=not no_cache)
-        return CalibrateSpec(good_dir, model, inputs, text, fpr, pixel_fpr, refs=refs, out=calibration_file)
+        return CalibrateSpec(
+            good_dir, model, inputs, text, fpr, pixel_fpr, refs=refs, out=calibration_file, mutual=mutual
+        )
 
     def job(spec: CalibrateSpec, reporter: Reporter, stop: Callable[[], bool]) -> CalibrateResult:
         from winclip_cli.jobs.calibrate import run_calibrate_job
@@ -775,14 +788,15 @@ def _calibration_summary(result: CalibrateResult, quiet: bool) -> int:
     cal = result.calibration
     console = Console(highlight=False, soft_wrap=True)
     if not quiet:
-        bins = histogram(result.scores)
+        bins = histogram(result.scores, hi=result.score_range)
         peak = max(count for _, _, count in bins) or 1
         table = Table(title=f"image scores of {plural(cal.n_images, 'good image')}", show_edge=False)
         table.add_column("score", justify="right")
         table.add_column("count", justify="right")
         table.add_column("")
         for lo, hi, count in bins:
-            mark = " <- threshold" if lo <= cal.threshold < hi or (hi == 1.0 and cal.threshold == 1.0) else ""
+            top = hi == result.score_range and cal.threshold == hi
+            mark = " <- threshold" if lo <= cal.threshold < hi or top else ""
             table.add_row(f"{lo:.2f}-{hi:.2f}", str(count), "#" * round(30 * count / peak) + mark)
         console.print(table)
     console.print(
@@ -801,7 +815,7 @@ def _calibration_summary(result: CalibrateResult, quiet: bool) -> int:
 
 
 @app.command("eval", epilog=JOB_EXIT_CODES_HELP)
-@with_options(model_args=ModelArgs, input_args=InputArgs)
+@with_options(model_args=ModelArgs, input_args=InputArgs, mode_args=ModeArgs)
 def evaluate(
     root: Annotated[
         Path,
@@ -811,6 +825,7 @@ def evaluate(
     ],
     model_args: ModelArgs,
     input_args: InputArgs,
+    mode_args: ModeArgs,
     k_shot: Annotated[
         int, typer.Option("--k-shot", min=0, help="Few-shot references per category (0: zero-shot).")
     ] = 0,
@@ -841,10 +856,23 @@ def evaluate(
       winclip eval /data/mvtec_anomaly_detection
 
       winclip eval /data/mvtec_anomaly_detection/bottle --k-shot 4 --seed 0 --out eval-bottle
+
+      winclip eval /data/mvtec_anomaly_detection --mode mutual --out eval-mutual
+
+    With --mode mutual each category's test images are scored against each other (pools of at most
+    --pool-size, in path order), as MuSc is evaluated; the image metrics use MuSc's final score.
     """
 
     def parse() -> EvalSpec:
         model = model_args.parse()
+        if (mode_args.mode or "").lower() == ScoringMode.FEW_SHOT.value:
+            if not k_shot:
+                raise SetupError("eval --mode few-shot needs --k-shot N (references drawn per category)")
+            mutual = None
+        else:
+            _, mutual = mode_args.parse(None)
+            if mutual is not None and k_shot:
+                raise SetupError("--mode mutual takes no --k-shot: it scores the test images against each other")
         preflight.check_input(root, "evaluation data folder")
         preflight.check_output_folder("--out", out)
         load_vocabulary(prompts)
@@ -860,6 +888,7 @@ def evaluate(
             use_cache=not no_cache,
             k_shot=k_shot,
             seed=seed,
+            mutual=mutual,
         )
 
     def job(spec: EvalSpec, reporter: Reporter, stop: Callable[[], bool]) -> list[CategoryResult]:

@@ -94,10 +94,11 @@ def choose_threshold(
                 f"{calibration_origin} holds a malformed calibration; recalibrate with `winclip calibrate`"
             )
         if (stored.get("mode") == ScoringMode.MUTUAL.value) != mutual:
-            made, used = ("mutual", "winclip") if not mutual else ("winclip", "mutual")
+            made, used = ("--mode mutual", "WinCLIP") if not mutual else ("WinCLIP", "--mode mutual")
+            again = "`winclip calibrate --mode mutual`" if mutual else "`winclip calibrate` without --mode mutual"
             raise SetupError(
                 f"the calibration in {calibration_origin} is for {made} scores and this run makes {used} scores, "
-                "on another scale: calibrate for this mode (`winclip calibrate --mode ...`)"
+                f"on another scale (thresholds do not carry across modes): calibrate again with {again}"
             )
         differences = sorted(key for key in fingerprint if stored.get(key) != fingerprint[key])
         calibrated_for = calibration.get("class_name")
