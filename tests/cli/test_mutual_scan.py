@@ -243,3 +243,55 @@ def test_eval_mutual_measures_musc_final_scores(tmp_path, tiny_args, tiny_backbo
         assert category["metrics"]["pixel_auroc"] is not None
     refused = invoke(["eval", root, "--mode", "mutual", "--k-shot", "2", "--out", out, *tiny_args])
     assert refused.exit_code == 2 and "--mode mutual takes no --k-shot" in refused.output
+
+
+def test_incremental_runs_score_new_images_against_the_kept_pool(tmp_path, tiny_args, tiny_backbone):
+    from winclip_cli.core.musc import MutualFeatureExtractor, score_against_pool
+    from winclip_cli.io.images import load_image, preprocess
+    from winclip_cli.jobs.decode import Preprocessing
+    from winclip_cli.spec import InputSpec
+
+    files = sample_files()
+    folder = tmp_path / "line"
+    folder.mkdir()
+    for i, source in enumerate(files[:4]):
+        shutil.copy(source, folder / f"a{i}.jpg")
+    first, out = scan(tmp_path, folder, tiny_args, "--incremental")
+    assert first.exit_code == 0, first.output
+    kept_rows = {row["path"]: row for row in read_results_csv(out / "scores.csv")}
+    for i, source in enumerate(files[4:]):  # two new images arrive
+        shutil.copy(source, folder / f"b{i}.jpg")
+    second, out = scan(tmp_path, folder, tiny_args, "--incremental")
+    assert second.exit_code == 0, second.output
+    rows = {row["path"]: row for row in read_results_csv(out / "scores.csv")}
+    assert all(rows[path] == row for path, row in kept_rows.items())  # the earlier rows stand
+
+    # by hand: the two new images against the four kept ones, with the raw scores recorded for those
+    prep = Preprocessing.for_backbone(tiny_backbone, InputSpec())
+    extractor = MutualFeatureExtractor(tiny_backbone.model.visual)
+
+    def features(paths):
+        batch = [preprocess(load_image(p), prep.size, prep.mean, prep.std) for p in paths]
+        return extractor.extract(torch.stack(batch))
+
+    old = sorted(folder.glob("a*.jpg"))
+    new = sorted(folder.glob("b*.jpg"))
+    kept = np.load(out / ".winclip" / "mutual-pool.npz", allow_pickle=False)
+    assert list(kept["paths"]) == [p.name for p in old + new]  # the newest images, oldest first
+    recorded = torch.tensor([float(kept_rows[p.name]["raw_score"]) for p in old], dtype=torch.float64)
+    assert np.allclose(kept["raw_scores"][:4], recorded.numpy(), atol=1e-6)
+    expected = score_against_pool(features(new), features(old), prep.size, torch.from_numpy(kept["raw_scores"][:4]))
+    for i, path in enumerate(new):
+        row = rows[path.name]
+        assert row["pool"] == "1/1 + 4 kept" and row["pool_size"] == "6"
+        assert float(row["score"]) == pytest.approx(float(expected.scores[i]), abs=1e-6)
+        assert float(row["raw_score"]) == pytest.approx(float(expected.raw_scores[i]), abs=1e-6)
+    assert json.loads((out / "run.json").read_text())["pools"][0]["kept"] == 4
+
+    # a file that is gone leaves the kept pool with its row
+    (folder / "a0.jpg").unlink()
+    third, out = scan(tmp_path, folder, tiny_args, "--incremental")
+    assert third.exit_code == 0, third.output
+    assert "a0.jpg" not in {row["path"] for row in read_results_csv(out / "scores.csv")}
+    kept = np.load(out / ".winclip" / "mutual-pool.npz", allow_pickle=False)
+    assert list(kept["paths"]) == ["a1.jpg", "a2.jpg", "a3.jpg", "b0.jpg", "b1.jpg"]

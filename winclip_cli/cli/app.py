@@ -348,8 +348,6 @@ def scan_spec(
     if mutual is not None:
         if tile_args.tile is not None:
             raise SetupError("--mode mutual scores whole images: it takes no --tile")
-        if incremental:
-            raise SetupError("--mode mutual does not take --incremental yet: rescan the folder (its pools change)")
         if fail_on_anomaly and threshold.auto and scan_args.calibration is None:
             raise SetupError(
                 "--fail-on-anomaly with --mode mutual needs a threshold: --calibration from "

@@ -25,7 +25,15 @@ from typing import Any
 
 import torch
 
-from winclip_cli.core.musc import MutualFeatureExtractor, PoolFeatures, mutual_scores, upsample_maps
+from winclip_cli.core.musc import (
+    MutualFeatureExtractor,
+    MutualScores,
+    PoolFeatures,
+    mutual_scores,
+    score_against_pool,
+    upsample_maps,
+)
+from winclip_cli.io.kept_pool import KeptPool
 from winclip_cli.jobs.decode import Decoded, decode_stream
 from winclip_cli.jobs.kernel import Reporter, Session, never
 from winclip_cli.options import SMALL_POOL
@@ -46,16 +54,25 @@ class PoolPlace:
 
 @dataclass
 class PoolRecord:
-    """What run.json says of one pool: its name, how many images it held, its first and last file."""
+    """What run.json says of one pool: its name, how many images it held (``kept`` of them scored by an
+    earlier run), how many of this run's files it was cut from, its first and last file of this run."""
 
     pool: str
     size: int
     files: int
     first: str
     last: str
+    kept: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pool": self.pool, "size": self.size, "files": self.files, "first": self.first, "last": self.last}
+        return {
+            "pool": self.pool,
+            "size": self.size,
+            "files": self.files,
+            "kept": self.kept,
+            "first": self.first,
+            "last": self.last,
+        }
 
 
 def pool_bounds(count: int, pool_size: int) -> list[tuple[int, int]]:
@@ -102,7 +119,11 @@ class MutualStream:
     reporter: Reporter
     pool_size: int
     prefix: str = ""  # a shard's pools are named "2/4:1/3"
+    # features of images scored by earlier runs in this OUT (--incremental): each pool of this run is
+    # filled up to the pool size with the newest of them
+    kept: KeptPool | None = None
     pools: list[PoolRecord] = field(default_factory=list)
+    scored_now: list[KeptPool] = field(default_factory=list)  # this run's pools, for the next run's kept pool
 
     def scored(
         self,
@@ -147,9 +168,17 @@ class MutualStream:
                     pool_parts.append(part)
                 else:
                     item.error = NON_FINITE
-        size = len(pool_members)
-        if pool_members:
-            self.pools.append(PoolRecord(name, size, len(files), pool_members[0].relpath, pool_members[-1].relpath))
+        if not pool_members:
+            yield from members
+            return
+        kept = self.kept.newest(self.pool_size - len(pool_members)) if self.kept is not None else None
+        kept_count = len(kept) if kept is not None else 0
+        if kept_count:
+            name = f"{name} + {kept_count} kept"
+        size = len(pool_members) + kept_count
+        self.pools.append(
+            PoolRecord(name, size, len(files), pool_members[0].relpath, pool_members[-1].relpath, kept=kept_count)
+        )
         if size == 1:
             only = pool_members[0]
             only.error = (
@@ -159,9 +188,6 @@ class MutualStream:
             only.pool = PoolPlace(name, size)
             yield from members
             return
-        if not pool_members:
-            yield from members
-            return
         if size < SMALL_POOL:
             self.reporter.warn(
                 f"pool {name} holds {size} images: mutual scores compare an image with the others of its pool, "
@@ -169,9 +195,9 @@ class MutualStream:
             )
         pool = PoolFeatures.concat(pool_parts)
         del parts, pool_parts
-        image_size = tuple(session.prep.size)
         with session.threads.model_batch():
-            scores = mutual_scores(pool, (int(image_size[0]), int(image_size[1])))
+            scores = self._scores(pool, kept)
+        self.scored_now.append(_kept_entries(pool, scores, pool_members, extractor.layers))
         del pool
         place_of = {
             id(item): (i, PoolPlace(name, size, float(scores.raw_scores[i]))) for i, item in enumerate(pool_members)
@@ -206,3 +232,37 @@ class MutualStream:
                 yield item
         finally:
             again.close()  # type: ignore[attr-defined]
+
+    def _scores(self, pool: PoolFeatures, kept: KeptPool | None) -> MutualScores:
+        """The pool's images scored against each other, and against the kept images when there are any
+        (their raw scores as recorded when they were scored: RsCIN needs the whole pool's)."""
+        size = tuple(self.session.prep.size)
+        image_size = (int(size[0]), int(size[1]))
+        if kept is None or not len(kept):
+            return mutual_scores(pool, image_size)
+        kept_features = PoolFeatures(
+            torch.from_numpy(kept.tokens), torch.from_numpy(kept.class_embeddings), pool.grid_size
+        )
+        return score_against_pool(pool, kept_features, image_size, kept_raw_scores=torch.from_numpy(kept.raw_scores))
+
+    def kept_after_run(self, before: KeptPool | None) -> KeptPool | None:
+        """The kept pool for the next run: the earlier one and this run's pools, the newest ``pool_size``."""
+        parts = ([before] if before is not None and len(before) else []) + self.scored_now
+        if not parts:
+            return None
+        return KeptPool.concat(parts).newest(self.pool_size)
+
+
+def _kept_entries(
+    pool: PoolFeatures, scores: MutualScores, members: list[Decoded], layers: tuple[int, ...]
+) -> KeptPool:
+    """What the kept pool stores of a scored pool's images (features, raw scores, path and hash)."""
+    return KeptPool(
+        tokens=pool.tokens.numpy(),
+        class_embeddings=pool.class_embeddings.numpy(),
+        raw_scores=scores.raw_scores[: len(members)].double().numpy(),
+        paths=[item.relpath for item in members],
+        sha256=[item.stamp.sha256 if item.stamp is not None else "" for item in members],
+        layers=tuple(layers),
+        grid_size=pool.grid_size,
+    )

@@ -42,6 +42,7 @@ from winclip_cli.jobs.decode import Preprocessing, relative_name
 from winclip_cli.jobs.kernel import Reporter, Session, discover
 
 if TYPE_CHECKING:
+    from winclip_cli.io.kept_pool import KeptPool
     from winclip_cli.jobs.mutual import MutualStream
 from winclip_cli.jobs.record import ScanRecord, calibration_fingerprint, scan_totals
 from winclip_cli.jobs.write import ResultWriter, RowContext, ScanSummary, write_all
@@ -449,11 +450,40 @@ class ScanSession:
                 device=self.session.backbone.device,
                 threads=self.session.threads,
             )
-            if self.mutual is not None:
-                items = self.mutual.scored(todo, with_stamp=True, should_stop=should_stop)
-            else:
-                items = self.session.scored(todo, with_stamp=True, should_stop=should_stop)
-            return write_all(items, writer)
+            if self.mutual is None:
+                return write_all(self.session.scored(todo, with_stamp=True, should_stop=should_stop), writer)
+            kept = self._kept_pool(todo)
+            self.mutual.kept = kept
+            try:
+                return write_all(self.mutual.scored(todo, with_stamp=True, should_stop=should_stop), writer)
+            finally:
+                self._save_kept_pool(kept)
+
+    def _kept_pool(self, todo: list[tuple[Path, str]]) -> KeptPool | None:
+        """--mode mutual: the features kept from earlier runs in OUT whose rows still stand (an
+        ok row of the same file) and that are not scored again now."""
+        from winclip_cli.io.kept_pool import load_kept_pool
+
+        assert self.state is not None and self.session.extractor is not None
+        extractor = self.session.extractor
+        kept = load_kept_pool(OutputLayout(self.options.out).kept_pool, extractor.layers, extractor.grid_size)
+        if kept is None:
+            return None
+        again = {name for _, name in todo}
+        valid = {row.path: row.sha256 for row in self.state.rows() if row.status == "ok" and row.path not in again}
+        return kept.still_valid(valid)
+
+    def _save_kept_pool(self, before: KeptPool | None) -> None:
+        """The newest images scored in OUT (earlier runs' and this run's), for the next run's pools; only
+        those whose rows were committed (an interrupted or failed run keeps what it finished)."""
+        from winclip_cli.io.kept_pool import save_kept_pool
+
+        assert self.state is not None and self.mutual is not None
+        kept = self.mutual.kept_after_run(before)
+        if kept is None:
+            return
+        valid = {row.path: row.sha256 for row in self.state.rows() if row.status == "ok"}
+        save_kept_pool(OutputLayout(self.options.out).kept_pool, kept.still_valid(valid))
 
     def rewrite_csv(self) -> list[ResultRow]:
         """scores.csv rewritten atomically from the state (one row per file, sorted); returns the rows."""
