@@ -295,3 +295,26 @@ def test_incremental_runs_score_new_images_against_the_kept_pool(tmp_path, tiny_
     assert "a0.jpg" not in {row["path"] for row in read_results_csv(out / "scores.csv")}
     kept = np.load(out / ".winclip" / "mutual-pool.npz", allow_pickle=False)
     assert list(kept["paths"]) == ["a1.jpg", "a2.jpg", "a3.jpg", "b0.jpg", "b1.jpg"]
+
+
+def test_shards_score_their_own_pools_and_merge_keeps_every_pool(tmp_path, tiny_args, tiny_backbone):
+    from winclip_cli.jobs.scan import shard_of
+
+    files = sample_files()
+    names = [f.relative_to(SAMPLE_TEST).as_posix() for f in files]
+    for k in (1, 2):
+        result, _ = scan(tmp_path, SAMPLE_TEST, tiny_args, "--shard", f"{k}/2", name=f"shard{k}")
+        assert result.exit_code == 0, result.output
+    merged = tmp_path / "merged"
+    assert invoke(["merge", tmp_path / "shard1", tmp_path / "shard2", "--out", merged]).exit_code == 0
+    rows = {row["path"]: row for row in read_results_csv(merged / "scores.csv")}
+    assert sorted(rows) == names
+    for k in (1, 2):
+        mine = [f for f, name in zip(files, names, strict=True) if shard_of(name, 2) == k]
+        expected = direct_musc(tiny_backbone, mine)  # a shard's files are its pool
+        for i, source in enumerate(mine):
+            row = rows[source.relative_to(SAMPLE_TEST).as_posix()]
+            assert row["pool"] == f"{k}/2:1/1" and row["pool_size"] == str(len(mine))
+            assert float(row["score"]) == pytest.approx(float(expected.scores[i]), abs=1e-6)
+    pools = json.loads((merged / "run.json").read_text())["pools"]
+    assert [pool["pool"] for pool in pools] == ["1/2:1/1", "2/2:1/1"]

@@ -251,6 +251,9 @@ def merged_run_json(
         interrupted=any(bool(run.get("interrupted")) for run in runs),
         unlisted_dirs=[folder for run in runs for folder in run.get("unlisted_dirs") or [] if isinstance(folder, str)],
     )
+    # mode mutual: every shard's pools (named "SHARD:POOL"), not only the first shard's
+    if any("pools" in run for run in runs):
+        info["pools"] = [pool for run in runs for pool in run.get("pools") or []]
     # shards written with different --heatmaps (each row's heatmap cell says which it has): all named
     formats = [f for run in runs for f in str(run.get("heatmaps") or "").split(",") if f]
     if formats:
