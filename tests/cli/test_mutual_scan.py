@@ -318,3 +318,33 @@ def test_shards_score_their_own_pools_and_merge_keeps_every_pool(tmp_path, tiny_
             assert float(row["score"]) == pytest.approx(float(expected.scores[i]), abs=1e-6)
     pools = json.loads((merged / "run.json").read_text())["pools"]
     assert [pool["pool"] for pool in pools] == ["1/2:1/1", "2/2:1/1"]
+
+
+def test_an_image_with_non_finite_features_gets_an_error_row_and_joins_no_pool(
+    tmp_path, tiny_args, tiny_backbone, monkeypatch
+):
+    from winclip_cli.core.musc import MutualFeatureExtractor, PoolFeatures
+
+    extract = MutualFeatureExtractor.extract
+    calls = []
+
+    def overflowing_second_image(self, images):
+        features = extract(self, images)
+        calls.append(len(images))
+        if len(calls) == 2:  # --batch-size 1: the second file in path order
+            tokens = features.tokens.clone()
+            tokens[0, 0, 0, 0] = float("inf")
+            features = PoolFeatures(tokens, features.class_embeddings, features.grid_size)
+        return features
+
+    monkeypatch.setattr(MutualFeatureExtractor, "extract", overflowing_second_image)
+    result, out = scan(tmp_path, SAMPLE_TEST, tiny_args, "--batch-size", 1)
+    assert result.exit_code == 3, result.output
+    rows = read_results_csv(out / "scores.csv")
+    assert rows[1]["status"] == "error" and "NaN or infinity" in rows[1]["error"] and rows[1]["pool"] == ""
+    monkeypatch.setattr(MutualFeatureExtractor, "extract", extract)
+    files = sample_files()
+    expected = direct_musc(tiny_backbone, [files[0], *files[2:]])
+    for i, row in enumerate([rows[0], *rows[2:]]):
+        assert row["status"] == "ok" and row["pool_size"] == str(len(files) - 1)
+        assert float(row["score"]) == pytest.approx(float(expected.scores[i]), abs=1e-6)
