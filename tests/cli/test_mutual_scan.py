@@ -76,6 +76,7 @@ def test_mutual_scan_equals_musc_on_the_same_tensors(tmp_path, tiny_args, tiny_b
     ]
     assert info["threshold"] is None
     assert f"pool 1/1 holds {len(files)} images" in result.stderr  # fewer than 10: warned
+    assert f"0 normal, {len(files)} without a label (no threshold)" in result.stderr
 
 
 def test_permuting_and_renaming_files_permutes_rows_only(tmp_path, tiny_args):

@@ -483,9 +483,11 @@ def scan(
                 else ""
             )
             stopped = "[yellow]interrupted:[/] " if result.interrupted else ""
+            unlabelled = result.total_unlabelled
+            unlabelled_text = f"{unlabelled} without a label (no threshold), " if unlabelled else ""
             stderr.print(
                 f"{stopped}[bold]{plural(result.total_rows, 'image')}[/]: "
-                f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, "
+                f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, {unlabelled_text}"
                 f"[bold]{plural(result.total_errors, 'error')}[/]{scored_now} "
                 f"in {result.seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(OutputLayout(out).scores_csv))}"
             )

@@ -161,9 +161,8 @@ class MutualStream:
         pool_members: list[Decoded] = []
         pool_parts: list[PoolFeatures] = []
         if parts:
-            finite = PoolFeatures.concat(parts).finite().tolist()
-            for item, part, ok in zip(readable, parts, finite, strict=True):
-                if ok:
+            for item, part in zip(readable, parts, strict=True):
+                if bool(part.finite()[0]):
                     pool_members.append(item)
                     pool_parts.append(part)
                 else:
@@ -197,7 +196,7 @@ class MutualStream:
         del parts, pool_parts
         with session.threads.model_batch():
             scores = self._scores(pool, kept)
-        self.scored_now.append(_kept_entries(pool, scores, pool_members, extractor.layers))
+        self._remember(_kept_entries(pool, scores, pool_members, extractor.layers))
         del pool
         place_of = {
             id(item): (i, PoolPlace(name, size, float(scores.raw_scores[i]))) for i, item in enumerate(pool_members)
@@ -232,6 +231,13 @@ class MutualStream:
                 yield item
         finally:
             again.close()  # type: ignore[attr-defined]
+
+    def _remember(self, entries: KeptPool) -> None:
+        """Keep this pool's features for the next run's kept pool, and only as many of the newest as
+        the pool size needs: a 10,000-image scan holds at most two pools' features, never all."""
+        self.scored_now.append(entries)
+        while len(self.scored_now) > 1 and sum(map(len, self.scored_now[1:])) >= self.pool_size:
+            self.scored_now.pop(0)
 
     def _scores(self, pool: PoolFeatures, kept: KeptPool | None) -> MutualScores:
         """The pool's images scored against each other, and against the kept images when there are any

@@ -38,6 +38,9 @@ CONFIG_KEYS = (
     "tile_overlap",
     "threshold",
     "pixel_threshold",
+    "mode",  # WinCLIP and mutual scores are on other scales; mutual pools must be alike
+    "pool_size",
+    "layers",
 )
 # run.json keys that describe one run (its timing and counts): recomputed for a merged folder
 DURATION_KEYS = ("seconds", "setup_seconds", "scan_seconds")

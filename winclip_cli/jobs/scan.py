@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,6 +201,7 @@ class ScanResult:
     total_anomalies: int = 0
     total_normal: int = 0
     total_errors: int = 0
+    total_unlabelled: int = 0  # scored rows without a label (mode mutual with no threshold)
 
 
 def run_scan_job(options: ScanSpec, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False) -> ScanResult:
@@ -250,6 +252,7 @@ def run_scan_job(options: ScanSpec, reporter: Reporter, should_stop: Callable[[]
         total_anomalies=run_info["total_anomalies"],
         total_normal=sum(r.label == "normal" for r in rows),
         total_errors=run_info["total_errors"],
+        total_unlabelled=sum(r.status == "ok" and not r.label for r in rows),
     )
 
 
@@ -482,8 +485,11 @@ class ScanSession:
         kept = self.mutual.kept_after_run(before)
         if kept is None:
             return
-        valid = {row.path: row.sha256 for row in self.state.rows() if row.status == "ok"}
-        save_kept_pool(OutputLayout(self.options.out).kept_pool, kept.still_valid(valid))
+        try:
+            valid = {row.path: row.sha256 for row in self.state.rows() if row.status == "ok"}
+            save_kept_pool(OutputLayout(self.options.out).kept_pool, kept.still_valid(valid))
+        except (OSError, sqlite3.Error) as err:  # the rows stand; the next --incremental run pools less
+            self.reporter.warn(f"cannot keep the pool's features for the next run: {err}")
 
     def rewrite_csv(self) -> list[ResultRow]:
         """scores.csv rewritten atomically from the state (one row per file, sorted); returns the rows."""
