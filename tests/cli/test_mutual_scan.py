@@ -72,7 +72,14 @@ def test_mutual_scan_equals_musc_on_the_same_tensors(tmp_path, tiny_args, tiny_b
     info = json.loads((out / "run.json").read_text())
     assert info["mode"] == "mutual" and info["pool_size"] == 200 and info["layers"] == [0, 1]
     assert info["pools"] == [
-        {"pool": "1/1", "size": len(files), "files": len(files), "first": rows[0]["path"], "last": rows[-1]["path"]}
+        {
+            "pool": "1/1",
+            "size": len(files),
+            "files": len(files),
+            "kept": 0,
+            "first": rows[0]["path"],
+            "last": rows[-1]["path"],
+        }
     ]
     assert info["threshold"] is None
     assert f"pool 1/1 holds {len(files)} images" in result.stderr  # fewer than 10: warned

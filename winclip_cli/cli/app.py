@@ -527,13 +527,14 @@ class _WatchReporter(ConsoleReporter):
 
 
 @app.command(epilog=WATCH_EXIT_CODES_HELP)
-@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
+@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs, mode_args=ModeArgs)
 def watch(
     directory: Annotated[Path, typer.Argument(help="Folder to watch (searched recursively).", show_default=False)],
     scan_args: ScanArgs,
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
+    mode_args: ModeArgs,
     poll: Annotated[
         float | None,
         typer.Option(
@@ -572,12 +573,17 @@ def watch(
       winclip watch /mnt/share/camera2 --class screw --poll 2 --out /data/results/camera2
 
       winclip watch /data/camera1 --class bottle --json --on-anomaly 'logger -t winclip'
+
+      winclip watch /data/camera1 --mode mutual --calibration mutual-calibration.json --out /data/results/camera1
+
+    With --mode mutual each batch of new images is scored against the newest images already scored
+    in OUT (as `scan --mode mutual --incremental`): no label, and no --on-anomaly, without a threshold.
     """
 
     def parse() -> WatchSpec:
         if poll is not None and poll <= 0:
             raise SetupError(f"--poll takes a positive number of seconds, not {poll:g}")
-        scan = scan_spec(directory, model_args, input_args, tile_args, scan_args, incremental=True)
+        scan = scan_spec(directory, model_args, input_args, tile_args, scan_args, incremental=True, mode_args=mode_args)
         from winclip_cli.jobs.watch import WatchSpec
 
         return WatchSpec(scan, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)

@@ -246,7 +246,7 @@ class ScanArgs:
 
 @dataclass(frozen=True)
 class ModeArgs:
-    """How images are scored (``scan``, ``calibrate``, ``eval``): by WinCLIP (zero-shot, few-shot with
+    """How images are scored (``scan``, ``watch``, ``calibrate``, ``eval``): by WinCLIP (zero-shot, few-shot with
     --refs) or against each other (mutual), with mutual scoring's pool size and layers."""
 
     mode: Annotated[

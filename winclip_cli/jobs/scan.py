@@ -456,7 +456,8 @@ class ScanSession:
             if self.mutual is None:
                 return write_all(self.session.scored(todo, with_stamp=True, should_stop=should_stop), writer)
             kept = self._kept_pool(todo)
-            self.mutual.kept = kept
+            # each call (a watch makes many) pools its files with what OUT kept: nothing of an earlier call
+            self.mutual.kept, self.mutual.scored_now, self.mutual.pools = kept, [], []
             try:
                 return write_all(self.mutual.scored(todo, with_stamp=True, should_stop=should_stop), writer)
             finally:
