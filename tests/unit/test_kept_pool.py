@@ -60,3 +60,20 @@ def test_a_long_scan_remembers_at_most_two_pools():
         assert sum(map(len, stream.scored_now)) <= 8
     after = stream.kept_after_run(pool(3, start=100))
     assert after is not None and after.paths == ["img36.png", "img37.png", "img38.png", "img39.png"]
+
+
+def test_a_link_planted_at_the_kept_pool_is_never_followed(tmp_path):
+    from winclip_cli.io.layout import OutputLayout
+
+    out = tmp_path / "out"
+    (out / ".winclip").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere.npz"
+    save_kept_pool(elsewhere, pool(2))
+    before = elsewhere.read_bytes()
+    target = OutputLayout(out).kept_pool_confined
+    (out / ".winclip" / "mutual-pool.npz").symlink_to(elsewhere)
+    assert load_kept_pool(target, (0, 1), (2, 3)) is None  # not read through the link
+    save_kept_pool(target, pool(3, start=10))  # replaces the link itself
+    assert elsewhere.read_bytes() == before
+    loaded = load_kept_pool(target, (0, 1), (2, 3))
+    assert loaded is not None and loaded.paths == ["img10.png", "img11.png", "img12.png"]

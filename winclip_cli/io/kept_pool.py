@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from winclip_cli.io.outputs import atomic_path
+from winclip_cli.io.safe_fs import Confined, atomic_write, open_confined, remove_regular
 
 
 @dataclass
@@ -72,30 +72,31 @@ class KeptPool:
         )
 
 
-def save_kept_pool(path: Path, pool: KeptPool) -> None:
-    """Write atomically (readers see the old pool or the new one); an empty pool removes the file."""
+def save_kept_pool(path: Path | Confined, pool: KeptPool) -> None:
+    """Write atomically (readers see the old pool or the new one), never through a link planted in
+    OUT (``path``: confined to OUT); an empty pool removes the file."""
     if not len(pool):
-        path.unlink(missing_ok=True)
+        remove_regular(path)
         return
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(
-                handle,
-                tokens=pool.tokens.astype(np.float32, copy=False),
-                class_embeddings=pool.class_embeddings.astype(np.float32, copy=False),
-                raw_scores=pool.raw_scores.astype(np.float64, copy=False),
-                paths=np.asarray(pool.paths, dtype=np.str_),
-                sha256=np.asarray(pool.sha256, dtype=np.str_),
-                layers=np.asarray(pool.layers, dtype=np.int64),
-                grid_size=np.asarray(pool.grid_size, dtype=np.int64),
-            )
+    with atomic_write(path) as handle:
+        np.savez(
+            handle,
+            tokens=pool.tokens.astype(np.float32, copy=False),
+            class_embeddings=pool.class_embeddings.astype(np.float32, copy=False),
+            raw_scores=pool.raw_scores.astype(np.float64, copy=False),
+            paths=np.asarray(pool.paths, dtype=np.str_),
+            sha256=np.asarray(pool.sha256, dtype=np.str_),
+            layers=np.asarray(pool.layers, dtype=np.int64),
+            grid_size=np.asarray(pool.grid_size, dtype=np.int64),
+        )
 
 
-def load_kept_pool(path: Path, layers: tuple[int, ...], grid_size: tuple[int, int]) -> KeptPool | None:
-    """The kept pool, or None when there is none or it cannot be used (unreadable, damaged, or made
-    with other layers or another patch grid): the run then scores its images among themselves."""
+def load_kept_pool(path: Path | Confined, layers: tuple[int, ...], grid_size: tuple[int, int]) -> KeptPool | None:
+    """The kept pool, or None when there is none or it cannot be used (unreadable, damaged, a link or
+    no regular file, or made with other layers or another patch grid): the run then scores its images
+    among themselves."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_confined(path) as handle, np.load(handle, allow_pickle=False) as data:
             pool = KeptPool(
                 tokens=np.asarray(data["tokens"], dtype=np.float32),
                 class_embeddings=np.asarray(data["class_embeddings"], dtype=np.float32),

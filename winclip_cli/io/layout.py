@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from winclip_cli.io.safe_fs import Confined
 from winclip_cli.options import DEFAULT_HEATMAPS, HEATMAP_SUFFIXES, HeatmapFormat
 
 __all__ = [
@@ -99,6 +100,11 @@ class OutputLayout:
     @property
     def kept_pool(self) -> Path:
         return self.state_dir / KEPT_POOL_NAME
+
+    @property
+    def kept_pool_confined(self) -> Confined:
+        """The kept pool as writes and reads inside OUT reach it: no link below OUT followed."""
+        return Confined(self.root, f"{STATE_DIR}/{KEPT_POOL_NAME}")
 
     @property
     def lock(self) -> Path:

@@ -470,7 +470,7 @@ class ScanSession:
 
         assert self.state is not None and self.session.extractor is not None
         extractor = self.session.extractor
-        kept = load_kept_pool(OutputLayout(self.options.out).kept_pool, extractor.layers, extractor.grid_size)
+        kept = load_kept_pool(OutputLayout(self.options.out).kept_pool_confined, extractor.layers, extractor.grid_size)
         if kept is None:
             return None
         again = {name for _, name in todo}
@@ -488,7 +488,7 @@ class ScanSession:
             return
         try:
             valid = {row.path: row.sha256 for row in self.state.rows() if row.status == "ok"}
-            save_kept_pool(OutputLayout(self.options.out).kept_pool, kept.still_valid(valid))
+            save_kept_pool(OutputLayout(self.options.out).kept_pool_confined, kept.still_valid(valid))
         except (OSError, sqlite3.Error) as err:  # the rows stand; the next --incremental run pools less
             self.reporter.warn(f"cannot keep the pool's features for the next run: {err}")
 
