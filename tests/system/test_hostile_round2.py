@@ -433,7 +433,7 @@ def test_another_user_cannot_hold_the_lock(shared, tiny_args):
     images, out = shared / "images", shared / "out"
     make_images(images, ["a.png"])
     out.mkdir()
-    out.chmod(0o777)  # the second user can write into OUT
+    out.chmod(0o1777)  # the second user can write into OUT (with the sticky bit: see the audit tests below)
     assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
     lock = out / ".winclip" / "lock"
     assert stat.S_IMODE(lock.stat().st_mode) == 0o600
@@ -489,7 +489,7 @@ def test_a_state_folder_of_another_user_is_refused(shared, tiny_args):
     images, out = shared / "images", shared / "out"
     make_images(images, ["a.png"])
     out.mkdir()
-    out.chmod(0o777)
+    out.chmod(0o1777)
     made = as_other_user(lambda: os.mkdir(out / ".winclip", 0o777))
     assert made == "None", made
     result = invoke(["scan", images, "--out", out, *tiny_args])
@@ -809,3 +809,88 @@ def test_a_sigterm_storm_does_not_end_a_stopping_command_with_143(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "clean exit" in result.stdout, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Audit of round 2 (issue 21): attacks that still worked after the round-2 fixes.
+
+
+def test_an_out_writable_by_all_without_sticky_bit_is_refused_and_nothing_outside_is_touched(
+    shared, tiny_args, outside
+):
+    """F1/F2: whoever may write in OUT could rename root's OUT/.winclip and put a link in its place; SQLite
+    opens its files by name, so its -wal was created (and a damaged state set aside) through the link."""
+    images, out = shared / "images", shared / "out"
+    make_images(images, ["a.png"])
+    out.mkdir()
+    assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
+    out.chmod(0o777)
+    before = snapshot(outside)
+
+    def swap_state_folder() -> str:
+        os.rename(out / ".winclip", out / "moved")
+        os.symlink(outside / "folder", out / ".winclip")
+        return "SWAPPED"
+
+    assert as_other_user(swap_state_folder) == "SWAPPED"
+    result = run_cli(["scan", images, "--out", out, *tiny_args], timeout=120)
+    assert result.returncode == 2, result.stderr  # (a link that stays is seen; one swapped in later is not)
+    assert snapshot(outside) == before
+    # so the rule is about OUT, not about what is in it at the moment of a check
+    (out / ".winclip").unlink()
+    (out / "moved").rename(out / ".winclip")
+    result = run_cli(["scan", images, "--out", out, *tiny_args], timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"{out} is writable by every user without the sticky bit" in result.stderr
+    assert f"chmod o-w {out}" in result.stderr and f"chmod +t {out}" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert snapshot(outside) == before
+    # the sticky bit: the second user may write in OUT, not rename root's entries, and the lock holds
+    out.chmod(0o1777)
+    assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
+    moved = as_other_user(lambda: os.rename(out / ".winclip", out / "moved"))
+    assert moved.startswith("PermissionError"), moved
+    with __import__("winclip_cli.io.state", fromlist=["OutputLock"]).OutputLock(out):
+        busy = invoke(["scan", images, "--out", out, *tiny_args])
+    assert busy.exit_code == 4, busy.stderr
+
+
+def test_an_out_of_another_user_is_refused(shared, tiny_args):
+    images, out = shared / "images", shared / "out"
+    make_images(images, ["a.png"])
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    result = invoke(["scan", images, "--out", out, *tiny_args])
+    assert result.exit_code == 2
+    assert f"{out} belongs to another user (uid {NOBODY})" in result.stderr and "chown" in result.stderr
+    assert not (out / ".winclip").exists()
+
+
+def test_a_damaged_state_is_set_aside_inside_the_state_folder(tmp_path, tiny_args):
+    images, out = tmp_path / "images", tmp_path / "out"
+    make_images(images, ["a.png"])
+    assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
+    (out / ".winclip" / "state.sqlite").write_bytes(b"not a database" * 100)
+    (out / ".winclip" / "state.sqlite-wal").write_bytes(b"junk")
+    result = invoke(["scan", images, "--out", out, "-q", *tiny_args])
+    assert result.exit_code == 0, result.stderr
+    aside = sorted(p.name for p in (out / ".winclip").iterdir() if p.name.startswith("state.corrupt-"))
+    assert len(aside) == 1 and (out / ".winclip" / aside[0]).read_bytes() == b"not a database" * 100
+    assert rows_of(out)["a.png"]["status"] == "ok"
+
+
+def test_a_text_cache_folder_writable_by_all_is_not_used(tmp_path, tiny_backbone, monkeypatch):
+    from winclip_cli.core.text import TextEmbeddingCache
+
+    cache_root = tmp_path / "cache"
+    cache_root.mkdir()
+    cache_root.chmod(0o777)  # another user could rename cache/text and put a link in its place
+    cache = TextEmbeddingCache(cache_root / "text")
+    cache.store("k" * 64, __import__("torch").ones(2, 4))
+    assert not (cache_root / "text").exists()
+    cache_root.chmod(0o1777)
+    cache.store("k" * 64, __import__("torch").ones(2, 4))
+    assert (cache_root / "text" / f"{'k' * 64}.npz").is_file()
+    assert cache.load("k" * 64, 4) is not None
+    cache_root.chmod(0o777)
+    assert cache.load("k" * 64, 4) is None

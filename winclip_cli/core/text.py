@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from winclip_cli.core.prompts import PromptEnsemble
-from winclip_cli.io.safe_fs import Confined, atomic_write, open_confined, open_folder
+from winclip_cli.io.safe_fs import Confined, atomic_write, check_folder_is_safe, open_confined, open_folder
 from winclip_cli.settings import cache_dir
 
 CACHE_FORMAT = 2  # 2: keyed by the model config's content, entries carry a checksum
@@ -143,6 +143,8 @@ class TextEmbeddingCache:
     def _trusted_folder(self) -> bool:
         """The cache folder exists, is no link, belongs to this user and only this user can write in it."""
         try:
+            with open_folder(self.directory.parent, [], create=False) as parent:
+                check_folder_is_safe(parent, self.directory.parent)  # else text/ could be renamed and swapped
             with open_folder(self.directory.parent, [self.directory.name], create=False) as folder:
                 info = os.fstat(folder)
         except OSError:
@@ -180,6 +182,8 @@ class TextEmbeddingCache:
         checksum = hashlib.sha256(vectors.tobytes()).hexdigest()
         try:
             self.directory.parent.mkdir(parents=True, exist_ok=True)
+            with open_folder(self.directory.parent, [], create=False) as parent:
+                check_folder_is_safe(parent, self.directory.parent)
             # folder 0700, file 0600: the entries decide scores, nobody else may write (or swap) them
             with atomic_write(self._entry(key), mode=0o600, folder_mode=0o700) as handle:
                 np.savez(handle, key=np.array(key), embeddings=vectors, sha256=np.array(checksum))

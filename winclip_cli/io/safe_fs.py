@@ -36,8 +36,10 @@ __all__ = [
     "Confined",
     "LinkInOutputError",
     "NotRegularFileError",
+    "UnsafeFolderError",
     "UntrustedLinkError",
     "atomic_write",
+    "check_folder_is_safe",
     "confined",
     "open_confined",
     "open_folder",
@@ -84,6 +86,36 @@ class NotRegularFileError(OSError):
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
         super().__init__(errno.EINVAL, f"{path} is {kind}, not a regular file")
         self.filename = str(path)
+
+
+class UnsafeFolderError(OSError):
+    """A folder winclip keeps files in by name (its state, the cache) that another user could rename
+    things in, or that belongs to another user: see :func:`check_folder_is_safe`."""
+
+    def __init__(self, message: str, path: Path | str) -> None:
+        super().__init__(errno.EPERM, message)
+        self.filename = str(path)
+
+
+def check_folder_is_safe(fd: int, shown: Path | str) -> None:
+    """UnsafeFolderError unless the opened folder ``fd`` belongs to the user running winclip or to root,
+    and is not writable by every user without the sticky bit (sshd's StrictModes rule).
+
+    Whoever can write in a folder can rename what is in it, a folder of winclip's included, and put a link
+    in its place at any moment; the sticky bit (as /tmp has) allows only the owner of an entry to rename it."""
+    info = os.fstat(fd)
+    if info.st_uid not in (os.geteuid(), 0):
+        raise UnsafeFolderError(
+            f"{shown} belongs to another user (uid {info.st_uid}), who could swap what winclip keeps in it; "
+            f"use a folder of your own (or chown it to this user)",
+            shown,
+        )
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise UnsafeFolderError(
+            f"{shown} is writable by every user without the sticky bit, so another user could swap what "
+            f"winclip keeps in it; run chmod o-w {shown} (or chmod +t {shown}), or choose another folder",
+            shown,
+        )
 
 
 @dataclass(frozen=True)

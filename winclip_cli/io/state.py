@@ -24,7 +24,7 @@ from typing import Any
 from winclip_cli.errors import SetupError, WinclipError
 from winclip_cli.io.layout import LOCK_NAME, OWN_FILES, OWN_FOLDERS, STATE_DB_NAME, STATE_DIR, OutputLayout
 from winclip_cli.io.outputs import LinkInOutputError, ResultRow
-from winclip_cli.io.safe_fs import open_folder, remove_stale_temporaries
+from winclip_cli.io.safe_fs import UnsafeFolderError, check_folder_is_safe, open_folder, remove_stale_temporaries
 
 EXIT_BUSY = 4
 
@@ -66,10 +66,15 @@ def _state_folder(out_dir: Path) -> int:
 
     It must belong to this user (or to root) and be writable by its owner alone: anyone else who could
     write in it could plant links that SQLite follows, or hold the lock. An older folder of this user
-    with a wider mode is narrowed to 0700."""
+    with a wider mode is narrowed to 0700. OUT itself must pass :func:`check_folder_is_safe`: whoever may
+    rename ``.winclip`` could put a link in its place, and SQLite opens its files by name."""
     layout = OutputLayout(out_dir)
     try:
         with open_folder(layout.root, [], create=False) as root:
+            try:
+                check_folder_is_safe(root, layout.root)
+            except UnsafeFolderError as err:
+                raise SetupError(err.strerror) from None
             try:
                 os.mkdir(STATE_DIR, 0o700, dir_fd=root)
             except FileExistsError:
@@ -307,9 +312,7 @@ class RunState:
             if damaged is not None:
                 damaged.close()
             aside = self.path.with_name(f"state.corrupt-{int(time.time())}.sqlite")
-            os.replace(self.path, aside)
-            for suffix in ("-wal", "-shm"):
-                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            _set_aside(out_dir, aside.name)
             self.recovered_from = str(aside)
             self._db = self._open()
 
@@ -444,6 +447,23 @@ class RunState:
                     "UPDATE results SET row = ? WHERE path = ?",
                     [(json.dumps(r.as_csv_dict()), _key(r.path)) for r in rows],
                 )
+
+
+def _set_aside(out_dir: Path, aside: str) -> None:
+    """Rename the damaged state file to ``aside`` and remove its -wal and -shm, all relative to the opened
+    ``.winclip`` (never by name: a name is resolved again at each use), regular files only."""
+    folder = _state_folder(out_dir)
+    try:
+        os.replace(STATE_DB_NAME, aside, src_dir_fd=folder, dst_dir_fd=folder)
+        for suffix in ("-wal", "-shm"):
+            name = STATE_DB_NAME + suffix
+            try:
+                if stat.S_ISREG(os.lstat(name, dir_fd=folder).st_mode):
+                    os.unlink(name, dir_fd=folder)
+            except FileNotFoundError:
+                pass
+    finally:
+        os.close(folder)
 
 
 _SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
