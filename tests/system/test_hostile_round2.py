@@ -894,3 +894,23 @@ def test_a_text_cache_folder_writable_by_all_is_not_used(tmp_path, tiny_backbone
     assert cache.load("k" * 64, 4) is not None
     cache_root.chmod(0o777)
     assert cache.load("k" * 64, 4) is None
+
+
+def test_merge_copies_files_another_user_owns_rather_than_linking_them(shared, tiny_args):
+    """F3: a hard link to a shard file of another user made it part of root's merged output: that user could
+    rewrite the merged heatmap (or thumbnail) at any time afterwards, through the shard's name."""
+    images, shard, out = shared / "images", shared / "shard", shared / "merged"
+    make_images(images, ["a.png", "b.png"])
+    assert invoke(["scan", images, "--out", shard, "-q", *tiny_args]).exit_code == 0
+    foreign = shard / "heatmaps" / "a.png.png"
+    os.chown(foreign, NOBODY, NOBODY)
+    twice = shard / "heatmaps" / "b.png.png"
+    os.link(twice, shared / "b-second-name.png")  # a file with another name somewhere: not linked either
+    assert invoke(["merge", shard, "--out", out]).exit_code == 0
+    merged = out / "heatmaps" / "a.png.png"
+    assert merged.stat().st_ino != foreign.stat().st_ino and merged.stat().st_uid == os.geteuid()
+    assert merged.read_bytes() == foreign.read_bytes()
+    assert (out / "heatmaps" / "b.png.png").stat().st_ino != twice.stat().st_ino
+    written = as_other_user(lambda: foreign.write_bytes(b"REWRITTEN"))
+    assert written == str(len(b"REWRITTEN")), written
+    assert merged.read_bytes() != b"REWRITTEN"

@@ -114,8 +114,10 @@ def _place(source: Confined, target: Confined) -> bool:
     """Put the regular file ``source`` (reached without any link) at ``target``, replacing what is there;
     False when there is no such file.
 
-    A hard link where possible (same bytes, no copy) of a file with plain permissions, else a copy written
-    through descriptors (io/safe_fs.py): nothing a link planted at any name leads to is read or written."""
+    A hard link where possible (same bytes, no copy) of a file with plain permissions that belongs to the
+    user running winclip and has one link, else a copy written through descriptors (io/safe_fs.py): nothing
+    a link planted at any name leads to is read or written, and no file another user owns (and could
+    still write to through its inode) becomes part of the merged output."""
     try:
         handle = open_confined(source)
     except (FileNotFoundError, NotADirectoryError, LinkInOutputError, NotRegularFileError):
@@ -129,11 +131,17 @@ def _place(source: Confined, target: Confined) -> bool:
                 return True  # merged before: already this very file
         except (FileNotFoundError, NotADirectoryError):
             pass
-        if stat.S_IMODE(info.st_mode) & ~_PLAIN_MODE == 0 and _link_into(source, info, target):
+        if _may_link(info) and _link_into(source, info, target):
             return True
         with atomic_write(target, fsync=False) as out:
             shutil.copyfileobj(handle, out, 1 << 20)
     return True
+
+
+def _may_link(info: os.stat_result) -> bool:
+    """Plain permissions, of this user, and one link (the shard's own): else another user could keep a
+    name of the same inode and rewrite the merged file after the merge."""
+    return stat.S_IMODE(info.st_mode) & ~_PLAIN_MODE == 0 and info.st_uid == os.geteuid() and info.st_nlink == 1
 
 
 def _link_into(source: Confined, info: os.stat_result, target: Confined) -> bool:
