@@ -21,6 +21,7 @@ from enum import Enum
 from pathlib import Path
 
 from winclip_cli.errors import SetupError
+from winclip_cli.io.safe_fs import read_user_file
 
 DEFAULT_ARCHITECTURE = "ViT-B-16-plus-240"
 DEFAULT_MAX_PIXELS = 80_000_000  # decompression-bomb guard: larger images are refused
@@ -334,12 +335,15 @@ def check_rate(option: str, value: float | None) -> float | None:
     return value
 
 
+_MODEL_CONFIG_LIMIT = 1 << 20  # an open_clip config is a few KB (the loader refuses more, with a message)
+
+
 def model_input_size(model: str) -> tuple[int, int] | None:
     """The input size in a model config (a JSON file, or open_clip's own config of that name), read
     without importing open_clip or torch; None when it cannot be known before the model loads."""
     path = Path(model)
-    if path.suffix == ".json" and path.is_file():
-        config_file = path
+    if path.suffix == ".json" and path.exists():
+        config_file = path  # read below like any file the user names: never blocking, bounded, links checked
     else:
         import importlib.util
 
@@ -348,7 +352,8 @@ def model_input_size(model: str) -> tuple[int, int] | None:
             return None
         config_file = Path(next(iter(spec.submodule_search_locations))) / "model_configs" / f"{model}.json"
     try:
-        size = json.loads(config_file.read_text(encoding="utf-8"))["vision_cfg"]["image_size"]
+        text = read_user_file(config_file, _MODEL_CONFIG_LIMIT).decode("utf-8")
+        size = json.loads(text)["vision_cfg"]["image_size"]
         return (int(size[0]), int(size[1])) if isinstance(size, list | tuple) else (int(size), int(size))
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None

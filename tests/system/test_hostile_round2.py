@@ -914,3 +914,63 @@ def test_merge_copies_files_another_user_owns_rather_than_linking_them(shared, t
     written = as_other_user(lambda: foreign.write_bytes(b"REWRITTEN"))
     assert written == str(len(b"REWRITTEN")), written
     assert merged.read_bytes() != b"REWRITTEN"
+
+
+class Flipper(threading.Thread):
+    """A local user's loop: ``path`` is a regular file one moment and a FIFO the next."""
+
+    def __init__(self, path: Path, content: bytes) -> None:
+        super().__init__(daemon=True)
+        self.path, self.content = path, content
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        spare = self.path.with_name(self.path.name + ".spare")
+        while not self.stop.is_set():
+            try:
+                spare.write_bytes(self.content)
+                os.replace(spare, self.path)
+                os.mkfifo(spare)
+                os.replace(spare, self.path)
+            except OSError:
+                pass
+
+
+def test_preflight_never_hangs_on_a_fifo_swapped_in_for_a_memory_or_model_config(tmp_path):
+    """F4: the memory and model-config checks tested a name (is_file) and then opened it blocking: a FIFO
+    swapped in between hung the command for ever."""
+    memory, config = tmp_path / "refs.npz", tmp_path / "model.json"
+    flippers = [Flipper(memory, b"PK\x03\x04" + b"0" * 100), Flipper(config, b'{"vision_cfg": {"image_size": 32}}')]
+    for flipper in flippers:
+        flipper.start()
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from winclip_cli.io.checks import check_memory_file\n"
+        "from winclip_cli.errors import MemoryFileError\n"
+        "from winclip_cli.options import model_input_size\n"
+        "said = set()\n"
+        "for _ in range(300):\n"
+        "    try:\n"
+        "        check_memory_file(Path(sys.argv[1]))\n"
+        "    except MemoryFileError as err:\n"
+        "        said.add(str(err))\n"
+        "    assert model_input_size(sys.argv[2]) in (None, (32, 32))\n"
+        "print(sorted(said))\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(memory), str(config)], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        for flipper in flippers:
+            flipper.stop.set()
+            flipper.join()
+    assert done.returncode == 0, done.stderr
+    assert "not found" not in done.stdout, done.stdout  # a FIFO is said as one
+    os.unlink(memory)
+    os.mkfifo(memory)
+    from winclip_cli.errors import MemoryFileError
+    from winclip_cli.io.checks import check_memory_file
+
+    with pytest.raises(MemoryFileError, match="is a FIFO, not a regular file"):
+        check_memory_file(memory)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from winclip_cli.errors import MemoryFileError
+from winclip_cli.io.safe_fs import NotRegularFileError, open_regular
 
 
 def check_memory_file(path: Path | None) -> None:
@@ -16,11 +17,14 @@ def check_memory_file(path: Path | None) -> None:
     with a misleading message); its contents are validated when the memory is loaded."""
     if path is None:
         return
-    if not path.is_file():
-        raise MemoryFileError(f"reference memory not found: {path} (create one with `winclip build-refs`)")
     try:
-        with open(path, "rb") as handle:
+        # opened once, never blocking: a FIFO swapped in is refused at once (and said as a FIFO)
+        with open_regular(path) as handle:
             magic = handle.read(4)
+    except FileNotFoundError:
+        raise MemoryFileError(f"reference memory not found: {path} (create one with `winclip build-refs`)") from None
+    except NotRegularFileError as err:
+        raise MemoryFileError(f"{err.strerror} (a memory is an .npz file from `winclip build-refs`)") from None
     except OSError as err:
         raise MemoryFileError(f"cannot read {path}: {err.strerror or err}") from None
     if magic != b"PK\x03\x04":
