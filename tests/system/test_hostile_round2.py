@@ -974,3 +974,18 @@ def test_preflight_never_hangs_on_a_fifo_swapped_in_for_a_memory_or_model_config
 
     with pytest.raises(MemoryFileError, match="is a FIFO, not a regular file"):
         check_memory_file(memory)
+
+
+def test_file_names_never_put_terminal_escapes_or_lines_on_stderr(tmp_path, tiny_args):
+    """F8: a file name holding an escape sequence (set the title, move the cursor) or a newline (a fake
+    line) went to root's terminal as it was: only Rich markup was escaped."""
+    images = tmp_path / "images"
+    make_images(images, ["a.png"])
+    name = "x\x1b]0;pwned\x07\x1b[2J\nwarning: all fine\x9b1m.png"
+    (images / name).write_bytes(b"not an image")
+    result = run_cli(["scan", images, "--out", tmp_path / "out", *tiny_args], timeout=120)
+    assert result.returncode == 3, result.stderr  # one unreadable file
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr and "\x9b" not in result.stderr
+    warned = [line for line in result.stderr.splitlines() if "pwned" in line]
+    assert len(warned) == 1 and "x\\x1b]0;pwned\\x07\\x1b[2J\\x0awarning: all fine\\x9b1m.png" in warned[0]
+    assert not any(line.startswith("warning: all fine") for line in result.stderr.splitlines())

@@ -143,10 +143,16 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _escape(text: str) -> str:
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if code != 0x0A}
+_CONTROLS_AND_NEWLINE = {**_CONTROLS, 0x0A: "\\x0a"}
+
+
+def _escape(text: str, *, one_line: bool = False) -> str:
+    """``text`` for the terminal: Rich markup escaped, and control characters (a file name can hold an
+    escape sequence that rewrites the terminal, or a newline that fakes a line) written as ``\\xNN``."""
     from rich.markup import escape
 
-    return escape(text)
+    return escape(text.translate(_CONTROLS_AND_NEWLINE if one_line else _CONTROLS))
 
 
 @contextmanager
@@ -274,7 +280,7 @@ class ConsoleReporter:
             self.progress.console.print(_escape(message))
 
     def warn(self, message: str) -> None:
-        self.progress.console.print(f"[yellow]warning:[/] {_escape(message)}")
+        self.progress.console.print(f"[yellow]warning:[/] {_escape(message, one_line=True)}")
 
     def start(self, description: str, total: int) -> None:
         if self.task is not None:
@@ -287,7 +293,7 @@ class ConsoleReporter:
 
     def row(self, row) -> None:
         if row.error:  # unreadable, or scored but its outputs could not be written
-            self.progress.console.print(f"[yellow]warning:[/] {_escape(row.path)}: {_escape(row.error)}")
+            self.progress.console.print(f"[yellow]warning:[/] {_escape(row.path, one_line=True)}: {_escape(row.error, one_line=True)}")
         if self.json_lines:
             sys.stdout.write(json.dumps(row.as_json_dict(), ensure_ascii=False) + "\n")
             sys.stdout.flush()
