@@ -293,7 +293,8 @@ class ConsoleReporter:
 
     def row(self, row) -> None:
         if row.error:  # unreadable, or scored but its outputs could not be written
-            self.progress.console.print(f"[yellow]warning:[/] {_escape(row.path, one_line=True)}: {_escape(row.error, one_line=True)}")
+            said = f"{_escape(row.path, one_line=True)}: {_escape(row.error, one_line=True)}"
+            self.progress.console.print(f"[yellow]warning:[/] {said}")
         if self.json_lines:
             sys.stdout.write(json.dumps(row.as_json_dict(), ensure_ascii=False) + "\n")
             sys.stdout.flush()
