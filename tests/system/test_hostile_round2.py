@@ -989,3 +989,19 @@ def test_file_names_never_put_terminal_escapes_or_lines_on_stderr(tmp_path, tiny
     warned = [line for line in result.stderr.splitlines() if "pwned" in line]
     assert len(warned) == 1 and "x\\x1b]0;pwned\\x07\\x1b[2J\\x0awarning: all fine\\x9b1m.png" in warned[0]
     assert not any(line.startswith("warning: all fine") for line in result.stderr.splitlines())
+
+
+def test_a_hook_environment_never_holds_a_raw_newline_or_escape(tmp_path):
+    """F9: WINCLIP_PATH carried a name's newline as it was: `mail -s "defect: $WINCLIP_PATH"` then took the
+    rest of the name as extra mail headers (Bcc: ...)."""
+    from winclip_cli.io.outputs import ResultRow
+    from winclip_cli.jobs.watch import run_hook
+
+    name = "cam/a\nBcc: attacker@example.com\x1b[2J.png"
+    row = ResultRow(path=name, status="ok", score=0.9, label="anomalous", heatmap=f"heatmaps/{name}.png")
+    seen, stdin = tmp_path / "env.txt", tmp_path / "stdin.json"
+    command = f'printf "%s|%s" "$WINCLIP_PATH" "$WINCLIP_HEATMAP" > {seen}; cat > {stdin}'
+    assert run_hook(command, row, timeout=30) == ""
+    escaped = "cam/a\\x0aBcc: attacker@example.com\\x1b[2J.png"
+    assert seen.read_text() == f"{escaped}|heatmaps/{escaped}.png"
+    assert json.loads(stdin.read_text())["path"] == name  # the exact name, for a hook that needs it

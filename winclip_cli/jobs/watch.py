@@ -343,6 +343,15 @@ class AnomalyHook:
 _HOOK_STDERR_TAIL = 4096  # bytes of a hook's stderr kept for its error line; the rest is read and dropped
 
 
+_HOOK_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def hook_text(value: str) -> str:
+    """``value`` for a hook's environment: control characters (newline, escape...) written as ``\\xNN``
+    (the exact name is in the JSON on the hook's stdin)."""
+    return value.translate(_HOOK_CONTROLS)
+
+
 def run_hook(command: str, row: ResultRow, timeout: float) -> str:
     """Run ``command`` with ``row`` as JSON on stdin; returns '' or what went wrong.
 
@@ -350,11 +359,12 @@ def run_hook(command: str, row: ResultRow, timeout: float) -> str:
     costs no memory; it is killed (its whole process group) ``timeout`` seconds after it started."""
     env = {
         **os.environ,
-        # os.fsencode (surrogateescape) gives a name that is not UTF-8 back its own bytes
-        "WINCLIP_PATH": row.path,
+        # os.fsencode (surrogateescape) gives a name that is not UTF-8 back its own bytes; control
+        # characters as \xNN: a newline in a name would otherwise add a header to `mail -s "$WINCLIP_PATH"`
+        "WINCLIP_PATH": hook_text(row.path),
         "WINCLIP_SCORE": "" if row.score is None else f"{row.score:.6f}",
         "WINCLIP_LABEL": row.label,
-        "WINCLIP_HEATMAP": row.heatmap,
+        "WINCLIP_HEATMAP": hook_text(row.heatmap),
     }
     payload = (json.dumps(row.as_json_dict(), ensure_ascii=False) + "\n").encode("utf-8")
     deadline = time.monotonic() + timeout
