@@ -1005,3 +1005,30 @@ def test_a_hook_environment_never_holds_a_raw_newline_or_escape(tmp_path):
     escaped = "cam/a\\x0aBcc: attacker@example.com\\x1b[2J.png"
     assert seen.read_text() == f"{escaped}|heatmaps/{escaped}.png"
     assert json.loads(stdin.read_text())["path"] == name  # the exact name, for a hook that needs it
+
+
+def test_a_huge_scores_csv_is_refused_by_report_and_merge_in_one_line(tmp_path, tiny_args, monkeypatch):
+    """F5: a crafted scores.csv of 146 MB took 2.3 GB of memory in report and merge (every row a dict in a
+    list). Now read one row at a time, at most SCORES_CSV_BYTE_LIMIT bytes and a bounded number of rows."""
+    from winclip_cli.io.outputs import SCORES_CSV_BYTE_LIMIT
+    from winclip_cli.report import page
+
+    images, shard = tmp_path / "images", tmp_path / "shard"
+    make_images(images, ["a.png"])
+    assert invoke(["scan", images, "--out", shard, "-q", *tiny_args]).exit_code == 0
+    scores = shard / "scores.csv"
+    header, first = scores.read_text().splitlines()[:2]
+    with open(scores, "a") as handle:
+        handle.truncate(SCORES_CSV_BYTE_LIMIT + 1)  # sparse: costs no disk
+    for command in (["report", shard], ["merge", shard, "--out", tmp_path / "merged"]):
+        result = run_cli(command, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "larger than 512 MB, more than winclip reads" in result.stderr and result.stderr.count("\n") == 1
+    # the row limit: a page of cards per row is bounded too
+    rows = [first.replace("a.png", f"a{i}.png", 1) for i in range(12)]
+    scores.write_text("\n".join([header, *rows]) + "\n")
+    monkeypatch.setattr(page, "REPORT_ROW_LIMIT", 11)
+    result = invoke(["report", shard])
+    assert result.exit_code == 2 and "more than 11 rows, more than winclip reads" in result.stderr
+    monkeypatch.setattr(page, "REPORT_ROW_LIMIT", 12)
+    assert invoke(["report", shard]).exit_code == 0

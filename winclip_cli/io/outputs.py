@@ -16,6 +16,7 @@ import stat
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +48,7 @@ __all__ = [
     "colorize",
     "confined_path",
     "overlay",
+    "iter_results_csv",
     "read_results_csv",
     "remove_inside",
     "write_float_tiff_atomic",
@@ -353,16 +355,33 @@ CSV_FIELD_LIMIT = 1 << 20
 NOTE_LIMIT = 2000  # characters of a row's note or error: a file with 4,000 bad tags is not a 400 KB note
 
 
-def read_results_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a scores.csv as dicts keyed by CSV_COLUMNS (a link or FIFO at ``path`` is refused)."""
+SCORES_CSV_BYTE_LIMIT = 512 << 20  # ~3 million real rows; a crafted file must not take gigabytes of memory
+SCORES_CSV_ROW_LIMIT = 1_000_000  # rows read from one scores.csv (report, merge): far above a real folder
+
+
+def iter_results_csv(
+    path: Path, *, errors: str = "strict", row_limit: int = SCORES_CSV_ROW_LIMIT
+) -> Iterator[dict[str, str]]:
+    """Rows of a scores.csv as dicts keyed by CSV_COLUMNS, one at a time (a link or FIFO at ``path`` is
+    refused); OSError (EFBIG) for a file over SCORES_CSV_BYTE_LIMIT bytes or ``row_limit`` rows."""
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
     try:
         with open_regular(path, follow_links=False) as raw:
-            with io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
-                return list(csv.DictReader(fh))
+            if os.fstat(raw.fileno()).st_size > SCORES_CSV_BYTE_LIMIT:
+                raise OSError(errno.EFBIG, f"larger than {SCORES_CSV_BYTE_LIMIT >> 20} MB, more than winclip reads")
+            with io.TextIOWrapper(raw, encoding="utf-8", errors=errors, newline="") as fh:
+                for number, row in enumerate(csv.DictReader(fh), start=1):
+                    if number > row_limit:
+                        raise OSError(errno.EFBIG, f"more than {row_limit:,} rows, more than winclip reads")
+                    yield row
     finally:
         csv.field_size_limit(limit)
+
+
+def read_results_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a scores.csv as dicts keyed by CSV_COLUMNS (see :func:`iter_results_csv`)."""
+    return list(iter_results_csv(path))
 
 
 # --------------------------------------------------------------------------------------------------------

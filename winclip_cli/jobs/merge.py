@@ -32,8 +32,9 @@ from winclip_cli.io.layout import (
     thumbnail_relpaths_of_heatmap,
 )
 from winclip_cli.io.outputs import (
+    SCORES_CSV_ROW_LIMIT,
     ResultRow,
-    read_results_csv,
+    iter_results_csv,
     write_results_csv_atomic,
     write_text_atomic,
 )
@@ -200,22 +201,24 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
     for folder in sources:
         csv_path = OutputLayout(folder).scores_csv
         try:
-            values_list = read_results_csv(csv_path)
+            # one row at a time: a crafted scores.csv of hundreds of MB must not take gigabytes as dicts
+            for number, values in enumerate(iter_results_csv(csv_path), start=2):
+                try:
+                    row = ResultRow.from_csv_dict(values)
+                except (TypeError, ValueError) as err:
+                    raise SetupError(f"{csv_path}:{number}: not a winclip result row ({err})") from None
+                if row.path in merged:
+                    duplicates += 1
+                    continue
+                if len(merged) >= SCORES_CSV_ROW_LIMIT:
+                    raise SetupError(f"the shards hold more than {SCORES_CSV_ROW_LIMIT:,} rows, more than merge reads")
+                merged[row.path] = row
+                origin[row.path] = folder
         except FileNotFoundError:
             raise SetupError(f"{folder} has no scores.csv") from None
         except (OSError, UnicodeDecodeError, csv.Error) as err:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             raise SetupError(f"cannot read {csv_path}: {reason[:160]}") from None
-        for number, values in enumerate(values_list, start=2):
-            try:
-                row = ResultRow.from_csv_dict(values)
-            except (TypeError, ValueError) as err:
-                raise SetupError(f"{csv_path}:{number}: not a winclip result row ({err})") from None
-            if row.path in merged:
-                duplicates += 1
-                continue
-            merged[row.path] = row
-            origin[row.path] = folder
     out.mkdir(parents=True, exist_ok=True)
     refuse_links(out)
     # The output folder's lock, as a scan takes it: a scan or watch writing there, or a second merge,

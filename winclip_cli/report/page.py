@@ -10,9 +10,7 @@ piece of text from the output folder escaped by ``_esc`` (or ``_url`` for links)
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 import json
 import math
 import os
@@ -37,8 +35,8 @@ from winclip_cli.io.layout import (
     thumbnail_relpaths,
     thumbnail_relpaths_of_heatmap,
 )
-from winclip_cli.io.outputs import CSV_FIELD_LIMIT, confined_path, write_text_atomic
-from winclip_cli.io.safe_fs import Confined, open_confined, open_regular, read_confined_bytes
+from winclip_cli.io.outputs import confined_path, iter_results_csv, write_text_atomic
+from winclip_cli.io.safe_fs import Confined, open_confined, read_confined_bytes
 from winclip_cli.io.state import refuse_link
 from winclip_cli.io.thumbnails import save_thumbnail
 
@@ -81,42 +79,37 @@ def _float(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+REPORT_ROW_LIMIT = 200_000  # rows one report page shows (a card each): ~0.5 GB to build; a page of more is unusable
+
+
 def _read_rows(csv_path: Path) -> list[_Row]:
     """Rows of scores.csv, one per path (the last row of a path wins), in file order of that last row."""
-    try:
-        raw_file = open_regular(csv_path, follow_links=False)  # never a link's target, never blocks on a FIFO
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no scores.csv in {csv_path.parent}: nothing to report") from None
+    if not os.path.lexists(csv_path):
+        raise FileNotFoundError(f"no scores.csv in {csv_path.parent}: nothing to report")
     latest: dict[str, _Row] = {}
-    limit = csv.field_size_limit()
-    csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
-    # errors="replace": a row cut short by a crash must not stop the report.
-    with io.TextIOWrapper(raw_file, newline="", encoding="utf-8", errors="replace") as fh:
-        try:
-            rows = list(csv.DictReader(fh))
-        finally:
-            csv.field_size_limit(limit)
-        for raw in rows:
-            # Missing columns (older files, a cut-short last row) read as ''; unknown columns are ignored.
-            get = {key: value for key, value in raw.items() if isinstance(key, str) and isinstance(value, str)}.get
-            path = get("path", "")
-            if not path:
-                continue
-            row = _Row(
-                path=path,
-                status=get("status", "").strip(),
-                score=_float(get("score")),
-                label=get("label", "").strip(),
-                threshold=_float(get("threshold")),
-                max_pixel_score=_float(get("max_pixel_score")),
-                heatmap=get("heatmap", ""),
-                error=get("error", ""),
-                note=get("note", ""),
-                threshold_source=get("threshold_source", ""),
-                anomalous_area=_float(get("anomalous_area")),
-            )
-            latest.pop(path, None)  # re-insert so the order follows the last occurrence
-            latest[path] = row
+    # one row at a time, bounded (SCORES_CSV_BYTE_LIMIT, REPORT_ROW_LIMIT); never a link's target, never
+    # blocking on a FIFO. errors="replace": a row cut short by a crash must not stop the report.
+    for raw in iter_results_csv(csv_path, errors="replace", row_limit=REPORT_ROW_LIMIT):
+        # Missing columns (older files, a cut-short last row) read as ''; unknown columns are ignored.
+        get = {key: value for key, value in raw.items() if isinstance(key, str) and isinstance(value, str)}.get
+        path = get("path", "")
+        if not path:
+            continue
+        row = _Row(
+            path=path,
+            status=get("status", "").strip(),
+            score=_float(get("score")),
+            label=get("label", "").strip(),
+            threshold=_float(get("threshold")),
+            max_pixel_score=_float(get("max_pixel_score")),
+            heatmap=get("heatmap", ""),
+            error=get("error", ""),
+            note=get("note", ""),
+            threshold_source=get("threshold_source", ""),
+            anomalous_area=_float(get("anomalous_area")),
+        )
+        latest.pop(path, None)  # re-insert so the order follows the last occurrence
+        latest[path] = row
     return list(latest.values())
 
 
