@@ -1032,3 +1032,41 @@ def test_a_huge_scores_csv_is_refused_by_report_and_merge_in_one_line(tmp_path, 
     assert result.exit_code == 2 and "more than 11 rows, more than winclip reads" in result.stderr
     monkeypatch.setattr(page, "REPORT_ROW_LIMIT", 12)
     assert invoke(["report", shard]).exit_code == 0
+
+
+def big_png(path: Path, width: int, height: int) -> None:
+    """A valid RGB PNG of ``width`` x ``height`` black pixels, written a row at a time (a few hundred KB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (1 + 3 * width)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_report_never_decodes_a_giant_heatmap_for_a_thumbnail(tmp_path, tiny_args, monkeypatch):
+    """F6: a 13000x13000 PNG put at a heatmap's name took 1.4 GB when report regenerated its thumbnail."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    make_images(images, ["a.png", "b.png"])
+    assert invoke(["scan", images, "--out", out, "-q", "--heatmaps", "png", *tiny_args]).exit_code == 0
+    big_png(out / "heatmaps" / "a.png.png", 13000, 13000)
+    shutil.rmtree(out / "thumbs")
+    decoded: list[int] = []
+    load = Image.Image.load
+
+    def counting_load(self):
+        decoded.append(self.width * self.height)
+        return load(self)
+
+    monkeypatch.setattr(Image.Image, "load", counting_load)
+    result = invoke(["report", out])
+    assert result.exit_code == 0, result.stderr
+    assert decoded and max(decoded) < 13000 * 13000  # the giant was never decoded; b's heatmap was
+    from winclip_cli.io.layout import thumbnail_relpaths
+
+    assert (out / thumbnail_relpaths("b.png")[1]).is_file()
+    assert not (out / thumbnail_relpaths("a.png")[1]).exists()  # that card shows less

@@ -38,7 +38,8 @@ from winclip_cli.io.layout import (
 from winclip_cli.io.outputs import confined_path, iter_results_csv, write_text_atomic
 from winclip_cli.io.safe_fs import Confined, open_confined, read_confined_bytes
 from winclip_cli.io.state import refuse_link
-from winclip_cli.io.thumbnails import save_thumbnail
+from winclip_cli.io.thumbnails import THUMB_SIZE, save_thumbnail
+from winclip_cli.options import DEFAULT_MAX_PIXELS
 
 __all__ = ["TEMPLATE_FILES", "build_report"]
 
@@ -183,6 +184,9 @@ class _Card:
     heat_thumb: str  # relpath, '' if absent
 
 
+HEATMAP_THUMB_PIXEL_LIMIT = DEFAULT_MAX_PIXELS  # a larger heatmap gets no thumbnail regenerated (~250 MB each)
+
+
 def _prepare_card(out: _Confined, row: _Row) -> _Card:
     """Find (or regenerate from the heatmap PNG) the row's thumbnails; never reads outside OUT."""
     heatmap, heatmap_path = "", None
@@ -207,7 +211,10 @@ def _prepare_card(out: _Confined, row: _Row) -> _Card:
                 open_confined(Confined(out.root, heatmap)) as handle,
                 Image.open(handle, formats=HEATMAP_FORMATS) as img,
             ):
-                save_thumbnail(img, confined_path(out.root, heat_rel))
+                # the size from the header, before a pixel is decoded: a crafted 13000x13000 PNG took 1.4 GB
+                if img.width * img.height <= HEATMAP_THUMB_PIXEL_LIMIT:
+                    img.draft("RGB", (THUMB_SIZE, THUMB_SIZE))  # a JPEG decodes at a fraction of its size
+                    save_thumbnail(img, confined_path(out.root, heat_rel), owned=True)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             pass  # a broken heatmap: the card simply shows less
     return _Card(
