@@ -1070,3 +1070,21 @@ def test_report_never_decodes_a_giant_heatmap_for_a_thumbnail(tmp_path, tiny_arg
 
     assert (out / thumbnail_relpaths("b.png")[1]).is_file()
     assert not (out / thumbnail_relpaths("a.png")[1]).exists()  # that card shows less
+
+
+def test_build_refs_and_calibrate_never_read_a_huge_non_image_whole(tmp_path, tiny_args):
+    """F7: build-refs and calibrate --refs hashed every input in full before any image check: a 1 TB sparse
+    file named x.png (a PNG signature, then nothing) kept them reading zeros for hours."""
+    good, refs = tmp_path / "good", tmp_path / "refs.npz"
+    make_images(good, ["a.png", "b.png"])
+    huge = good / "x.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with open(huge, "r+b") as handle:
+        handle.truncate(1 << 40)  # sparse: costs no disk
+    built = run_cli(["build-refs", good, "--out", refs, *tiny_args], timeout=120)
+    assert built.returncode == 3, built.stderr  # one reference could not be embedded, said on stderr
+    assert "x.png" in built.stderr and refs.is_file()
+    command = ["calibrate", good, "--refs", refs, "--class", "o", *tiny_args]
+    calibrated = run_cli(command, timeout=120)
+    assert "x.png" in calibrated.stderr and calibrated.returncode in (0, 3), calibrated.stderr
+    assert "2 are references: scored leave-one-out" in calibrated.stderr

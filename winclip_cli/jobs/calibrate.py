@@ -19,10 +19,9 @@ import numpy as np
 from winclip_cli import __version__
 from winclip_cli.core.calibration import Calibration, calibrate
 from winclip_cli.errors import SetupError
-from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.memory import MemoryFile, load_memory, update_metadata
 from winclip_cli.io.outputs import write_text_atomic
-from winclip_cli.jobs.decode import Decoded, relative_name
+from winclip_cli.jobs.decode import Decoded, image_sha256, relative_name
 from winclip_cli.jobs.kernel import InputProblems, Reporter, Session, discover
 from winclip_cli.jobs.maps import full_resolution_map, image_score
 from winclip_cli.jobs.record import calibration_record
@@ -103,10 +102,11 @@ def run_calibrate_job(options: CalibrateSpec, reporter: Reporter) -> CalibrateRe
     if memory is not None:
         # Hashed once here, before any scoring: the decoder then reads each file without hashing it again.
         for path, _ in inputs:
-            if path.is_file():
-                index = reference_of.get(sha256_file(path))
-                if index is not None:
-                    reference_index_of[path] = index
+            # decoded before it is read whole: a 1 TB sparse file is no image (its row says so when scored)
+            digest = image_sha256(path, options.inputs.max_pixels)
+            index = reference_of.get(digest) if digest is not None else None
+            if index is not None:
+                reference_index_of[path] = index
         left_out = len(reference_index_of)
         # only a memory of two or more references can leave one out and still compare with the others
         if left_out and memory.k < 2:

@@ -110,6 +110,22 @@ class Decoded:
         return 0 if self.inputs is None else len(self.inputs)
 
 
+def image_sha256(path: Path, max_pixels: int) -> str | None:
+    """sha256 of an image file, read whole only once its pixels decoded, from the same descriptor (as
+    :func:`decode_file` does): a file that is no usable image (a 1 TB sparse ``x.png``, a FIFO) is never read
+    whole. None for such a file; decoding it again for scoring says why, as that file's error."""
+    try:
+        handle = open_image_file(path)
+    except ImageDecodeError:
+        return None
+    with handle:
+        try:
+            load_image(handle, max_pixels=max_pixels)
+        except Exception:  # noqa: BLE001 - any failure is the file's, said when it is decoded for scoring
+            return None
+        return sha256_handle(handle)
+
+
 def decode_file(
     path: Path,
     relpath: str,

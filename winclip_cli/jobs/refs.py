@@ -16,7 +16,7 @@ from winclip_cli.errors import SetupError
 from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.images import discover_images
 from winclip_cli.io.memory import MemoryFile, build_metadata, check_compatible, describe_model, load_memory, save_memory
-from winclip_cli.jobs.decode import Decoded
+from winclip_cli.jobs.decode import Decoded, image_sha256
 from winclip_cli.jobs.kernel import InputProblems, Reporter, Session
 from winclip_cli.jobs.references import collect_references
 from winclip_cli.spec import InputSpec, ModelSpec, TextSpec
@@ -92,12 +92,14 @@ def run_refs_job(options: RefsSpec, reporter: Reporter) -> RefsResult:
         try:
             if not path.is_file():
                 raise SetupError(f"reference {path} is not a regular file")
-            digest = sha256_file(path)
         except OSError as err:
             raise SetupError(f"cannot read reference {path}: {err.strerror or err}") from None
-        if digest in known or digest in hashes.values():
+        # decoded before it is read whole (a 1 TB sparse file is no image); None: embedding says why
+        digest = image_sha256(path, options.inputs.max_pixels)
+        if digest is not None and (digest in known or digest in hashes.values()):
             continue
-        hashes[path] = digest
+        if digest is not None:
+            hashes[path] = digest
         fresh.append((path, name))
     skipped = len(inputs) - len(fresh)
     if existing is not None:  # k counts new references: `--append --k 4` adds 4 the memory lacks
@@ -126,7 +128,7 @@ def run_refs_job(options: RefsSpec, reporter: Reporter) -> RefsResult:
     embedded = collect_references(session.embedded(fresh), on_item)
     problems.failures += embedded.failures
     references = [
-        {"path": name, "size": sizes[path], "sha256": hashes[path], "entries": entries}
+        {"path": name, "size": sizes[path], "sha256": hashes.get(path) or sha256_file(path), "entries": entries}
         for name, path, entries in zip(embedded.names, embedded.paths, embedded.entries_per_image, strict=True)
     ]
     if existing is None and not references:
