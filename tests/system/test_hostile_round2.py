@@ -1088,3 +1088,29 @@ def test_build_refs_and_calibrate_never_read_a_huge_non_image_whole(tmp_path, ti
     calibrated = run_cli(command, timeout=120)
     assert "x.png" in calibrated.stderr and calibrated.returncode in (0, 3), calibrated.stderr
     assert "2 are references: scored leave-one-out" in calibrated.stderr
+
+
+def test_scores_csv_with_another_name_is_never_appended_through(tmp_path, tiny_args, outside):
+    """A scores.csv hard-linked to another file (made by someone else, or a backup's `cp -al`): the scan
+    appended its rows through it, into the other name too. Now the name gets a copy of its own first."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    make_images(images, ["a.png"])
+    assert invoke(["scan", images, "--out", out, "-q", *tiny_args]).exit_code == 0
+    other = outside / "other-name.csv"
+    os.link(out / "scores.csv", other)
+    before = other.read_bytes()
+    make_images(images, ["b.png"])
+    (out / ".winclip" / "state.sqlite").stat()  # the state is there: the scan appends b's row
+    assert invoke(["scan", images, "--out", out, "-q", "--incremental", *tiny_args]).exit_code == 0
+    assert other.read_bytes() == before and other.stat().st_nlink == 1
+    assert set(rows_of(out)) == {"a.png", "b.png"}
+
+
+def test_a_folder_at_a_written_name_is_said_by_that_name(tmp_path):
+    from winclip_cli.io.safe_fs import atomic_write
+
+    (tmp_path / "scores.csv").mkdir()
+    with pytest.raises(IsADirectoryError) as raised, atomic_write(tmp_path / "scores.csv") as handle:
+        handle.write(b"x")
+    assert raised.value.filename == str(tmp_path / "scores.csv")
+    assert os.listdir(tmp_path) == ["scores.csv"]  # no temporary left

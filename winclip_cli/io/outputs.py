@@ -12,6 +12,7 @@ import errno
 import io
 import math
 import os
+import shutil
 import stat
 import struct
 import threading
@@ -31,6 +32,7 @@ from winclip_cli.io.safe_fs import (
     LinkInOutputError,
     NotRegularFileError,
     atomic_write,
+    open_confined,
     open_regular,
     remove_regular,
 )
@@ -258,20 +260,14 @@ class CsvResultWriter:
         # newline="" is what the csv module needs to keep embedded newlines inside quoted fields intact.
         # backslashreplace: undecodable file names (surrogate-escaped on POSIX) must not crash the scan
         # and must not make the whole CSV invalid UTF-8 for pandas/Excel.
-        # Opened once, without following a link and without blocking on a FIFO; fstat says what it is.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        try:
-            fd = os.open(self.path, flags, 0o666)
-        except OSError as err:
-            if err.errno == errno.ELOOP:  # a planted link must not make a (root) cron job write elsewhere
-                raise LinkInOutputError(self.path) from None
-            if err.errno == errno.ENXIO:  # a FIFO nobody reads
-                raise NotRegularFileError(self.path, stat.S_IFIFO) from None
-            raise
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        fd, info = self._open_own(self.path)
+        if info.st_nlink != 1:
+            # another name of the same file (a hard link someone made, a backup's): never appended to
+            # through it; the name gets a copy of its own first (written as every file is: safe_fs)
             os.close(fd)
-            raise NotRegularFileError(self.path, info.st_mode)
+            with open_confined(self.path) as old, atomic_write(self.path, fsync=fsync) as copy:
+                shutil.copyfileobj(old, copy, 1 << 20)
+            fd, info = self._open_own(self.path)
         os.set_blocking(fd, True)
         exists = append and info.st_size > 0
         if exists:
@@ -284,6 +280,24 @@ class CsvResultWriter:
         self._closed = False
         if not exists:
             self._write_line(list(CSV_COLUMNS))
+
+    @staticmethod
+    def _open_own(path: Path) -> tuple[int, os.stat_result]:
+        # Opened once, without following a link and without blocking on a FIFO; fstat says what it is.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # a planted link must not make a (root) cron job write elsewhere
+                raise LinkInOutputError(path) from None
+            if err.errno == errno.ENXIO:  # a FIFO nobody reads
+                raise NotRegularFileError(path, stat.S_IFIFO) from None
+            raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise NotRegularFileError(path, info.st_mode)
+        return fd, info
 
     @classmethod
     def open(cls, path: Path) -> CsvResultWriter:

@@ -248,7 +248,10 @@ def atomic_write(
             now = os.lstat(tmp, dir_fd=folder)
             if (now.st_dev, now.st_ino) != (written.st_dev, written.st_ino):
                 raise OSError(errno.EEXIST, f"the temporary file beside {where} was replaced by someone else")
-            os.replace(tmp, where.name, src_dir_fd=folder, dst_dir_fd=folder)
+            try:
+                os.replace(tmp, where.name, src_dir_fd=folder, dst_dir_fd=folder)
+            except OSError as err:  # e.g. a folder at the final name: say that name, not the temporary's
+                raise OSError(err.errno, err.strerror, str(where.path)) from None
         except BaseException:
             # BaseException: Ctrl-C mid-write must not leave a stray .tmp behind either.
             handle.close()
