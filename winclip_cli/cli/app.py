@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,6 +53,7 @@ from winclip_cli.errors import (
     WinclipError,
 )
 from winclip_cli.io.layout import OutputLayout
+from winclip_cli.jobs import plan
 from winclip_cli.options import (
     DEFAULT_CALIBRATION_FILE,
     DEFAULT_FPR,
@@ -195,6 +197,15 @@ def main_callback(
 # Every shared option is declared once, in cli/args.py: the model, input and tiling groups
 # (``with_options`` adds them to a command) and the options scan and watch have in common.
 
+def _table_console() -> Console:
+    """stdout for tables: a terminal's width, else (cron mail, a log, a pipe) wide enough that no value
+    is cut or wrapped."""
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(highlight=False, soft_wrap=True, width=1000)
+    return console
+
+
 def _progress(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -210,10 +221,12 @@ def _progress(quiet: bool):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the scan to stop after the current batch; a second SIGINT aborts."""
+    """SIGINT/SIGTERM ask the scan to stop after the current batch; a second SIGINT aborts.
+    ``quiet`` (``-q``): stop without saying so."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.requested = False
+        self.quiet = quiet
 
     def __call__(self) -> bool:
         return self.requested
@@ -224,7 +237,8 @@ class StopFlag:
             if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.requested = True
-            stderr.print("[yellow]stopping after the current batch (Ctrl-C again to abort)…[/]")
+            if not self.quiet:
+                stderr.print("[yellow]stopping after the current batch (Ctrl-C again to abort)…[/]")
 
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -248,6 +262,7 @@ class ConsoleReporter:
         self.json_lines = json_lines
         self.progress = _progress(quiet)
         self.task = None
+        self.warnings = 0  # a run that warned is not remembered as one the next run may skip (jobs/plan.py)
 
     def __enter__(self) -> ConsoleReporter:
         self.progress.__enter__()
@@ -261,6 +276,7 @@ class ConsoleReporter:
             self.progress.console.print(_escape(message))
 
     def warn(self, message: str) -> None:
+        self.warnings += 1
         self.progress.console.print(f"[yellow]warning:[/] {_escape(message)}")
 
     def start(self, description: str, total: int) -> None:
@@ -295,10 +311,11 @@ def _checked_scan_options(
     calibration: Path | None,
     prompts: Path | None,
     heatmaps: str,
+    claim: preflight.OutputClaim,
     **settings: Any,
-):
-    """The options of a scan or a watch, with everything that needs no model checked first, before
-    torch is imported: a mistake fails at once."""
+) -> dict[str, Any]:
+    """The options of a scan or a watch (ScanOptions' fields), with everything that needs no model checked
+    first and OUT locked, before torch is imported: a mistake, or a folder in use, fails at once."""
     model_options = model_args.parse()
     parse_threshold(threshold)
     check_heatmaps(heatmaps)
@@ -308,11 +325,8 @@ def _checked_scan_options(
     preflight.check_memory_file(refs)
     preflight.check_input_file("--calibration", calibration)
     load_vocabulary(prompts)
-    preflight.check_not_busy(out)
-
-    from winclip_cli.jobs.scan import ScanOptions
-
-    return ScanOptions(
+    claim.take()
+    return dict(
         directory=directory,
         out=out,
         model=model_options,
@@ -386,42 +400,50 @@ def scan(
 
       winclip scan ./images --weights ~/models/vit_b_16_plus_240-laion400m_e31.pt --json > scores.jsonl
     """
+    checks_started = time.perf_counter()
     with user_errors():
         # Everything that needs no model is checked before torch is imported: mistakes fail at once.
         shard_of = parse_shard(shard)
-        options = _checked_scan_options(
-            directory,
-            out,
-            model_args,
-            input_args,
-            tile_args,
-            class_name=class_name,
-            threshold=threshold,
-            refs=refs,
-            calibration=calibration,
-            prompts=prompts,
-            use_cache=not no_cache,
-            save_maps=save_maps,
-            heatmaps=heatmaps,
-            incremental=incremental,
-            shard=shard_of,
-        )
-        from winclip_cli.jobs.scan import run_scan_job
+        with preflight.removed_if_unused(out), preflight.OutputClaim(out, "scan") as claim:
+            fields = _checked_scan_options(
+                directory,
+                out,
+                model_args,
+                input_args,
+                tile_args,
+                class_name=class_name,
+                threshold=threshold,
+                refs=refs,
+                calibration=calibration,
+                prompts=prompts,
+                use_cache=not no_cache,
+                save_maps=save_maps,
+                heatmaps=heatmaps,
+                incremental=incremental,
+                shard=shard_of,
+                claim=claim,
+            )
+            request = plan.request_of(fields)
+            stop = StopFlag(quiet)
+            with ConsoleReporter(quiet, json_lines) as reporter, stop.installed():
+                result = plan.without_model(request, reporter, checks_started)  # nothing to score: no torch
+                if result is None:
+                    from winclip_cli.jobs.scan import ScanOptions, run_scan_job
 
-        stop = StopFlag()
-        with preflight.removed_if_unused(out), ConsoleReporter(quiet, json_lines) as reporter, stop.installed():
-            result = run_scan_job(options, reporter, should_stop=stop)
-        if report:
-            from winclip_cli.report.page import build_report
+                    result = run_scan_job(ScanOptions(**fields), reporter, should_stop=stop)
+            complete = not (result.interrupted or result.unlisted or reporter.warnings)
+            if complete and getattr(result, "model_loaded", True):
+                plan.remember(request)  # the next run with these options may decide without the model
+            if report:
+                from winclip_cli.report.page import build_report
 
-            page = build_report(out)
-            if not quiet:
-                stderr.print(f"report: {_escape(str(page))}")
+                page = build_report(out)
+                if not quiet:
+                    stderr.print(f"report: {_escape(str(page))}")
     # The summary and the exit code describe scores.csv as it now is: with --incremental, the rows kept
     # from earlier runs (relabelled when the threshold changed) count as much as the rows scored now.
     if not quiet:
         summary = result.summary
-        rate = summary.scored / result.seconds if result.seconds > 0 else 0.0
         scored_now = (
             f" ({summary.images} scored now, {result.skipped_unchanged} unchanged)" if result.skipped_unchanged else ""
         )
@@ -430,7 +452,8 @@ def scan(
             f"{stopped}[bold]{plural(result.total_rows, 'image')}[/]: "
             f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, "
             f"[bold]{plural(result.total_errors, 'error')}[/]{scored_now} "
-            f"in {result.seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(OutputLayout(out).scores_csv))}"
+            f"in {plan.describe_timing(result.run_info, summary.scored)} "
+            f"-> {_escape(str(OutputLayout(out).scores_csv))}"
         )
     if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -517,28 +540,31 @@ def watch(
     with user_errors():
         if poll is not None and poll <= 0:
             raise SetupError(f"--poll takes a positive number of seconds, not {poll:g}")
-        scan_options = _checked_scan_options(
-            directory,
-            out,
-            model_args,
-            input_args,
-            tile_args,
-            class_name=class_name,
-            threshold=threshold,
-            refs=refs,
-            calibration=calibration,
-            prompts=prompts,
-            use_cache=not no_cache,
-            save_maps=save_maps,
-            heatmaps=heatmaps,
-            incremental=True,
-        )
-        from winclip_cli.jobs.watch import WatchOptions, run_watch
+        with preflight.OutputClaim(out, "watch") as claim:
+            fields = _checked_scan_options(
+                directory,
+                out,
+                model_args,
+                input_args,
+                tile_args,
+                class_name=class_name,
+                threshold=threshold,
+                refs=refs,
+                calibration=calibration,
+                prompts=prompts,
+                use_cache=not no_cache,
+                save_maps=save_maps,
+                heatmaps=heatmaps,
+                incremental=True,
+                claim=claim,
+            )
+            from winclip_cli.jobs.scan import ScanOptions
+            from winclip_cli.jobs.watch import WatchOptions, run_watch
 
-        options = WatchOptions(scan_options, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
-        stop = StopFlag()
-        with _WatchReporter(quiet, json_lines) as reporter, stop.installed():
-            result = run_watch(options, reporter, should_stop=stop)
+            options = WatchOptions(ScanOptions(**fields), poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
+            stop = StopFlag(quiet)
+            with _WatchReporter(quiet, json_lines) as reporter, stop.installed():
+                result = run_watch(options, reporter, should_stop=stop)
     if not quiet:
         stderr.print(
             f"watch stopped: [bold]{result.scored}[/] scored, [bold]{result.anomalies}[/] anomalous, "
@@ -723,7 +749,7 @@ def calibrate(
         with ConsoleReporter(quiet) as reporter:
             result = run_calibrate_job(options, reporter)
     cal = result.calibration
-    console = Console(highlight=False, soft_wrap=True)
+    console = _table_console()
     if not quiet:
         bins = histogram(result.scores)
         peak = max(count for _, _, count in bins) or 1
@@ -797,6 +823,7 @@ def evaluate(
         preflight.check_input(root, "evaluation data folder")
         preflight.check_output_folder("--out", out)
         load_vocabulary(prompts)
+        preflight.check_evaluation_data(root, k_shot)
 
         from winclip_cli.jobs.evaluate import METRICS, EvalOptions, mean_metrics, run_eval_job
 
@@ -826,7 +853,7 @@ def evaluate(
         table.add_row(_escape(r.name), f"{r.n_images} ({r.n_anomalous} bad)", *(fmt(r.metrics[m]) for m in METRICS))
     mean = mean_metrics(results)
     table.add_row("[bold]mean[/]", str(sum(r.n_images for r in results)), *(fmt(mean[m]) for m in METRICS))
-    Console(highlight=False, soft_wrap=True).print(table)
+    _table_console().print(table)
     for r in results:
         for metric, why in r.notes.items():
             stderr.print(f"[yellow]note:[/] {_escape(r.name)} {metric}: {_escape(why)}")

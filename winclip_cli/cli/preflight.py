@@ -35,6 +35,15 @@ def check_input_file(option: str, path: Path | None) -> None:
         raise SetupError(f"{option} {path} is not a file")
 
 
+def check_evaluation_data(root: Path, k_shot: int) -> None:
+    """``eval``'s folder holds a recognised layout with test images, and enough normal training images for
+    ``--k-shot``: the listing needs no model (numpy and Pillow, no torch)."""
+    from winclip_cli.io.datasets import discover_categories, draw_references
+
+    for category in discover_categories(root):
+        draw_references(category, k_shot, None)
+
+
 def _existing_ancestor(path: Path) -> Path:
     path = path.absolute()
     while not path.exists() and path != path.parent:
@@ -77,7 +86,7 @@ def check_not_busy(out: Path) -> None:
     if not out.is_dir():
         return
     from winclip_cli.io.layout import OutputLayout
-    from winclip_cli.io.state import OutputBusyError
+    from winclip_cli.io.state import OutputBusyError, describe_lock, lock_command
 
     lock = OutputLayout(out).lock
     try:
@@ -93,13 +102,54 @@ def check_not_busy(out: Path) -> None:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = handle.read().strip() or "another process"
+            text = handle.read(512).strip()
+            holder = describe_lock(text) if text else "another process"
             raise OutputBusyError(
-                f"another winclip scan is writing to {out} ({holder}); wait for it or use another --out"
+                f"another winclip {lock_command(text)} is writing to {out} ({holder}); wait for it or use another --out"
             ) from None
         except OSError:
             return  # e.g. no locks on this file system: the job reports it
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class OutputClaim:
+    """OUT's lock, taken by the command line once every argument is checked and before torch is imported,
+    so a second run on the same folder fails at once (exit 4) instead of after loading the model.
+
+    ``take()`` creates OUT (an ``--out`` that cannot be created fails here, naming the option) and locks
+    it; the job takes the same lock again, which in this thread is the same hold. Leaving the ``with``
+    block releases it.
+    """
+
+    def __init__(self, out: Path, command: str = "scan") -> None:
+        self.out = out
+        self.command = command
+        self._lock = None
+
+    def take(self) -> None:
+        from winclip_cli.io.state import OutputLock, refuse_links
+
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SetupError(f"--out {self.out}: cannot create it ({err.strerror or err})") from None
+        refuse_links(self.out)
+        lock = OutputLock(self.out, self.command)
+        try:
+            lock.acquire()
+        except SetupError as err:
+            if type(err) is SetupError:  # cannot open or lock the lock file: say which option it is
+                raise SetupError(f"--out {self.out}: {err}") from None
+            raise
+        self._lock = lock
+
+    def __enter__(self) -> OutputClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 @contextmanager

@@ -7,7 +7,6 @@ either way they are loaded without unpickling arbitrary objects (``weights_only=
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,18 @@ from torch import nn
 
 from winclip_cli.errors import SetupError, WeightsUnavailableError
 from winclip_cli.io.hashing import cached_sha256_file
+from winclip_cli.io.model_files import (
+    CHECKPOINT_SUFFIXES,  # noqa: F401  (where callers found it before)
+    DEFAULT_WEIGHTS,
+    WEIGHTS_ENV,
+    check_checkpoint_file,
+    is_config_path,
+    looks_like_path,
+    read_model_config,
+    unknown_architecture_message,
+)
 from winclip_cli.options import DEFAULT_ARCHITECTURE, DEVICES, PRECISIONS
 from winclip_cli.settings import cache_dir
-
-DEFAULT_WEIGHTS = "laion400m_e31"
-WEIGHTS_ENV = "WINCLIP_WEIGHTS"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 @dataclass
@@ -109,21 +114,12 @@ def select_precision(requested: str, device: torch.device) -> str:
 def resolve_architecture(model: str) -> str:
     """An open_clip architecture name, or a path to a model-config JSON (registered under its file stem)."""
     path = Path(model)
-    if model.endswith(".json") or path.is_file():
-        if not path.is_file():
-            raise SetupError(f"model config file not found: {model}")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SetupError(f"cannot read model config {model}: {err}") from None
-        if not isinstance(config, dict) or "vision_cfg" not in config or "text_cfg" not in config:
-            raise SetupError(f"{model} is not an open_clip model config (needs 'vision_cfg' and 'text_cfg')")
+    if is_config_path(model):
+        read_model_config(model)  # the same checks the command line ran before importing torch
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
-        close = [name for name in open_clip.list_models() if model.lower() in name.lower()][:5]
-        hint = f" (did you mean: {', '.join(close)}?)" if close else " (see open_clip.list_models())"
-        raise SetupError(f"unknown model architecture {model!r}{hint}")
+        raise SetupError(unknown_architecture_message(model, open_clip.list_models()))
     return model
 
 
@@ -131,14 +127,14 @@ def default_weights() -> str:
     return os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS
 
 
-def _looks_like_path(weights: str) -> bool:
-    return os.sep in weights or "/" in weights or weights.lower().endswith(CHECKPOINT_SUFFIXES)
+_looks_like_path = looks_like_path
 
 
 def resolve_weights(architecture: str, weights: str) -> Path:
     """The local checkpoint file for ``weights``: the file itself, or a tag's download in the cache."""
     path = Path(weights).expanduser()
     if path.is_file():
+        check_checkpoint_file(path, f"--weights {weights}")
         return path
     if path.exists():
         raise WeightsUnavailableError(f"--weights {weights} is not a file")

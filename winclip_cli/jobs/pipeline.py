@@ -31,11 +31,12 @@ from winclip_cli.core.winclip import ReferenceMemory, WinClipScorer
 from winclip_cli.errors import ImageDecodeError
 from winclip_cli.io.hashing import sha256_file
 from winclip_cli.io.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, preprocess, unreadable_reason
-from winclip_cli.io.layout import heatmap_relpath, map_relpath
+from winclip_cli.io.layout import heatmap_relpath, map_relpath, relative_name  # noqa: F401  (re-exported)
 from winclip_cli.io.outputs import (
     LUT,
     ResultRow,
     confined_path,
+    label_of,
     overlay,
     remove_inside,
     write_float_tiff_atomic,
@@ -46,13 +47,6 @@ from winclip_cli.io.state import FileStamp
 from winclip_cli.io.thumbnails import THUMB_SIZE, write_thumbnails
 from winclip_cli.jobs.threads import BUDGET, one_torch_thread
 from winclip_cli.options import HEATMAP_FORMATS, check_tile_size
-
-
-def relative_name(path: Path, root: Path) -> str:
-    """POSIX path of ``path`` relative to the scanned root (the file name when root is not a folder)."""
-    if not root.is_dir():
-        return path.name
-    return path.relative_to(root).as_posix()
 
 
 def default_workers() -> int:
@@ -514,7 +508,7 @@ class RowContext:
     def label(self, score: float) -> str:
         """Decided on the values as written (6 decimals), so that the CSV never contradicts itself
         and relabelling stored rows gives the label a fresh scan would."""
-        return "anomalous" if round(score, 6) > round(self.threshold, 6) else "normal"
+        return label_of(score, self.threshold)
 
 
 @dataclass

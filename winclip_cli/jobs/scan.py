@@ -6,7 +6,6 @@ the user only through a ``Reporter``, so the same job runs under the CLI, in tes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from winclip_cli.jobs.pipeline import (
     relative_name,
     write_all,
 )
+from winclip_cli.jobs.plan import run_timing, seconds_since_process_start, shard_of  # noqa: F401
 from winclip_cli.options import check_heatmaps, parse_threshold
 from winclip_cli.wording import plural
 
@@ -56,10 +56,7 @@ DEFAULT_THRESHOLD = 0.5
 # --------------------------------------------------------------------------------------------------- shards
 
 
-def shard_of(relpath: str, count: int) -> int:
-    """1-based shard of a file: a hash of its relative path, so it never moves when files are added."""
-    digest = hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") % count + 1
+# shard_of lives in jobs/plan.py: the command line decides there, without torch, that a shard is empty
 
 
 # ---------------------------------------------------------------------------------------------- thresholds
@@ -189,6 +186,7 @@ def run_scan_job(
     options: ScanOptions, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False
 ) -> ScanResult:
     started = time.perf_counter()
+    startup = seconds_since_process_start()  # before this job: interpreter, imports (torch), checks
     requested_threshold = parse_threshold(options.threshold)  # bad options fail before anything slow
     check_output_options(options)
     unlisted: list[str] = []
@@ -215,6 +213,7 @@ def run_scan_job(
             seconds=round(seconds, 3),
             setup_seconds=round(seconds - scan_seconds, 3),  # model load, text embeddings, state
             scan_seconds=round(scan_seconds, 3),  # decoding, model and outputs, overlapped
+            **run_timing(startup, seconds, session.model_seconds),
             images=summary.images,
             scored=summary.scored,
             anomalies=summary.anomalies,
@@ -278,6 +277,7 @@ class ScanSession:
         self._hold_lock = hold_lock
         self._backbone = backbone
         self._lock: OutputLock | None = None
+        self.model_seconds = 0.0
         self.state: RunState | None = None
 
     @property
@@ -322,7 +322,9 @@ class ScanSession:
             if self._lock.previous_holder:
                 reporter.warn(f"took over a stale lock in {options.out} ({self._lock.previous_holder})")
         clean_stale_temporaries(options.out)
+        loading = time.perf_counter()
         self.session = Session.for_job(options, memory=memory, reporter=reporter, backbone=self._backbone)
+        self.model_seconds = time.perf_counter() - loading  # the model, its text embeddings, the memory
         engine = self.engine
         context = RowContext(
             threshold=DEFAULT_THRESHOLD, threshold_source="", mode="zero-shot", vocabulary_sha256=engine.ensemble.sha256

@@ -397,7 +397,7 @@ def run_watch(
     reload = ReloadFlag()
     restore_hup = reload.install()
     try:
-        with OutputLock(scan.out) as lock:  # held across re-opened sessions: no scan slips in between
+        with OutputLock(scan.out, "watch") as lock:  # held across re-opened sessions: no scan slips in between
             if lock.previous_holder:
                 reporter.warn(f"took over a stale lock in {scan.out} ({lock.previous_holder})")
             _Watch(options, reporter, should_stop, reload, requested_threshold, result).run()
