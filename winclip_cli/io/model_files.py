@@ -174,7 +174,7 @@ def describe_file(path: Path, head: bytes) -> str:
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             config = None
         if isinstance(config, dict) and "vision_cfg" in config:
-            return "an open_clip model config, not weights (pass it with --model)"
+            return "an open_clip JSON: a model config, not weights (pass it with --model)"
         return "a JSON text file"
     kinds = {".toml": "a TOML text file", ".yaml": "a YAML text file", ".yml": "a YAML text file"}
     return kinds.get(path.suffix.lower(), "a text file")

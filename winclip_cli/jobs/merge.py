@@ -53,7 +53,7 @@ CONFIG_KEYS = (
 
 
 # run.json keys that describe one run (its timing and counts): recomputed for the merged folder
-DURATION_KEYS = ("seconds", "setup_seconds", "scan_seconds")
+DURATION_KEYS = ("seconds", "setup_seconds", "scan_seconds", "process_seconds", "startup_seconds", "model_seconds")
 PER_RUN_KEYS = frozenset(
     {
         "started",
@@ -69,6 +69,7 @@ PER_RUN_KEYS = frozenset(
         "total_errors",
         "interrupted",
         "unlisted_dirs",
+        "model_loaded",
     }
 )
 
@@ -172,12 +173,16 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         if folder.resolve() == out_resolved:
             raise SetupError(f"--out {out} is one of the folders being merged; choose a new folder")
     runs = [_read_run(folder) for folder in sources]
-    reference = runs[0]
-    for folder, run in zip(sources[1:], runs[1:], strict=True):
+    # a shard that held no file loaded no model (jobs/plan.py): it has no rows whose configuration could differ
+    compared = [
+        (folder, run) for folder, run in zip(sources, runs, strict=True) if run.get("model_loaded") is not False
+    ]
+    reference_folder, reference = compared[0] if compared else (sources[0], runs[0])
+    for folder, run in compared[1:]:
         differing = [key for key in CONFIG_KEYS if run.get(key) != reference.get(key)]
         if differing:
             raise SetupError(
-                f"{folder} was scanned with another {', '.join(differing)} than {sources[0]}; "
+                f"{folder} was scanned with another {', '.join(differing)} than {reference_folder}; "
                 "only scans of the same configuration can be merged"
             )
     merged: dict[str, ResultRow] = {}
