@@ -81,8 +81,10 @@ def choose_threshold(
 ) -> ThresholdChoice:
     """--threshold VALUE, else a matching calibration, else the default 0.5 (and say which).
 
-    A calibration made for another configuration is never used: with an explicit --calibration
-    that is an error (unless --threshold overrides it), otherwise a warning.
+    A calibration made for another configuration is never used. One rule for both places it comes
+    from (``explicit``: --calibration, else stored in --refs): without --threshold that is an error
+    (exit 2), since a cron job must not silently lose its calibrated threshold; with --threshold, a
+    warning.
     """
     from winclip_cli.core.calibration import Calibration
 
@@ -101,12 +103,13 @@ def choose_threshold(
                 f"class ('{calibrated_for}'; this run scores class '{class_name}')"
             )
         if differences:
+            where = "in" if explicit else "stored in"
             message = (
-                f"the calibration in {calibration_origin} was made with another {', '.join(differences)}; "
+                f"the calibration {where} {calibration_origin} was made with another {', '.join(differences)}; "
                 "recalibrate with `winclip calibrate`"
             )
-            if explicit and requested is None:
-                raise SetupError(message)
+            if requested is None:
+                raise SetupError(f"{message}, or pass --threshold VALUE to scan without it")
             fallback = (
                 f"--threshold {requested:g}" if requested is not None else f"the default threshold {DEFAULT_THRESHOLD}"
             )

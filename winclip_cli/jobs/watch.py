@@ -606,9 +606,10 @@ class _Watch:
             result.scored += summary.scored
             result.anomalies += summary.anomalies
             result.errors += summary.errors
+            # counted as the final "watch stopped" line counts: these lines' figures add up to its figures
             self.reporter.info(
-                f"{summary.images} scored: {summary.anomalies} anomalous, {plural(summary.errors, 'error')} "
-                f"({time.monotonic() - started:.2f} s)"
+                f"{summary.scored} scored, {summary.anomalies} anomalous, {plural(summary.errors, 'error')} "
+                f"({plural(summary.images, 'file')}, {time.monotonic() - started:.2f} s)"
             )
 
     def _committed(self, rows: list[ResultRow]) -> None:
