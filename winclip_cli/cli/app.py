@@ -426,6 +426,11 @@ def scan(
             request = plan.request_of(fields)
             stop = StopFlag(quiet)
             with ConsoleReporter(quiet, json_lines) as reporter, stop.installed():
+                if (previous := plan.other_input(request)) is not None:
+                    reporter.warn(
+                        f"{out} holds the results of another input ({previous}): its rows are replaced, and its "
+                        "heatmaps stay in the folder; use one --out per input folder"
+                    )
                 result = plan.without_model(request, reporter, checks_started)  # nothing to score: no torch
                 if result is None:
                     from winclip_cli.jobs.scan import ScanOptions, run_scan_job
@@ -865,7 +870,17 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------- merge, report
 
 
-@app.command()
+MERGE_EXIT_CODES_HELP = """
+Exit codes: 0 merged, every shard present and complete; 2 usage or setup error (folders of different
+configurations, no run.json); 3 merged, but shards are missing, repeated or interrupted (named above).
+"""
+
+REPORT_EXIT_CODES_HELP = """
+Exit codes: 0 written; 2 usage or setup error (no such folder, no scores.csv, unwritable).
+"""
+
+
+@app.command(epilog=MERGE_EXIT_CODES_HELP)
 def merge(
     folders: Annotated[list[Path], typer.Argument(help="Output folders of sharded scans (--shard K/N).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged output.")] = Path("winclip-merged"),
@@ -895,6 +910,8 @@ def merge(
         f"{plural(len(result.rows), 'row')} from {plural(len(folders), 'folder')} "
         f"-> {_escape(str(OutputLayout(out).scores_csv))}"
     )
+    # a merge that lacks shards is no complete result: a script must not take it for one
+    raise typer.Exit(EXIT_UNREADABLE if result.warnings else EXIT_OK)
 
 
 @app.command("report")

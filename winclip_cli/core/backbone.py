@@ -269,6 +269,71 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
         open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
 
 
+def _load_failure(checkpoint: Path, architecture: str, err: Exception) -> str:
+    """Why a checkpoint did not load, in one line: the architecture its tensors fit, when it is another one."""
+    try:
+        state = _read_state_dict(checkpoint)
+    except Exception:
+        state = None
+    if state is not None:
+        fits = architectures_fitting({name: tuple(t.shape) for name, t in state.items()})
+        if fits and architecture not in fits:
+            names = " or ".join(fits[:3]) + (f" (or {len(fits) - 3} more)" if len(fits) > 3 else "")
+            return (
+                f"cannot load {checkpoint} into {architecture}: its tensors are those of {names}; "
+                f"pass --model {fits[0]}"
+            )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "weights_only" in first.lower() or "weights only" in first.lower():
+        # torch's own advice here is to unpickle the file anyway, which could run any code in it
+        first = "it holds Python objects besides tensors, which are never unpickled"
+    return (
+        f"cannot load {checkpoint} into {architecture}: {first[:200]} "
+        f"(is it an open_clip checkpoint of this architecture? see --model)"
+    )
+
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors that tell a ViT CLIP architecture apart, from its open_clip config
+    (open_clip's defaults where the config leaves a value out); empty for other kinds of tower."""
+    vision, text = config.get("vision_cfg") or {}, config.get("text_cfg") or {}
+    layers = vision.get("layers", 12)
+    if "timm_model_name" in vision or "hf_model_name" in text or not isinstance(layers, int):
+        return {}
+    width, patch, size = vision.get("width", 768), vision.get("patch_size", 16), vision.get("image_size", 224)
+    height, across = (size, size) if isinstance(size, int) else (size[0], size[1])
+    text_width = text.get("width", 512)
+    return {
+        "visual.conv1.weight": (width, 3, patch, patch),
+        "visual.positional_embedding": ((height // patch) * (across // patch) + 1, width),
+        "visual.proj": (width, config.get("embed_dim", 512)),
+        "positional_embedding": (text.get("context_length", 77), text_width),
+        "token_embedding.weight": (text.get("vocab_size", 49408), text_width),
+        "visual.transformer.layers": (layers,),
+        "transformer.layers": (text.get("layers", 12),),
+    }
+
+
+def architectures_fitting(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The open_clip architectures whose tensors have these shapes (a state dict's names and shapes)."""
+
+    def count_layers(prefix: str) -> int:
+        found = {key[len(prefix) :].split(".")[0] for key in shapes if key.startswith(prefix)}
+        return len({n for n in found if n.isdigit()})
+
+    seen = {
+        **shapes,
+        "visual.transformer.layers": (count_layers("visual.transformer.resblocks."),),
+        "transformer.layers": (count_layers("transformer.resblocks."),),
+    }
+    fitting = []
+    for name in open_clip.list_models():
+        expected = _expected_shapes(open_clip.get_model_config(name) or {})
+        if expected and all(seen.get(key) == shape for key, shape in expected.items()):
+            fitting.append(name)
+    return fitting
+
+
 def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor] | None:
     if checkpoint.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -307,11 +372,7 @@ def load_backbone(
     try:
         load_weights(clip, checkpoint)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsUnavailableError(
-            f"cannot load {checkpoint} into {architecture}: {first[:200]} "
-            f"(is it an open_clip checkpoint of this architecture? see --model)"
-        ) from None
+        raise WeightsUnavailableError(_load_failure(checkpoint, architecture, err)) from None
     clip.eval()
     if torch_device.type == "cuda" and chosen_precision == "fp32":
         # fp32 means fp32: TF32 tensor cores would move scores by ~1e-3, past the reference's 1e-4.

@@ -52,6 +52,22 @@ CONFIG_KEYS = (
 )
 
 
+# what each of those keys is, in the words of the options that set it
+CONFIG_WORDS = {
+    "architecture": "model architecture (--model)",
+    "weights_sha256": "weights (--weights)",
+    "precision": "--precision",
+    "scales": "--scales",
+    "class_name": "class (--class)",
+    "vocabulary_sha256": "vocabulary (--class, --prompts)",
+    "memory_id": "reference memory (--refs)",
+    "tile": "--tile",
+    "tile_overlap": "--tile-overlap",
+    "threshold": "threshold",
+    "pixel_threshold": "pixel threshold (calibration)",
+}
+
+
 # run.json keys that describe one run (its timing and counts): recomputed for the merged folder
 DURATION_KEYS = ("seconds", "setup_seconds", "scan_seconds", "process_seconds", "startup_seconds", "model_seconds")
 PER_RUN_KEYS = frozenset(
@@ -182,7 +198,8 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         differing = [key for key in CONFIG_KEYS if run.get(key) != reference.get(key)]
         if differing:
             raise SetupError(
-                f"{folder} was scanned with another {', '.join(differing)} than {reference_folder}; "
+                f"{folder} was scanned with another {', '.join(CONFIG_WORDS.get(k, k) for k in differing)} "
+                f"than {reference_folder}; "
                 "only scans of the same configuration can be merged"
             )
     merged: dict[str, ResultRow] = {}

@@ -251,6 +251,30 @@ def _stored_request(out: Path) -> tuple[dict[str, Any], Any, Any] | None:
     return remembered, values.get("config"), values.get("csv")
 
 
+def other_input(request: ScanRequest) -> str | None:
+    """The input folder whose results OUT holds, when it is not this scan's (None: the same, or none).
+    OUT belongs to one input: its rows are replaced, and that input's heatmaps stay behind."""
+    database = OutputLayout(request.out).state_db
+    if not database.is_file() or database.is_symlink():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        try:
+            found = db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+            rows = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        finally:
+            db.close()
+        config = json.loads(found[0]) if found else None
+    except (sqlite3.Error, ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(config, dict) or not rows:
+        return None
+    stored = config.get("input")
+    if not isinstance(stored, str) or stored == str(request.directory.resolve()):
+        return None
+    return stored
+
+
 def _stamp_of(path: Path) -> list[int] | None:
     try:
         info = path.stat()

@@ -48,7 +48,7 @@ from winclip_cli.jobs.pipeline import (
 )
 from winclip_cli.jobs.plan import run_timing, seconds_since_process_start, shard_of  # noqa: F401
 from winclip_cli.options import check_heatmaps, parse_threshold
-from winclip_cli.wording import plural
+from winclip_cli.wording import files_gone, plural, results_kept_unseen
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -523,12 +523,10 @@ def _select(
     present = {name for _, name in inputs}
     gone = [row for row in state.rows() if row.path not in present]
     if gone and listing_incomplete:
-        reporter.warn(
-            f"{len(gone)} earlier results are kept although their files were not seen: a folder could not be listed"
-        )
+        reporter.warn(results_kept_unseen(len(gone)))
     elif gone:
         # scores.csv describes the folder as it is: results of files that disappeared go too
-        reporter.info(f"{plural(len(gone), 'file')} scanned earlier gone: their rows and heatmaps are removed")
+        reporter.info(files_gone(len(gone)))
         state.forget([row.path for row in gone])
         _remove_outputs(state.path.parent.parent, gone)
         changed_rows = True
