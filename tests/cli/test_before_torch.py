@@ -58,6 +58,8 @@ FAST_FAILURES = [
     (["watch", "{images}", "--out", "/proc/x"], {}, "--out /proc/x: cannot create it"),
     (["calibrate", "{images}", "--weights", "missing.pt"], {}, "--weights missing.pt: weights file not found"),
     (["build-refs", "{images}", "--model", "nope.json"], {}, "--model nope.json: model config file not found"),
+    (["scan", "{images}", "--shard", "auto"], {}, "--shard auto found no shard index in the environment"),
+    (["scan", "{images}", "--shard", "auto/3"], {"JOB_COMPLETION_INDEX": "3"}, "index 3 (0-based) is not below"),
     (["eval", "{tmp}/empty"], {}, "no evaluation data recognised"),
     (["eval", "{tmp}/unrecognised"], {}, "no evaluation data recognised"),
     (["eval", str(SAMPLE_DATA), "--k-shot", "9"], {}, "has 4 normal training images, cannot draw 9"),
@@ -289,3 +291,13 @@ def test_a_scan_records_start_up_and_model_loading(tmp_path, tiny_args):
     summary = result.stderr.strip().splitlines()[-1]
     figures = r"in [0-9.]+ s \(start-up [0-9.]+ s, model [0-9.]+ s, scoring [0-9.]+ s, [0-9.]+ images/s\)"
     assert re.search(figures, summary), summary
+
+
+def test_shard_auto_takes_the_slurm_array_index(tmp_path, tiny_args, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    out = tmp_path / "out"
+    result = invoke(["scan", SAMPLE_DATA / "fabric" / "test", "--shard", "auto", "--out", out, *tiny_args])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["shard"] == "3/4"

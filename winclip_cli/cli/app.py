@@ -374,7 +374,13 @@ def scan(
     ] = False,
     shard: Annotated[
         str | None,
-        typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.", show_default=False),
+        typer.Option(
+            "--shard",
+            help="Score only shard K of N (K/N, 1-based), e.g. 2/4; or auto: K and N from a Slurm job array "
+            "(SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, "
+            "with auto/N or WINCLIP_SHARD_COUNT).",
+            show_default=False,
+        ),
     ] = None,
     save_maps: SaveMapsOpt = False,
     heatmaps: HeatmapsOpt = "png",
