@@ -8,7 +8,7 @@ import shutil
 
 from PIL import Image
 
-from conftest import SAMPLE_DATA
+from conftest import REPO, SAMPLE_DATA
 from helpers import invoke
 
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"
@@ -82,3 +82,23 @@ def test_eval_table_is_never_cut_when_stdout_is_not_a_terminal(tmp_path, tiny_ar
     header = next(line for line in lines if "category" in line)
     assert "image auroc" in header and "pixel f1 max" in header and "…" not in result.stdout
     assert any("fabric" in line and "6 (4 bad)" in line for line in lines)
+
+
+def test_help_and_readme_say_the_same():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    scan_help = " ".join(invoke(["scan", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    assert "a fifth to a seventh of the size" in scan_help and "a fifth to a seventh of the size" in readme
+    assert "141 the reader of --json went away" in scan_help and "| 141 |" in readme
+    for command in ("merge", "report", "prompts", "watch", "eval"):
+        assert "Exit codes:" in invoke([command, "--help"], env={"COLUMNS": "200"}).stdout, command
+    prompts_help = invoke(["prompts", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "see `winclip prompts`" not in prompts_help  # it does not send its reader to itself
+    assert "TESTS_" not in readme  # every measured figure is filled in
+
+
+def test_report_quiet_prints_nothing(tmp_path, tiny_args):
+    out = tmp_path / "out"
+    assert invoke(["scan", SAMPLE_TEST, "--out", out, "-q", *tiny_args]).exit_code == 0
+    quiet = invoke(["report", out, "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and (out / "report.html").is_file()
+    assert "report: " in invoke(["report", out]).stderr

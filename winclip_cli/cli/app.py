@@ -66,18 +66,25 @@ from winclip_cli.wording import plural
 
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
-JOB_EXIT_CODES_HELP = """
+
+def _paragraph(text: str) -> str:
+    """An epilog as one paragraph: the help reflows it to the terminal's width (a hard line break would stay)."""
+    return " ".join(text.split())
+
+
+JOB_EXIT_CODES_HELP = _paragraph("""
 Exit codes: 0 done; 2 usage, setup or environment error (bad option, no images, weights unusable,
 unwritable output); 3 some files could not be read (every other image was used); 130 interrupted.
-"""
+""")
 
-EXIT_CODES_HELP = """
+EXIT_CODES_HELP = _paragraph("""
 Exit codes: 0 done; 1 at least one image scored over the threshold (only with --fail-on-anomaly);
 2 usage, setup or environment error (bad option, no images, weights or memory unusable, unwritable
 output); 3 some files or folders could
-not be read (every other image was scored and written); 4 another scan is writing to the same output
-folder; 130 interrupted (results so far are kept).
-"""
+not be read (every other image was scored and written); 4 another scan or watch is writing to the same output
+folder; 130 interrupted (results so far are kept); 141 the reader of --json went away (a closed pipe,
+e.g. `| head`): scanning stopped, results so far are kept.
+""")
 
 
 class _PlainHelp:
@@ -477,10 +484,10 @@ def scan(
 
 # ----------------------------------------------------------------------------------------------------- watch
 
-WATCH_EXIT_CODES_HELP = """
+WATCH_EXIT_CODES_HELP = _paragraph("""
 Exit codes: 0 stopped by SIGTERM or Ctrl-C after committing the current batch; 2 usage, setup or
 environment error; 4 another scan or watch is writing to the same output folder.
-"""
+""")
 
 
 class _WatchReporter(ConsoleReporter):
@@ -876,14 +883,14 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------- merge, report
 
 
-MERGE_EXIT_CODES_HELP = """
+MERGE_EXIT_CODES_HELP = _paragraph("""
 Exit codes: 0 merged, every shard present and complete; 2 usage or setup error (folders of different
 configurations, no run.json); 3 merged, but shards are missing, repeated or interrupted (named above).
-"""
+""")
 
-REPORT_EXIT_CODES_HELP = """
+REPORT_EXIT_CODES_HELP = _paragraph("""
 Exit codes: 0 written; 2 usage or setup error (no such folder, no scores.csv, unwritable).
-"""
+""")
 
 
 @app.command(epilog=MERGE_EXIT_CODES_HELP)
@@ -920,9 +927,10 @@ def merge(
     raise typer.Exit(EXIT_UNREADABLE if result.warnings else EXIT_OK)
 
 
-@app.command("report")
+@app.command("report", epilog=REPORT_EXIT_CODES_HELP)
 def report_command(
     out_dir: Annotated[Path, typer.Argument(help="An output folder of `winclip scan` (or `winclip merge`).")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the report's path.")] = False,
 ) -> None:
     """(Re)build OUT_DIR/report.html: a self-contained page of the run, worst images first.
 
@@ -938,16 +946,31 @@ def report_command(
         if not OutputLayout(out_dir).scores_csv.is_file():
             raise SetupError(f"{out_dir} has no scores.csv (is it the --out folder of a scan?)")
         page = build_report(out_dir)
-    stderr.print(f"report: {_escape(str(page))}")
+    if not quiet:
+        stderr.print(f"report: {_escape(str(page))}")
 
 
 # --------------------------------------------------------------------------------------------------- prompts
 
 
-@app.command()
+PROMPTS_EXIT_CODES_HELP = _paragraph("""
+Exit codes: 0 printed (also when the reader stops early, e.g. `| head`); 2 usage error (a --prompts
+file that cannot be read or has a mistake, named with its line).
+""")
+
+
+@app.command(epilog=PROMPTS_EXIT_CODES_HELP)
 def prompts(
     class_name: ClassOpt = DEFAULT_CLASS,
-    prompts_file: PromptsOpt = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="TOML file that extends or replaces the prompt vocabulary: its states and templates "
+            "(mode, normal, anomalous, templates; see the README's 'Prompts and custom vocabularies').",
+            show_default=False,
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the ensemble as one JSON document.")] = False,
 ) -> None:
     """Show the prompt ensemble that `scan` compares images against.
