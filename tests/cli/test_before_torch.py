@@ -222,7 +222,9 @@ def test_a_changed_file_is_scored_with_the_model(scanned):
     assert not imported(cli_process(args).stderr, "torch")
 
 
-@pytest.mark.parametrize("change", ["model file", "refs-like option", "class", "precision auto", "removed file"])
+@pytest.mark.parametrize(
+    "change", ["model file", "refs-like option", "class", "precision auto", "removed file", "not incremental"]
+)
 def test_anything_that_changes_the_configuration_loads_the_model(scanned, change, tmp_path):
     images, out, args = scanned
     if change == "model file":
@@ -234,6 +236,8 @@ def test_anything_that_changes_the_configuration_loads_the_model(scanned, change
         args = [*args, "--class", "fabric"]
     elif change == "precision auto":
         args = [*args, "--precision", "auto"]
+    elif change == "not incremental":
+        args = [arg for arg in args if arg != "--incremental"]  # asks for every file to be scored again
     else:
         (images / "good" / "textile_0101.jpg").unlink()
     result = cli_process(args)

@@ -275,6 +275,23 @@ def other_input(request: ScanRequest) -> str | None:
     return stored
 
 
+def _stored_rows(out: Path) -> int:
+    """How many rows the run state holds (0 without a state); -1 when it cannot be read (the job decides)."""
+    database = OutputLayout(out).state_db
+    if not database.exists():
+        return 0
+    if database.is_symlink():
+        return -1
+    try:
+        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+        finally:
+            db.close()
+    except (sqlite3.Error, TypeError, ValueError):
+        return -1
+
+
 def _stamp_of(path: Path) -> list[int] | None:
     try:
         info = path.stat()
@@ -317,14 +334,16 @@ def without_model(request: ScanRequest, reporter: Any, started: float) -> Nothin
     """
     if not request.incremental and request.shard is None:
         return None
-    key = request_key(request)
     inputs = _listed_inputs(request)
     if inputs is None:
         return None
+    if not inputs and request.shard is not None and not _stored_rows(request.out):
+        return _empty_shard(request, reporter, started)
+    if not request.incremental:
+        return None  # without --incremental every file is scored again, by request
+    key = request_key(request)
     stored = _stored_request(request.out)
     if stored is None:
-        if not inputs and request.shard is not None and not OutputLayout(request.out).state_db.exists():
-            return _empty_shard(request, reporter, started)
         return None
     remembered, config, csv_stamp = stored
     layout = OutputLayout(request.out)
@@ -399,8 +418,9 @@ def without_model(request: ScanRequest, reporter: Any, started: float) -> Nothin
 
 
 def _empty_shard(request: ScanRequest, reporter: Any, started: float) -> NothingToScore:
-    """A shard that holds no file, in a folder no scan has written: an empty scores.csv and a run.json
-    that says no model was loaded (``merge`` compares the configuration of shards that hold rows)."""
+    """A shard that holds no file, in a folder that holds no rows: an empty scores.csv and a run.json
+    that says no model was loaded (``merge`` compares the configuration of shards that hold rows).
+    The run state is left as it is: the first run of this shard with files starts it."""
     from winclip_cli.io.outputs import write_results_csv_atomic
 
     assert request.shard is not None
