@@ -332,6 +332,7 @@ def _checked_scan_options(
     preflight.check_memory_file(refs)
     preflight.check_input_file("--calibration", calibration)
     load_vocabulary(prompts)
+    preflight.check_model_files(model_args.model, model_args.weights)
     claim.take()
     return dict(
         directory=directory,
@@ -647,6 +648,7 @@ def build_refs(
         if append and out.exists():
             preflight.check_memory_file(out)
         load_vocabulary(prompts)
+        preflight.check_model_files(model_args.model, model_args.weights)
 
         from winclip_cli.jobs.refs import RefsOptions, run_refs_job
 
@@ -747,6 +749,7 @@ def calibrate(
         else:
             preflight.check_output_file("--out", out or DEFAULT_CALIBRATION_FILE)
         load_vocabulary(prompts)
+        preflight.check_model_files(model_args.model, model_args.weights)
 
         from winclip_cli.core.calibration import histogram
         from winclip_cli.jobs.calibrate import CalibrateOptions, run_calibrate_job
@@ -841,6 +844,7 @@ def evaluate(
         preflight.check_input(root, "evaluation data folder")
         preflight.check_output_folder("--out", out)
         load_vocabulary(prompts)
+        preflight.check_model_files(model_args.model, model_args.weights)
         preflight.check_evaluation_data(root, k_shot)
 
         from winclip_cli.jobs.evaluate import METRICS, EvalOptions, mean_metrics, run_eval_job

@@ -19,7 +19,6 @@ from typing import Annotated, Any, TypeVar, get_type_hints
 import typer
 
 from winclip_cli.errors import SetupError
-from winclip_cli.io.model_files import check_model_option, check_weights_option
 from winclip_cli.options import (
     DEFAULT_ARCHITECTURE,
     DEFAULT_BATCH_SIZE,
@@ -133,8 +132,6 @@ class ModelArgs:
     ] = ",".join(map(str, DEFAULT_SCALES))
 
     def parse(self) -> ModelOptions:
-        check_model_option(self.model)  # the config file or name, and the checkpoint: read, not loaded
-        check_weights_option(self.weights)
         return ModelOptions(
             model=self.model,
             weights=self.weights,

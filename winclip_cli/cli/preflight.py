@@ -35,6 +35,15 @@ def check_input_file(option: str, path: Path | None) -> None:
         raise SetupError(f"{option} {path} is not a file")
 
 
+def check_model_files(model: str, weights: str | None) -> None:
+    """``--model`` (an open_clip architecture or a config JSON) and ``--weights`` (or ``$WINCLIP_WEIGHTS``: a
+    checkpoint file that is one), read without torch or open_clip; after the cheaper checks of option text."""
+    from winclip_cli.io.model_files import check_model_option, check_weights_option
+
+    check_model_option(model)
+    check_weights_option(weights)
+
+
 def check_evaluation_data(root: Path, k_shot: int) -> None:
     """``eval``'s folder holds a recognised layout with test images, and enough normal training images for
     ``--k-shot``: the listing needs no model (numpy and Pillow, no torch)."""
@@ -79,37 +88,6 @@ def check_output_folder(option: str, path: Path) -> None:
             raise SetupError(f"{option} {path}: cannot write in it (permission denied)")
         return
     _check_can_create_in(option, path)
-
-
-def check_not_busy(out: Path) -> None:
-    """Exit 4 at once when another scan holds the output folder's lock (the job takes the lock itself)."""
-    if not out.is_dir():
-        return
-    from winclip_cli.io.layout import OutputLayout
-    from winclip_cli.io.state import OutputBusyError, describe_lock, lock_command
-
-    lock = OutputLayout(out).lock
-    try:
-        handle = open(lock, encoding="utf-8", errors="replace")
-    except OSError:
-        return  # no lock file: nobody holds it (or the job will say why it cannot create one)
-    try:
-        import fcntl
-    except ImportError:
-        handle.close()
-        return
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = handle.read(512).strip()
-            holder = describe_lock(text) if text else "another process"
-            raise OutputBusyError(
-                f"another winclip {lock_command(text)} is writing to {out} ({holder}); wait for it or use another --out"
-            ) from None
-        except OSError:
-            return  # e.g. no locks on this file system: the job reports it
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class OutputClaim:

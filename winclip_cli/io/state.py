@@ -74,10 +74,11 @@ def lock_command(text: str) -> str:
 class _HeldLock:
     """A lock this process holds, shared by every ``OutputLock`` of the same folder in the same thread."""
 
-    def __init__(self, handle: Any, thread: int) -> None:
+    def __init__(self, handle: Any, thread: int, previous_holder: str) -> None:
         self.handle = handle
         self.thread = thread
         self.count = 1
+        self.previous_holder = previous_holder  # the stale lock taken over: each holder can say so
 
 
 # The command line takes OUT's lock before it imports torch (a second run fails at once), and the job
@@ -131,6 +132,7 @@ class OutputLock:
             if held is not None and held.thread == threading.get_ident():
                 held.count += 1
                 self._shared = held
+                self.previous_holder = held.previous_holder
                 return self
         fh = self._open()
         try:
@@ -167,7 +169,7 @@ class OutputLock:
         fh.flush()
         self._fh = fh
         with _held_guard:
-            self._shared = _held[self._key()] = _HeldLock(fh, threading.get_ident())
+            self._shared = _held[self._key()] = _HeldLock(fh, threading.get_ident(), self.previous_holder)
         return self
 
     def release(self) -> None:

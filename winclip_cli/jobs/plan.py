@@ -496,9 +496,13 @@ def remember(request: ScanRequest) -> None:
     key = request_key(request)
     if key is None or not OutputLayout(request.out).state_db.is_file():
         return
+    from winclip_cli.errors import WinclipError
     from winclip_cli.io.state import RunState
 
-    state = RunState(request.out)
+    try:
+        state = RunState(request.out)
+    except (OSError, sqlite3.Error, WinclipError):
+        return  # only an optimisation: the next run then takes the ordinary path
     try:
         if state.recovered_from:
             return
@@ -506,5 +510,7 @@ def remember(request: ScanRequest) -> None:
             REQUEST_META,
             {"key": key, "config": state.config(), "csv": state.meta("csv"), "threshold": request.threshold},
         )
+    except (OSError, sqlite3.Error):
+        pass
     finally:
         state.close()
