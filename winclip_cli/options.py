@@ -245,14 +245,18 @@ def parse_scales(text: str) -> tuple[int, ...]:
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'K/N' with 1 <= K <= N -> (K, N)."""
+    """'K/N' with 1 <= K <= N -> (K, N); 'auto' or 'auto/N': from a job array's environment (settings.py)."""
     if text is None:
         return None
+    if text == "auto" or text.startswith("auto/"):
+        from winclip_cli.settings import shard_from_environment
+
+        return shard_from_environment(text[len("auto/") :] if "/" in text else None)
     try:
         k_text, n_text = text.split("/")
         k, n = int(k_text), int(n_text)
     except ValueError:
-        raise SetupError(f"--shard takes K/N such as 2/4, not {text!r}") from None
+        raise SetupError(f"--shard takes K/N such as 2/4, or auto, not {text!r}") from None
     if not 1 <= k <= n:
         raise SetupError(f"--shard {text}: K must be between 1 and N")
     return k, n

@@ -120,6 +120,12 @@ def _json_float(value: float | None) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
+def label_of(score: float, threshold: float) -> str:
+    """Decided on the values as written (6 decimals), so that the CSV never contradicts itself
+    and relabelling stored rows gives the label a fresh scan would."""
+    return "anomalous" if round(score, 6) > round(threshold, 6) else "normal"
+
+
 @dataclass(frozen=True)
 class ResultRow:
     """One scanned file: its score and label, or the error that stopped it."""
