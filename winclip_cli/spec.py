@@ -7,6 +7,7 @@ A command's spec is composed of the parts the stages need, each made of the valu
     InputSpec   batch size, pixel limit, decoding threads, tiling -> decoding and batching
     TextSpec    class name, prompt file, text cache            -> the text embeddings
     OutputSpec  output folder, heatmap format, raw maps         -> the result writer
+    ScanSpec    scan's and watch's spec: the parts above, threshold, references, shard
 
 A stage takes only its part: the decoder an ``InputSpec``, the writer an ``OutputSpec``. Nothing
 below ``cli/`` parses option text again or restates a default. Like ``options.py``, this module
@@ -30,6 +31,9 @@ from winclip_cli.options import (
     Device,
     HeatmapFormat,
     Precision,
+    ScoringMode,
+    Shard,
+    Threshold,
     Tiling,
 )
 
@@ -84,3 +88,28 @@ class OutputSpec:
     heatmaps: HeatmapFormat = HeatmapFormat(DEFAULT_HEATMAPS)
     save_maps: bool = False
     thumbnails: bool = True
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """``scan`` and ``watch``: what is scored (``directory``, this ``shard`` of it), with which model,
+    prompts and scoring mode, against which threshold, written where."""
+
+    directory: Path
+    model: ModelSpec
+    inputs: InputSpec
+    text: TextSpec
+    output: OutputSpec
+    threshold: Threshold = Threshold()
+    refs: Path | None = None  # the few-shot memory (mode few-shot)
+    calibration: Path | None = None
+    incremental: bool = False
+    shard: Shard | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.output.out
+
+    @property
+    def mode(self) -> ScoringMode:
+        return ScoringMode.of_refs(self.refs)

@@ -81,12 +81,13 @@ def test_mistakes_fail_with_one_line_before_torch_is_imported(setup, args, env, 
 def test_a_checkpoint_that_is_no_checkpoint_is_refused_by_the_library_too(tmp_path, tiny_model_files):
     from winclip_cli.core.backbone import load_backbone
     from winclip_cli.errors import WeightsUnavailableError
+    from winclip_cli.options import Device
 
     config, _ = tiny_model_files
     toml = tmp_path / "my.toml"
     toml.write_text("a = 1\n")
     with pytest.raises(WeightsUnavailableError, match=r"my.toml is a TOML text file; expected an open_clip checkpoint"):
-        load_backbone(str(config), str(toml), device="cpu")
+        load_backbone(str(config), str(toml), device=Device("cpu"))  # the typed value (issue 20)
 
 
 def test_the_did_you_mean_list_is_open_clips_own():

@@ -53,9 +53,9 @@ from winclip_cli.options import (
     DEFAULT_FPR,
     DEFAULT_HOOK_TIMEOUT,
     HeatmapFormat,
+    Shard,
     Threshold,
     check_rate,
-    parse_shard,
 )
 from winclip_cli.spec import OutputSpec, TextSpec
 from winclip_cli.wording import plural
@@ -371,7 +371,7 @@ def scan_spec(
     *,
     incremental: bool,
     claim: preflight.OutputClaim,
-    shard: tuple[int, int] | None = None,
+    shard: Shard | None = None,
 ) -> ScanSpec:
     """The spec of a scan or a watch, with everything that needs no model checked first and OUT locked,
     before torch is imported: a mistake, or a folder in use, fails at once."""
@@ -388,7 +388,7 @@ def scan_spec(
     preflight.check_model_files(model_args.model, model_args.weights)
     claim.take()
 
-    from winclip_cli.jobs.scan import ScanSpec
+    from winclip_cli.spec import ScanSpec
 
     return ScanSpec(
         directory=directory,
@@ -472,7 +472,7 @@ def scan(
             scan_args,
             incremental=incremental,
             claim=claim,
-            shard=parse_shard(shard),
+            shard=Shard.parse(shard),
         )
 
     def job(spec: ScanSpec, reporter: Reporter, stop: Callable[[], bool]) -> ScanResult | plan.NothingToScore:

@@ -233,6 +233,10 @@ class OutputLock:
         return os.path.realpath(self.path)
 
     def _open(self) -> Any:
+        try:  # a Python caller may lock a folder that does not exist yet, as the command line does
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SetupError(f"cannot create {self.out_dir}: {err.strerror or err}") from None
         fd = _open_lock_file(self.out_dir, os.O_RDWR | os.O_CREAT)
         return os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
 

@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 from winclip_cli import __version__
 from winclip_cli.io.layout import OutputLayout
 from winclip_cli.io.model_files import is_config_path, weights_request
+from winclip_cli.options import Precision
 
 if TYPE_CHECKING:
-    from winclip_cli.jobs.scan import ScanSpec
+    from winclip_cli.spec import ScanSpec
 
 REQUEST_META = "request"  # the run state's meta entry written by ``remember``
 
@@ -73,17 +74,17 @@ class ScanRequest:
     precision: str
     scales: tuple[int, ...]
     class_name: str
-    threshold: float | None = None  # --threshold VALUE, or None for auto
-    refs: Path | None = None
-    calibration: Path | None = None
-    prompts: Path | None = None
-    tile: int | str | None = None
-    tile_overlap: float = 0.25
-    max_pixels: int = 0
-    heatmaps: str = "png"
-    save_maps: bool = False
-    incremental: bool = False
-    shard: tuple[int, int] | None = None
+    threshold: float | None  # --threshold VALUE, or None for auto
+    refs: Path | None
+    calibration: Path | None
+    prompts: Path | None
+    tile: int | str | None
+    tile_overlap: float
+    max_pixels: int
+    heatmaps: str
+    save_maps: bool
+    incremental: bool
+    shard: tuple[int, int] | None
 
 
 def request_of(spec: ScanSpec) -> ScanRequest:
@@ -140,7 +141,7 @@ def _file_identity(path: Path | str | None) -> list[Any] | None:
 def request_key(request: ScanRequest) -> str | None:
     """A hash of everything that decides the stored configuration and run.json, except the threshold;
     None when the configuration depends on the machine (``--precision auto`` picks by the device)."""
-    if request.precision == "auto":
+    if request.precision == Precision.AUTO.value:
         return None
     weights, origin = weights_request(request.weights)
     weights_path = Path(weights).expanduser()
@@ -290,17 +291,24 @@ def _stamp_of(path: Path) -> list[int] | None:
 
 def _current_header(path: Path) -> bool:
     from winclip_cli.io.outputs import CSV_COLUMNS
+    from winclip_cli.io.safe_fs import open_confined
 
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            return handle.readline().rstrip("\r\n") == ",".join(CSV_COLUMNS)
-    except (OSError, UnicodeDecodeError):
+    header = ",".join(CSV_COLUMNS).encode("utf-8")
+    try:  # through OUT's opened folders, never following a link or waiting on a FIFO (io/safe_fs.py)
+        with open_confined(path) as handle:
+            return handle.readline(len(header) + 3).rstrip(b"\r\n") == header
+    except (OSError, ValueError):
         return False
 
 
+_RUN_JSON_LIMIT = 16 << 20  # a run.json is a few KB
+
+
 def _read_run_json(out: Path) -> dict[str, Any] | None:
-    try:
-        info = json.loads(OutputLayout(out).run_json.read_text(encoding="utf-8"))
+    from winclip_cli.io.safe_fs import read_confined_bytes
+
+    try:  # through OUT's opened folders, as merge reads it
+        info = json.loads(read_confined_bytes(OutputLayout(out).run_json, _RUN_JSON_LIMIT).decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return info if isinstance(info, dict) else None

@@ -42,8 +42,8 @@ from winclip_cli.jobs.kernel import Reporter, Session, discover
 from winclip_cli.jobs.plan import seconds_since_process_start, shard_of  # noqa: F401  (shard_of: where callers found it)
 from winclip_cli.jobs.record import ScanRecord, calibration_fingerprint, scan_totals
 from winclip_cli.jobs.write import ResultWriter, RowContext, ScanSummary, write_all
-from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES, ScoringMode, Threshold
-from winclip_cli.spec import InputSpec, ModelSpec, OutputSpec, TextSpec
+from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES
+from winclip_cli.spec import InputSpec, ModelSpec, OutputSpec, ScanSpec, TextSpec  # noqa: F401  (ScanSpec: where callers found it)
 from winclip_cli.wording import files_gone, plural, results_kept_unseen
 
 # --------------------------------------------------------------------------------------------------- shards
@@ -142,31 +142,6 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ job
-
-
-@dataclass(frozen=True)
-class ScanSpec:
-    """``scan`` and ``watch``: what is scored (``directory``, this ``shard`` of it), with which model,
-    prompts and scoring mode, against which threshold, written where."""
-
-    directory: Path
-    model: ModelSpec
-    inputs: InputSpec
-    text: TextSpec
-    output: OutputSpec
-    threshold: Threshold = Threshold()
-    refs: Path | None = None  # the few-shot memory (mode few-shot)
-    calibration: Path | None = None
-    incremental: bool = False
-    shard: tuple[int, int] | None = None
-
-    @property
-    def out(self) -> Path:
-        return self.output.out
-
-    @property
-    def mode(self) -> ScoringMode:
-        return ScoringMode.of_refs(self.refs)
 
 
 @dataclass
