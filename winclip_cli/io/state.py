@@ -73,17 +73,20 @@ def lock_command(text: str) -> str:
 
 
 class _HeldLock:
-    """A lock this process holds, shared by every ``OutputLock`` of the same folder in the same thread."""
+    """A lock this process holds, shared by every ``OutputLock`` of the same folder and command in the same
+    thread."""
 
-    def __init__(self, handle: Any, thread: int, previous_holder: str) -> None:
+    def __init__(self, handle: Any, thread: int, previous_holder: str, command: str) -> None:
         self.handle = handle
         self.thread = thread
+        self.command = command
         self.count = 1
         self.previous_holder = previous_holder  # the stale lock taken over: each holder can say so
 
 
 # The command line takes OUT's lock before it imports torch (a second run fails at once), and the job
 # it then runs takes the same lock again: in one thread that is the same hold, counted, not a conflict.
+# Another command's lock (a merge into a folder this thread's scan holds) is another writer: busy.
 _held: dict[str, _HeldLock] = {}
 _held_guard = threading.Lock()
 
@@ -243,7 +246,7 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         with _held_guard:
             held = _held.get(self._key())
-            if held is not None and held.thread == threading.get_ident():
+            if held is not None and held.thread == threading.get_ident() and held.command == self.command:
                 held.count += 1
                 self._shared = held
                 self.previous_holder = held.previous_holder
@@ -291,7 +294,7 @@ class OutputLock:
         fh.flush()
         self._fh = fh
         with _held_guard:
-            self._shared = _held[self._key()] = _HeldLock(fh, threading.get_ident(), self.previous_holder)
+            self._shared = _held[self._key()] = _HeldLock(fh, threading.get_ident(), self.previous_holder, self.command)
         return self
 
     def release(self) -> None:
