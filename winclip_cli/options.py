@@ -36,6 +36,9 @@ DEFAULT_THRESHOLD_CHOICE = AUTO  # --threshold: a calibration when one fits, els
 DEFAULT_DEVICE = AUTO
 DEFAULT_PRECISION = "fp32"
 DEFAULT_HEATMAPS = "png"
+DEFAULT_POOL_SIZE = 200  # --pool-size: images scored against each other in mutual mode (MuSc's setting)
+SMALL_POOL = 10  # mutual mode: a pool of fewer images is warned about (its scores mean little)
+MAX_DISTANCE = 2.0  # mutual raw scores are distances between unit vectors: 0 to 2
 DEFAULT_HOOK_TIMEOUT = 10.0  # watch --hook-timeout: seconds an --on-anomaly command may run
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
@@ -162,15 +165,16 @@ class Threshold:
     value: float | None = None
 
     @classmethod
-    def parse(cls, text: str) -> Threshold:
+    def parse(cls, text: str, upper: float = 1.0) -> Threshold:
+        """``upper``: the largest score of the mode (1; mutual raw scores are distances up to 2)."""
         if text == AUTO:
             return cls(None)
         try:
             value = float(text)
         except ValueError:
-            raise SetupError(f"--threshold takes a number between 0 and 1 or 'auto', not {text!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise SetupError(f"--threshold must be between 0 and 1, got {text}")
+            raise SetupError(f"--threshold takes a number between 0 and {upper:g} or 'auto', not {text!r}") from None
+        if not 0.0 <= value <= upper:
+            raise SetupError(f"--threshold must be between 0 and {upper:g}, got {text}")
         return cls(value)
 
     @property
@@ -179,11 +183,34 @@ class Threshold:
 
 
 class ScoringMode(Enum):
-    """How an image is scored: against the prompts only, or also against reference images. The mode
-    chooses the scorer (``jobs/kernel.py``); a new mode is a member here and its scorer there."""
+    """How an image is scored: against the prompts only, also against reference images, or against
+    the other images of its pool (MuSc). The mode chooses the scorer (``jobs/kernel.py``,
+    ``jobs/mutual.py``); a new mode is a member here and its scorer there."""
 
     ZERO_SHOT = "zero-shot"
     FEW_SHOT = "few-shot"
+    MUTUAL = "mutual"
+
+    @classmethod
+    def parse(cls, text: str | None, refs: Path | None) -> ScoringMode:
+        """--mode with --refs: no mode means few-shot with a memory, else zero-shot; a mode that
+        contradicts --refs is refused."""
+        if text is None:
+            return cls.of_refs(refs)
+        try:
+            mode = cls(text.lower())
+        except ValueError:
+            raise SetupError(f"--mode takes {', '.join(SCORING_MODES)}, not {text!r}") from None
+        if mode is cls.FEW_SHOT and refs is None:
+            raise SetupError("--mode few-shot needs a reference memory: --refs refs.npz (see `winclip build-refs`)")
+        if mode is not cls.FEW_SHOT and refs is not None:
+            raise SetupError(f"--mode {mode.value} takes no --refs (a memory makes the scoring few-shot)")
+        return mode
+
+    @property
+    def score_range(self) -> float:
+        """The largest score a threshold of this mode may take: mutual thresholds apply to raw scores."""
+        return MAX_DISTANCE if self is ScoringMode.MUTUAL else 1.0
 
     @property
     def uses_references(self) -> bool:
@@ -194,6 +221,48 @@ class ScoringMode(Enum):
     def of_refs(cls, refs: Path | None) -> ScoringMode:
         """scan's mode from its options: a reference memory makes it few-shot."""
         return cls.FEW_SHOT if refs is not None else cls.ZERO_SHOT
+
+
+SCORING_MODES = tuple(member.value for member in ScoringMode)
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """--pool-size: at most this many images are scored against each other (mutual mode)."""
+
+    value: int = DEFAULT_POOL_SIZE
+
+    def __post_init__(self) -> None:
+        # at least 3: files cut into nearly equal pools of at most 3 never leave one image alone (2 would: 2 + 1)
+        if self.value < 3:
+            raise SetupError(f"--pool-size must be at least 3 (images are compared with each other), not {self.value}")
+
+    def __int__(self) -> int:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Layers:
+    """--layers: the transformer blocks (0-based) whose patch tokens mutual scoring compares, or
+    auto (``blocks`` None: MuSc's for the tower's depth, decided when the model loads)."""
+
+    blocks: tuple[int, ...] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Layers:
+        if text == AUTO:
+            return cls(None)
+        parts = [p for p in text.replace(",", " ").split() if p]
+        try:
+            blocks = tuple(int(p) for p in parts)
+        except ValueError:
+            raise SetupError(f"--layers takes block numbers such as '2,5,8,11' or 'auto', not {text!r}") from None
+        if not blocks or any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
+            raise SetupError(f"--layers needs distinct block numbers from 0 (0-based), got {text!r}")
+        return cls(tuple(sorted(blocks)))
+
+    def __str__(self) -> str:
+        return AUTO if self.blocks is None else ",".join(map(str, self.blocks))
 
 
 @dataclass(frozen=True)

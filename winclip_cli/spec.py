@@ -6,6 +6,7 @@ A command's spec is composed of the parts the stages need, each made of the valu
     ModelSpec   which model, device, precision, window sizes   -> the backbone and scorer
     InputSpec   batch size, pixel limit, decoding threads, tiling -> decoding and batching
     TextSpec    class name, prompt file, text cache            -> the text embeddings
+    MutualSpec  pool size, layers (mode mutual)               -> the pools and their features
     OutputSpec  output folder, heatmap format, raw maps         -> the result writer
     ScanSpec    scan's and watch's spec: the parts above, threshold, references, shard
 
@@ -30,6 +31,8 @@ from winclip_cli.options import (
     BatchSize,
     Device,
     HeatmapFormat,
+    Layers,
+    PoolSize,
     Precision,
     ScoringMode,
     Shard,
@@ -81,6 +84,15 @@ class TextSpec:
 
 
 @dataclass(frozen=True)
+class MutualSpec:
+    """Mutual scoring (``--mode mutual``): how many images a pool holds at most, and which blocks'
+    patch tokens are compared."""
+
+    pool_size: PoolSize = field(default_factory=PoolSize)
+    layers: Layers = field(default_factory=Layers)
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     """What a scan writes for each scored file, and where."""
 
@@ -105,6 +117,7 @@ class ScanSpec:
     calibration: Path | None = None
     incremental: bool = False
     shard: Shard | None = None
+    mutual: MutualSpec | None = None  # mode mutual: each image scored against the others of its pool
 
     @property
     def out(self) -> Path:
@@ -112,4 +125,4 @@ class ScanSpec:
 
     @property
     def mode(self) -> ScoringMode:
-        return ScoringMode.of_refs(self.refs)
+        return ScoringMode.MUTUAL if self.mutual is not None else ScoringMode.of_refs(self.refs)

@@ -224,7 +224,17 @@ def test_a_changed_file_is_scored_with_the_model(scanned):
 
 
 @pytest.mark.parametrize(
-    "change", ["model file", "refs-like option", "class", "precision auto", "removed file", "not incremental"]
+    "change",
+    [
+        "model file",
+        "refs-like option",
+        "class",
+        "precision auto",
+        "removed file",
+        "not incremental",
+        "mode mutual",
+        "mode mutual, other pool size",
+    ],
 )
 def test_anything_that_changes_the_configuration_loads_the_model(scanned, change, tmp_path):
     images, out, args = scanned
@@ -239,6 +249,18 @@ def test_anything_that_changes_the_configuration_loads_the_model(scanned, change
         args = [*args, "--precision", "auto"]
     elif change == "not incremental":
         args = [arg for arg in args if arg != "--incremental"]  # asks for every file to be scored again
+    elif change.startswith("mode mutual"):
+        # another scoring mode: every stored row was scored by WinCLIP
+        mutual = [*args, "--mode", "mutual"]
+        if change.endswith("pool size"):
+            for image in sorted(images.rglob("*.jpg")):  # 12 images: no small-pool warning, so it is remembered
+                shutil.copy(image, image.with_name("copy-" + image.name))
+            first = cli_process(mutual)
+            assert first.returncode == 0 and imported(first.stderr, "torch"), messages(first.stderr)
+            cli_process(mutual)  # the first run warned (the mode changed), so this one is remembered
+            assert not imported(cli_process(mutual).stderr, "torch")  # the same mutual run: nothing new
+            mutual = [*mutual, "--pool-size", "6"]
+        args = mutual
     else:
         (images / "good" / "textile_0101.jpg").unlink()
     result = cli_process(args)

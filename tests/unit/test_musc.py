@@ -305,3 +305,20 @@ def test_an_image_with_non_finite_features_is_named_not_scored():
     with pytest.raises(NonFiniteFeaturesError, match=r"pool images \[2\]"):
         mutual_scores(pool, (8, 8))
     assert torch.isfinite(mutual_scores(pool.select(pool.finite().nonzero().flatten()), (8, 8)).scores).all()
+
+
+def test_pool_bounds_are_consecutive_balanced_and_never_leave_one_image_alone():
+    from winclip_cli.jobs.mutual import pool_bounds
+
+    assert pool_bounds(201, 200) == [(0, 101), (101, 201)]
+    assert pool_bounds(200, 200) == [(0, 200)]
+    assert pool_bounds(0, 200) == [] and pool_bounds(1, 200) == [(0, 1)]
+    assert pool_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    for pool_size in range(3, 12):
+        for count in range(2, 60):
+            bounds = pool_bounds(count, pool_size)
+            sizes = [stop - start for start, stop in bounds]
+            assert [start for start, _ in bounds] == [0, *[stop for _, stop in bounds[:-1]]]  # consecutive
+            assert sum(sizes) == count and max(sizes) <= pool_size and max(sizes) - min(sizes) <= 1
+            assert min(sizes) >= 2 and len(bounds) == -(-count // pool_size)  # as few pools as fit
+            assert pool_bounds(count, pool_size) == bounds  # deterministic

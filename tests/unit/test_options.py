@@ -107,6 +107,28 @@ def test_value_types_parse_option_text_once() -> None:
     assert ScoringMode.of_refs(Path("refs.npz")).uses_references
 
 
+def test_scoring_mode_pool_size_and_layers() -> None:
+    refs = Path("refs.npz")
+    assert ScoringMode.parse(None, None) is ScoringMode.ZERO_SHOT and ScoringMode.parse(None, refs).uses_references
+    assert ScoringMode.parse("Mutual", None) is ScoringMode.MUTUAL and not ScoringMode.MUTUAL.uses_references
+    assert ScoringMode.parse("few-shot", refs) is ScoringMode.FEW_SHOT
+    with pytest.raises(SetupError, match="--mode few-shot needs a reference memory"):
+        ScoringMode.parse("few-shot", None)
+    with pytest.raises(SetupError, match="--mode mutual takes no --refs"):
+        ScoringMode.parse("mutual", refs)
+    # a mutual threshold applies to raw scores, distances up to 2; WinCLIP's scores stay in [0, 1]
+    assert ScoringMode.MUTUAL.score_range == 2.0 and ScoringMode.ZERO_SHOT.score_range == 1.0
+    assert Threshold.parse("1.5", upper=ScoringMode.MUTUAL.score_range) == Threshold(1.5)
+    assert int(options.PoolSize()) == options.DEFAULT_POOL_SIZE == 200 and int(options.PoolSize(3)) == 3
+    with pytest.raises(SetupError, match="--pool-size must be at least 3"):
+        options.PoolSize(2)
+    assert options.Layers.parse("auto").blocks is None and str(options.Layers()) == "auto"
+    assert options.Layers.parse("11, 2,5 8").blocks == (2, 5, 8, 11) and str(options.Layers((2, 5))) == "2,5"
+    for bad in ("", "2,2", "-1", "x"):
+        with pytest.raises(SetupError, match="--layers"):
+            options.Layers.parse(bad)
+
+
 def test_specs_hold_parsed_values_and_the_defaults() -> None:
     """A Python caller may still give device and precision as text: ModelSpec parses them as the CLI does."""
     model = ModelSpec(device="CPU", precision="auto")

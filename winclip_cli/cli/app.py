@@ -28,6 +28,7 @@ from winclip_cli.cli import preflight
 from winclip_cli.cli.args import (
     ClassOpt,
     InputArgs,
+    ModeArgs,
     ModelArgs,
     NoCacheOpt,
     PromptsOpt,
@@ -53,6 +54,7 @@ from winclip_cli.options import (
     DEFAULT_FPR,
     DEFAULT_HOOK_TIMEOUT,
     HeatmapFormat,
+    ScoringMode,
     Shard,
     Threshold,
     check_rate,
@@ -372,11 +374,22 @@ def scan_spec(
     incremental: bool,
     claim: preflight.OutputClaim,
     shard: Shard | None = None,
+    mode_args: ModeArgs | None = None,
+    fail_on_anomaly: bool = False,
 ) -> ScanSpec:
     """The spec of a scan or a watch, with everything that needs no model checked first and OUT locked,
     before torch is imported: a mistake, or a folder in use, fails at once."""
     model = model_args.parse()
-    threshold = Threshold.parse(scan_args.threshold)
+    mode, mutual = (mode_args or ModeArgs()).parse(scan_args.refs)
+    threshold = Threshold.parse(scan_args.threshold, upper=mode.score_range)
+    if mutual is not None:
+        if tile_args.tile is not None:
+            raise SetupError("--mode mutual scores whole images: it takes no --tile")
+        if fail_on_anomaly and threshold.auto and scan_args.calibration is None:
+            raise SetupError(
+                "--fail-on-anomaly with --mode mutual needs a threshold: --calibration from "
+                "`winclip calibrate --mode mutual`, or --threshold"
+            )
     heatmaps = HeatmapFormat.parse(scan_args.heatmaps)
     tiling = tile_args.parse(model_args.model)
     out = scan_args.out
@@ -401,11 +414,12 @@ def scan_spec(
         calibration=scan_args.calibration,
         incremental=incremental,
         shard=shard,
+        mutual=mutual,
     )
 
 
 @app.command(epilog=EXIT_CODES_HELP)
-@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
+@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs, mode_args=ModeArgs)
 def scan(
     directory: Annotated[
         Path,
@@ -415,6 +429,7 @@ def scan(
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
+    mode_args: ModeArgs,
     fail_on_anomaly: Annotated[
         bool,
         typer.Option(
@@ -458,6 +473,19 @@ def scan(
       winclip scan /data/camera1 --class bottle --out /data/results --incremental --quiet
 
       winclip scan ./images --weights ~/models/vit_b_16_plus_240-laion400m_e31.pt --json > scores.jsonl
+
+      winclip scan ./images --mode mutual --out mutual-out
+
+      winclip calibrate ./good --mode mutual --out mutual-calibration.json
+
+      winclip scan ./images --mode mutual --calibration mutual-calibration.json --fail-on-anomaly
+
+    --mode mutual (MuSc) scores each image against the other images of its pool (--pool-size, in path
+    order): no prompts or references. `score` is MuSc's final score, ranked within the pool (0 to 1
+    there, so one image of every pool is near 1); the label compares `raw_score` (the map's maximum, a
+    distance on the model's scale) with a threshold from `calibrate --mode mutual` or --threshold, and
+    is empty without one. A folder where most parts are defective is the wrong input; a pool of fewer
+    than 10 images is warned about.
     """
     checks_started = time.perf_counter()
     out = scan_args.out
@@ -473,6 +501,8 @@ def scan(
             incremental=incremental,
             claim=claim,
             shard=Shard.parse(shard),
+            mode_args=mode_args,
+            fail_on_anomaly=fail_on_anomaly,
         )
 
     def job(spec: ScanSpec, reporter: Reporter, stop: Callable[[], bool]) -> ScanResult | plan.NothingToScore:
@@ -512,9 +542,11 @@ def scan(
                 else ""
             )
             stopped = "[yellow]interrupted:[/] " if result.interrupted else ""
+            unlabelled = result.total_unlabelled
+            unlabelled_text = f"{unlabelled} without a label (no threshold), " if unlabelled else ""
             stderr.print(
                 f"{stopped}[bold]{plural(result.total_rows, 'image')}[/]: "
-                f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, "
+                f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, {unlabelled_text}"
                 f"[bold]{plural(result.total_errors, 'error')}[/]{scored_now} "
                 f"in {plan.describe_timing(result.run_info, scanned.scored)} "
                 f"-> {_escape(str(OutputLayout(out).scores_csv))}"
@@ -555,13 +587,14 @@ class _WatchReporter(ConsoleReporter):
 
 
 @app.command(epilog=WATCH_EXIT_CODES_HELP)
-@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
+@with_options(scan_args=ScanArgs, model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs, mode_args=ModeArgs)
 def watch(
     directory: Annotated[Path, typer.Argument(help="Folder to watch (searched recursively).", show_default=False)],
     scan_args: ScanArgs,
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
+    mode_args: ModeArgs,
     poll: Annotated[
         float | None,
         typer.Option(
@@ -600,6 +633,11 @@ def watch(
       winclip watch /mnt/share/camera2 --class screw --poll 2 --out /data/results/camera2
 
       winclip watch /data/camera1 --class bottle --json --on-anomaly 'logger -t winclip'
+
+      winclip watch /data/camera1 --mode mutual --calibration mutual-calibration.json --out /data/results/camera1
+
+    With --mode mutual each batch of new images is scored against the newest images already scored
+    in OUT (as `scan --mode mutual --incremental`): no label, and no --on-anomaly, without a threshold.
     """
 
     claim = preflight.OutputClaim(scan_args.out, "watch")
@@ -607,7 +645,9 @@ def watch(
     def parse() -> WatchSpec:
         if poll is not None and poll <= 0:
             raise SetupError(f"--poll takes a positive number of seconds, not {poll:g}")
-        scan = scan_spec(directory, model_args, input_args, tile_args, scan_args, incremental=True, claim=claim)
+        scan = scan_spec(
+            directory, model_args, input_args, tile_args, scan_args, incremental=True, claim=claim, mode_args=mode_args
+        )
         from winclip_cli.jobs.watch import WatchSpec
 
         return WatchSpec(scan, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
@@ -724,7 +764,7 @@ def build_refs(
 
 
 @app.command(epilog=JOB_EXIT_CODES_HELP)
-@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs)
+@with_options(model_args=ModelArgs, input_args=InputArgs, tile_args=TileArgs, mode_args=ModeArgs)
 def calibrate(
     good_dir: Annotated[
         Path, typer.Argument(help="Folder of normal (good) images, searched recursively.", show_default=False)
@@ -732,6 +772,7 @@ def calibrate(
     model_args: ModelArgs,
     input_args: InputArgs,
     tile_args: TileArgs,
+    mode_args: ModeArgs,
     fpr: Annotated[
         float, typer.Option("--fpr", help="Largest acceptable false-alarm rate on good parts, e.g. 0.01 = 1 %.")
     ] = DEFAULT_FPR,
@@ -778,10 +819,19 @@ def calibrate(
       winclip calibrate ./good --class bottle --out bottle-calibration.json
 
       winclip scan ./new --class bottle --calibration bottle-calibration.json
+
+      winclip calibrate ./good --mode mutual --out mutual-calibration.json
+
+    With --mode mutual the good images are pooled as `scan --mode mutual` pools a folder (the same
+    --pool-size, so use as many good images as a scan's pool holds) and the threshold is taken on
+    their raw scores; a calibration of one mode is refused by a scan of another.
     """
 
     def parse() -> CalibrateSpec:
         model = model_args.parse()
+        _, mutual = mode_args.parse(refs)
+        if mutual is not None and tile_args.tile is not None:
+            raise SetupError("--mode mutual scores whole images: it takes no --tile")
         tiling = tile_args.parse(model_args.model)
         check_rate("--fpr", fpr)
         check_rate("--pixel-fpr", pixel_fpr)
@@ -801,7 +851,9 @@ def calibrate(
 
         inputs = input_args.parse(tiling)
         text = TextSpec(class_name, prompts, use_cache=not no_cache)
-        return CalibrateSpec(good_dir, model, inputs, text, fpr, pixel_fpr, refs=refs, out=calibration_file)
+        return CalibrateSpec(
+            good_dir, model, inputs, text, fpr, pixel_fpr, refs=refs, out=calibration_file, mutual=mutual
+        )
 
     def job(spec: CalibrateSpec, reporter: Reporter, stop: Callable[[], bool]) -> CalibrateResult:
         from winclip_cli.jobs.calibrate import run_calibrate_job
@@ -817,14 +869,15 @@ def _calibration_summary(result: CalibrateResult, quiet: bool) -> int:
     cal = result.calibration
     console = _table_console()
     if not quiet:
-        bins = histogram(result.scores)
+        bins = histogram(result.scores, hi=result.score_range)
         peak = max(count for _, _, count in bins) or 1
         table = Table(title=f"image scores of {plural(cal.n_images, 'good image')}", show_edge=False)
         table.add_column("score", justify="right")
         table.add_column("count", justify="right")
         table.add_column("")
         for lo, hi, count in bins:
-            mark = " <- threshold" if lo <= cal.threshold < hi or (hi == 1.0 and cal.threshold == 1.0) else ""
+            top = hi == result.score_range and cal.threshold == hi
+            mark = " <- threshold" if lo <= cal.threshold < hi or top else ""
             table.add_row(f"{lo:.2f}-{hi:.2f}", str(count), "#" * round(30 * count / peak) + mark)
         console.print(table)
     console.print(
@@ -843,7 +896,7 @@ def _calibration_summary(result: CalibrateResult, quiet: bool) -> int:
 
 
 @app.command("eval", epilog=JOB_EXIT_CODES_HELP)
-@with_options(model_args=ModelArgs, input_args=InputArgs)
+@with_options(model_args=ModelArgs, input_args=InputArgs, mode_args=ModeArgs)
 def evaluate(
     root: Annotated[
         Path,
@@ -853,6 +906,7 @@ def evaluate(
     ],
     model_args: ModelArgs,
     input_args: InputArgs,
+    mode_args: ModeArgs,
     k_shot: Annotated[
         int, typer.Option("--k-shot", min=0, help="Few-shot references per category (0: zero-shot).")
     ] = 0,
@@ -883,10 +937,23 @@ def evaluate(
       winclip eval /data/mvtec_anomaly_detection
 
       winclip eval /data/mvtec_anomaly_detection/bottle --k-shot 4 --seed 0 --out eval-bottle
+
+      winclip eval /data/mvtec_anomaly_detection --mode mutual --out eval-mutual
+
+    With --mode mutual each category's test images are scored against each other (pools of at most
+    --pool-size, in path order), as MuSc is evaluated; the image metrics use MuSc's final score.
     """
 
     def parse() -> EvalSpec:
         model = model_args.parse()
+        if (mode_args.mode or "").lower() == ScoringMode.FEW_SHOT.value:
+            if not k_shot:
+                raise SetupError("eval --mode few-shot needs --k-shot N (references drawn per category)")
+            mutual = None
+        else:
+            _, mutual = mode_args.parse(None)
+            if mutual is not None and k_shot:
+                raise SetupError("--mode mutual takes no --k-shot: it scores the test images against each other")
         preflight.check_input(root, "evaluation data folder")
         preflight.check_output_folder("--out", out)
         load_vocabulary(prompts)
@@ -905,6 +972,7 @@ def evaluate(
             use_cache=not no_cache,
             k_shot=k_shot,
             seed=seed,
+            mutual=mutual,
         )
 
     def job(spec: EvalSpec, reporter: Reporter, stop: Callable[[], bool]) -> list[CategoryResult]:

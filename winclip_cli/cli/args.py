@@ -22,27 +22,35 @@ import typer
 
 from winclip_cli.core.prompts import DEFAULT_CLASS
 from winclip_cli.options import (
+    AUTO,
     DEFAULT_ARCHITECTURE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEVICE,
     DEFAULT_HEATMAPS,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_POOL_SIZE,
     DEFAULT_PRECISION,
     DEFAULT_SCALES,
     DEFAULT_THRESHOLD,
     DEFAULT_THRESHOLD_CHOICE,
     DEFAULT_TILE_OVERLAP,
+    SCORING_MODES,
+    SMALL_POOL,
     BatchSize,
     Device,
+    Layers,
+    PoolSize,
     Precision,
+    ScoringMode,
     Tiling,
     model_input_size,
     parse_scales,
 )
-from winclip_cli.spec import InputSpec, ModelSpec
+from winclip_cli.spec import InputSpec, ModelSpec, MutualSpec
 
 MODEL_PANEL = "Model"
 INPUT_PANEL = "Input"
+MODE_PANEL = "Scoring mode"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -234,6 +242,50 @@ class ScanArgs:
     json_lines: JsonLinesOpt = False
     prompts: PromptsOpt = None
     no_cache: NoCacheOpt = False
+
+
+@dataclass(frozen=True)
+class ModeArgs:
+    """How images are scored (``scan``, ``watch``, ``calibrate``, ``eval``): by WinCLIP (zero-shot, few-shot with
+    --refs) or against each other (mutual), with mutual scoring's pool size and layers."""
+
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help=f"Scoring: {', '.join(SCORING_MODES)}. Default: zero-shot, or few-shot with --refs. mutual (MuSc) "
+            "scores each image against the other images of its pool: no prompts or references, but the scores are "
+            "relative to the pool (most parts must be good) and on another scale than WinCLIP's: its threshold is "
+            "calibrated with `calibrate --mode mutual` (or given) and applies to raw_score.",
+            show_default=False,
+            rich_help_panel=MODE_PANEL,
+        ),
+    ] = None
+    pool_size: Annotated[
+        int,
+        typer.Option(
+            "--pool-size",
+            help="mutual: the images are cut, in path order, into nearly equal pools of at most this many; each "
+            f"image is scored against the others of its pool (fewer than {SMALL_POOL} mean little; the cost "
+            "per image grows with the pool).",
+            rich_help_panel=MODE_PANEL,
+        ),
+    ] = DEFAULT_POOL_SIZE
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layers",
+            help="mutual: the transformer blocks (0-based) whose patch tokens are compared, e.g. '2,5,8,11'; "
+            "auto: MuSc's for the model's depth (the last block of each quarter).",
+            rich_help_panel=MODE_PANEL,
+        ),
+    ] = AUTO
+
+    def parse(self, refs: Path | None = None) -> tuple[ScoringMode, MutualSpec | None]:
+        """The scoring mode, and mutual scoring's spec when that is the mode."""
+        mode = ScoringMode.parse(self.mode, refs)
+        pool_size, layers = PoolSize(self.pool_size), Layers.parse(self.layers)
+        return mode, MutualSpec(pool_size, layers) if mode is ScoringMode.MUTUAL else None
 
 
 def with_options(**groups: type) -> Callable[[F], F]:

@@ -105,8 +105,9 @@ class Calibration:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+    def from_dict(cls, data: dict[str, Any], upper: float = 1.0) -> Calibration:
         """Rebuild from :meth:`as_dict` output, checking every field; unknown keys are ignored.
+        ``upper``: the largest score of the calibrated mode (mutual raw scores are distances up to 2).
 
         Raises :class:`SetupError` naming the first bad or missing field.
         """
@@ -127,10 +128,10 @@ class Calibration:
                 raise SetupError(f"calibration field '{key}' must be a finite number (got {str(value)[:40]})") from None
 
         def score(key: str, optional: bool = False) -> float | None:
-            # scores lie in [0, 1]: a threshold beyond them (1e300) would silently turn detection off
+            # scores lie in [0, upper]: a threshold beyond them (1e300) would silently turn detection off
             value = number(key, optional)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise SetupError(f"calibration field '{key}' must be in [0, 1] (got {value!r})")
+            if value is not None and not 0.0 <= value <= upper:
+                raise SetupError(f"calibration field '{key}' must be in [0, {upper:g}] (got {value!r})")
             return value
 
         def count(key: str) -> int:

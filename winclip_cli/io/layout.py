@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from winclip_cli.io.safe_fs import Confined
 from winclip_cli.options import DEFAULT_HEATMAPS, HEATMAP_SUFFIXES, HeatmapFormat
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "REPORT_NAME",
     "RUN_NAME",
     "SCORES_NAME",
+    "KEPT_POOL_NAME",
     "STATE_DB_NAME",
     "STATE_DIR",
     "THUMB_DIR",
@@ -43,6 +45,7 @@ MAP_DIR = "maps"  # raw float TIFF maps (--save-maps)
 THUMB_DIR = "thumbs"  # JPEG previews for the report
 STATE_DIR = ".winclip"  # run state and lock, see io/state.py
 STATE_DB_NAME = "state.sqlite"
+KEPT_POOL_NAME = "mutual-pool.npz"  # --mode mutual: features of the images scored last, for the next run
 LOCK_NAME = "lock"
 
 # What winclip owns in an output folder (it creates, replaces and deletes files only in these), so a
@@ -93,6 +96,15 @@ class OutputLayout:
     @property
     def state_db(self) -> Path:
         return self.state_dir / STATE_DB_NAME
+
+    @property
+    def kept_pool(self) -> Path:
+        return self.state_dir / KEPT_POOL_NAME
+
+    @property
+    def kept_pool_confined(self) -> Confined:
+        """The kept pool as writes and reads inside OUT reach it: no link below OUT followed."""
+        return Confined(self.root, f"{STATE_DIR}/{KEPT_POOL_NAME}")
 
     @property
     def lock(self) -> Path:

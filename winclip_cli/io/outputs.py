@@ -33,7 +33,7 @@ from winclip_cli.io.safe_fs import (
     open_regular,
     remove_regular,
 )
-from winclip_cli.options import HeatmapFormat
+from winclip_cli.options import HeatmapFormat, ScoringMode
 
 __all__ = [
     "NOTE_LIMIT",
@@ -79,6 +79,9 @@ CSV_COLUMNS: tuple[str, ...] = (
     "tiles",
     "best_tile",
     "sha256",
+    "raw_score",
+    "pool",
+    "pool_size",
 )
 
 _STATUSES = frozenset({"ok", "error"})
@@ -120,9 +123,12 @@ def _json_float(value: float | None) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def label_of(score: float, threshold: float) -> str:
+def label_of(score: float | None, threshold: float | None) -> str:
     """Decided on the values as written (6 decimals), so that the CSV never contradicts itself
-    and relabelling stored rows gives the label a fresh scan would."""
+    and relabelling stored rows gives the label a fresh scan would; '' without a threshold (mode
+    mutual, uncalibrated) or a score."""
+    if score is None or threshold is None:
+        return ""
     return "anomalous" if round(score, 6) > round(threshold, 6) else "normal"
 
 
@@ -152,6 +158,17 @@ class ResultRow:
     tiles: int | None = None  # number of tiles in tiled mode
     best_tile: str = ""  # "x0 y0 x1 y1" of the tile that produced the image score, in tiled mode
     sha256: str = ""  # of the input file's bytes
+    # mode mutual: the map's maximum before RsCIN (what the threshold applies to), and the pool the
+    # image was scored against ("2/3": the second of this run's three pools) with its image count
+    raw_score: float | None = None
+    pool: str = ""
+    pool_size: int | None = None
+
+    @property
+    def decision_score(self) -> float | None:
+        """The value the threshold applies to: the raw score in mutual mode (``score`` is relative to
+        the pool there), else the score."""
+        return self.raw_score if self.mode == ScoringMode.MUTUAL.value else self.score
 
     def __post_init__(self) -> None:
         # A typo here would silently corrupt every downstream filter on status/label, so fail loudly.
@@ -207,8 +224,8 @@ class ResultRow:
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
-_FLOAT_FIELDS = frozenset({"score", "threshold", "max_pixel_score", "anomalous_area"})
-_INT_FIELDS = frozenset({"width", "height", "k_shot", "tiles"})
+_FLOAT_FIELDS = frozenset({"score", "threshold", "max_pixel_score", "anomalous_area", "raw_score"})
+_INT_FIELDS = frozenset({"width", "height", "k_shot", "tiles", "pool_size"})
 
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

@@ -26,8 +26,8 @@ from winclip_cli.jobs.decode import Decoded, relative_name
 from winclip_cli.jobs.kernel import InputProblems, Reporter, Session, discover
 from winclip_cli.jobs.maps import full_resolution_map, image_score
 from winclip_cli.jobs.record import calibration_record
-from winclip_cli.options import DEFAULT_CALIBRATION_FILE, DEFAULT_FPR
-from winclip_cli.spec import InputSpec, ModelSpec, TextSpec
+from winclip_cli.options import DEFAULT_CALIBRATION_FILE, DEFAULT_FPR, MAX_DISTANCE
+from winclip_cli.spec import InputSpec, ModelSpec, MutualSpec, TextSpec
 from winclip_cli.wording import plural
 
 
@@ -44,6 +44,9 @@ class CalibrateSpec:
     pixel_fpr: float | None = None
     refs: Path | None = None
     out: Path = DEFAULT_CALIBRATION_FILE  # used only without refs
+    # --mode mutual: the good images scored against each other in pools, as `scan --mode mutual` pools
+    # a folder; the threshold is taken on their raw scores (the map's maximum before RsCIN)
+    mutual: MutualSpec | None = None
 
     @property
     def stored_in(self) -> Path:
@@ -58,6 +61,7 @@ class CalibrateResult:
     left_out: int
     seconds: float
     problems: InputProblems  # unreadable good images and folders: the run is incomplete (exit 3)
+    score_range: float = 1.0  # the largest score of the mode (mutual raw scores: distances up to 2)
 
 
 PIXELS_PER_IMAGE = 65536
@@ -83,7 +87,9 @@ def run_calibrate_job(options: CalibrateSpec, reporter: Reporter) -> CalibrateRe
     if not files:
         raise SetupError(f"no images found under {options.good_dir}")
     memory: MemoryFile | None = load_memory(options.refs) if options.refs is not None else None
-    session = Session.open(options.model, options.inputs, text=options.text, memory=memory, reporter=reporter)
+    session = Session.open(
+        options.model, options.inputs, text=options.text, memory=memory, reporter=reporter, mutual=options.mutual
+    )
     engine = session.engine
     assert engine is not None
     reference_of = memory.reference_index() if memory is not None else {}
@@ -116,7 +122,13 @@ def run_calibrate_job(options: CalibrateSpec, reporter: Reporter) -> CalibrateRe
     reporter.start("calibrating", len(files))
     image_scores: list[float] = []
     pixel_scores: list[np.ndarray] = []
-    items = session.scored(inputs, exclude_for=exclude_for if reference_index_of else None)
+    if options.mutual is not None:
+        from winclip_cli.jobs.mutual import MutualStream
+
+        stream = MutualStream(session, reporter, int(options.mutual.pool_size))
+        items = stream.scored(inputs, with_stamp=False)
+    else:
+        items = session.scored(inputs, exclude_for=exclude_for if reference_index_of else None)
     with closing(items):
         for item in items:
             reporter.advance()
@@ -124,7 +136,8 @@ def run_calibrate_job(options: CalibrateSpec, reporter: Reporter) -> CalibrateRe
                 problems.failures.append(item)
                 reporter.warn(f"{item.relpath}: {item.error}")
                 continue
-            image_scores.append(image_score(item)[0])
+            # mutual: the threshold applies to the raw score, which does not move with the pool's ranking
+            image_scores.append(item.pool.raw_score if item.pool is not None else image_score(item)[0])  # type: ignore[arg-type]
             pixel_scores.append(pixel_sample(full_resolution_map(item)))
     if not image_scores:
         raise SetupError("no good image could be scored; nothing calibrated")
@@ -137,4 +150,6 @@ def run_calibrate_job(options: CalibrateSpec, reporter: Reporter) -> CalibrateRe
     else:
         stored_in = options.out
         write_text_atomic(stored_in, json.dumps(record, indent=2) + "\n")
-    return CalibrateResult(result, scores, stored_in, left_out, time.perf_counter() - started, problems)
+    score_range = MAX_DISTANCE if options.mutual is not None else 1.0
+    seconds = time.perf_counter() - started
+    return CalibrateResult(result, scores, stored_in, left_out, seconds, problems, score_range=score_range)

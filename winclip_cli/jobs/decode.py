@@ -33,6 +33,7 @@ from winclip_cli.spec import InputSpec
 
 if TYPE_CHECKING:
     from winclip_cli.core.backbone import Backbone
+    from winclip_cli.jobs.mutual import PoolPlace
 
 
 def default_workers() -> int:
@@ -96,6 +97,7 @@ class Decoded:
     error: str = ""
     outputs: list = field(default_factory=list)  # what the model made of each input, filled by processed_stream
     inputs_taken: int = 0  # model inputs this file holds of the decode stream's budget
+    pool: PoolPlace | None = None  # mode mutual: its raw score and the pool it was scored against
 
     @property
     def num_inputs(self) -> int:

@@ -27,7 +27,8 @@ from winclip_cli.io.outputs import write_text_atomic
 from winclip_cli.jobs.kernel import Reporter, Session
 from winclip_cli.jobs.maps import image_score, map_at_model_size
 from winclip_cli.jobs.references import collect_references
-from winclip_cli.spec import InputSpec, ModelSpec, TextSpec
+from winclip_cli.options import ScoringMode
+from winclip_cli.spec import InputSpec, ModelSpec, MutualSpec, TextSpec
 
 METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_f1_max", "pro")
 
@@ -45,6 +46,7 @@ class EvalSpec:
     use_cache: bool = True
     k_shot: int = 0
     seed: int | None = None
+    mutual: MutualSpec | None = None  # --mode mutual: each category's test images scored against each other
 
     def text_for(self, category: str) -> TextSpec:
         return TextSpec(self.class_name or category, self.prompts, self.use_cache)
@@ -68,6 +70,8 @@ def run_eval_job(options: EvalSpec, reporter: Reporter) -> list[CategoryResult]:
     categories = discover_categories(options.root)
     backbone = build_backbone(options.model)  # one model for all categories, one session (text) each
     shots = f"{options.k_shot}-shot" if options.k_shot else "zero-shot"
+    if options.mutual is not None:
+        shots = f"mutual, pools of at most {int(options.mutual.pool_size)}"
     names = ", ".join(c.name for c in categories)
     reporter.info(
         f"winclip {__version__}: evaluating {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} "
@@ -75,7 +79,13 @@ def run_eval_job(options: EvalSpec, reporter: Reporter) -> list[CategoryResult]:
     )
     results = []
     for category in categories:
-        session = Session.open(options.model, options.inputs, text=options.text_for(category.name), backbone=backbone)
+        session = Session.open(
+            options.model,
+            options.inputs,
+            text=options.text_for(category.name),
+            backbone=backbone,
+            mutual=options.mutual,
+        )
         results.append(_evaluate_category(category, session, options, reporter))
     _write_outputs(results, options, time.perf_counter() - started)
     return results
@@ -101,7 +111,15 @@ def _evaluate_category(category: Category, session: Session, options: EvalSpec, 
     labels, scores, maps, masks, errors = [], [], [], [], []
     without_mask = 0
     size = backbone.image_size
-    items = session.scored([(i.path, str(i.path)) for i in test])
+    if options.mutual is not None:
+        from winclip_cli.jobs.mutual import MutualStream
+
+        stream = MutualStream(session, reporter, int(options.mutual.pool_size))
+        # pools in path order, as a scan forms them; image metrics on MuSc's final score, as the paper's
+        ordered = sorted(test, key=lambda image: str(image.path))
+        items = stream.scored([(i.path, str(i.path)) for i in ordered], with_stamp=False)
+    else:
+        items = session.scored([(i.path, str(i.path)) for i in test])
     with closing(items):
         for item in items:
             reporter.advance()
@@ -165,6 +183,13 @@ def mean_metrics(results: list[CategoryResult]) -> dict[str, float | None]:
     return out
 
 
+def _mutual_record(options: EvalSpec) -> dict[str, Any]:
+    """metrics.json's mode keys: only for --mode mutual (the other modes' files stay as they were)."""
+    if options.mutual is None:
+        return {}
+    return {"mode": ScoringMode.MUTUAL.value, "pool_size": int(options.mutual.pool_size)}
+
+
 def _write_outputs(results: list[CategoryResult], options: EvalSpec, seconds: float) -> None:
     import csv
     import io
@@ -196,6 +221,7 @@ def _write_outputs(results: list[CategoryResult], options: EvalSpec, seconds: fl
         "root": str(options.root),
         "k_shot": options.k_shot,
         "seed": options.seed,
+        **_mutual_record(options),
         "seconds": round(seconds, 3),
         "categories": [
             {

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -29,7 +29,10 @@ from winclip_cli.io.outputs import ResultRow
 from winclip_cli.jobs.batches import embedding_fn, processed_stream, scoring_fn
 from winclip_cli.jobs.decode import Decoded, Preprocessing, decode_stream
 from winclip_cli.jobs.threads import BUDGET, ThreadBudget
-from winclip_cli.spec import InputSpec, ModelSpec, TextSpec
+from winclip_cli.spec import InputSpec, ModelSpec, MutualSpec, TextSpec
+
+if TYPE_CHECKING:
+    from winclip_cli.core.musc import MutualFeatureExtractor
 
 
 class Reporter(Protocol):
@@ -137,6 +140,9 @@ class Session:
     engine: Engine | None = None
     memory: MemoryFile | None = None
     threads: ThreadBudget = BUDGET  # torch's thread count is the process's: so is the budget
+    # mode mutual: the patch tokens and class embedding each image adds to its pool (jobs/mutual.py)
+    extractor: MutualFeatureExtractor | None = None
+    mutual: MutualSpec | None = None
 
     @classmethod
     def open(
@@ -148,9 +154,11 @@ class Session:
         memory: MemoryFile | None = None,
         reporter: Reporter | None = None,
         backbone: Backbone | None = None,
+        mutual: MutualSpec | None = None,
     ) -> Session:
         """Load the model (or reuse ``backbone``). With ``text`` the session scores (and compares with
-        ``memory`` when given); without, it only embeds and loads no text."""
+        ``memory`` when given); without, it only embeds and loads no text. With ``mutual`` it also
+        extracts the features mutual scoring compares (``--mode mutual``: jobs/mutual.py)."""
         engine = scorer = None
         if text is None:
             if memory is not None:
@@ -164,7 +172,19 @@ class Session:
             for warning in attach_memory(engine, memory, inputs.tiling):
                 if reporter is not None:
                     reporter.warn(warning)
+        extractor = None
+        if mutual is not None:
+            from winclip_cli.core.musc import MutualFeatureExtractor
+
+            if inputs.tiling.enabled:
+                raise SetupError("--mode mutual scores whole images: it takes no --tile")
+            try:
+                extractor = MutualFeatureExtractor(backbone.model.visual, mutual.layers.blocks)
+            except (TypeError, ValueError) as err:
+                raise SetupError(f"--layers {mutual.layers}: {err}") from None
         return cls(
+            extractor=extractor,
+            mutual=mutual,
             backbone=backbone,
             encoder=encoder,
             prep=Preprocessing.for_backbone(backbone, inputs),

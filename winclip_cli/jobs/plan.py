@@ -85,6 +85,8 @@ class ScanRequest:
     save_maps: bool
     incremental: bool
     shard: tuple[int, int] | None
+    mode: str = "zero-shot"  # ScoringMode's value
+    mutual: tuple[int, str] | None = None  # mode mutual: (--pool-size, --layers)
 
 
 def request_of(spec: ScanSpec) -> ScanRequest:
@@ -109,6 +111,8 @@ def request_of(spec: ScanSpec) -> ScanRequest:
         save_maps=spec.output.save_maps,
         incremental=spec.incremental,
         shard=spec.shard,
+        mode=spec.mode.value,
+        mutual=(spec.mutual.pool_size.value, str(spec.mutual.layers)) if spec.mutual is not None else None,
     )
 
 
@@ -164,6 +168,8 @@ def request_key(request: ScanRequest) -> str | None:
         "save_maps": request.save_maps,
         "incremental": request.incremental,
         "shard": list(request.shard) if request.shard else None,
+        "mode": request.mode,
+        "mutual": list(request.mutual) if request.mutual is not None else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -187,6 +193,7 @@ class NothingToScore:
     total_anomalies: int = 0
     total_normal: int = 0
     total_errors: int = 0
+    total_unlabelled: int = 0  # scored rows without a label (mode mutual with no threshold)
     interrupted: bool = False
     unlisted: list[str] = field(default_factory=list)
     summary: QuickSummary = field(default_factory=QuickSummary)
@@ -385,6 +392,8 @@ def without_model(request: ScanRequest, reporter: Any, started: float) -> Nothin
         threshold, source = run_info.get("threshold"), run_info.get("threshold_source")
         if request.threshold != remembered.get("threshold"):
             assert requested is not None
+            if request.mutual is not None:
+                return None  # mutual rows are labelled on their raw score: the job relabels them
             threshold, source = requested, "--threshold"
             new_rows = [relabelled(row, requested, source) for row in rows]
             if any(a.as_csv_dict() != b.as_csv_dict() for a, b in zip(rows, new_rows, strict=True)):
@@ -477,6 +486,7 @@ def _finish(
         total_anomalies=anomalies,
         total_normal=sum(row.label == "normal" for row in rows),
         total_errors=errors,
+        total_unlabelled=sum(row.status == "ok" and not row.label for row in rows),
         run_info=info,
     )
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from winclip_cli import __version__
 from winclip_cli.io.outputs import CSV_COLUMNS, ResultRow
+from winclip_cli.options import ScoringMode
 
 if TYPE_CHECKING:
     from winclip_cli.core.calibration import Calibration
@@ -37,6 +38,9 @@ CONFIG_KEYS = (
     "tile_overlap",
     "threshold",
     "pixel_threshold",
+    "mode",  # WinCLIP and mutual scores are on other scales; mutual pools must be alike
+    "pool_size",
+    "layers",
 )
 # what each of those keys is, in the words of the options that set it (merge's messages)
 CONFIG_WORDS = {
@@ -83,6 +87,17 @@ def calibration_fingerprint(session: Session) -> dict[str, Any]:
     """What a calibration depends on: the same fingerprint must hold when it is used."""
     engine, tiling = session.engine, session.prep.tiling
     assert engine is not None
+    if session.extractor is not None:
+        # mutual scores use neither the prompts nor the windows: a calibration holds whatever the class
+        return {
+            "mode": ScoringMode.MUTUAL.value,
+            "architecture": engine.backbone.architecture,
+            "weights_sha256": engine.backbone.weights_sha256,
+            "precision": engine.backbone.precision,
+            "layers": list(session.extractor.layers),
+            "tile": tiling.size,
+            "tile_overlap": tiling.recorded_overlap,
+        }
     return {
         "architecture": engine.backbone.architecture,
         "weights_sha256": engine.backbone.weights_sha256,
@@ -136,7 +151,16 @@ class ScanRecord:
             # another folder or shard in the same OUT must never mix with (or delete) the stored rows
             "input": str(spec.directory.resolve()),
             "shard": list(spec.shard) if spec.shard else None,
+            **self._mutual(),
         }
+
+    def _mutual(self) -> dict[str, Any]:
+        """Mode mutual's settings (pools of at most ``pool_size`` images, the blocks compared); nothing
+        for the other modes, whose records stay as they were."""
+        session = self.session
+        if session.extractor is None or session.mutual is None:
+            return {}
+        return {"pool_size": int(session.mutual.pool_size), "layers": list(session.extractor.layers)}
 
     def run_json(self) -> dict[str, Any]:
         """run.json as a scan starts: what is needed to reproduce the run."""
@@ -169,6 +193,7 @@ class ScanRecord:
             "heatmaps": spec.output.heatmaps.value,
             "shard": f"{spec.shard[0]}/{spec.shard[1]}" if spec.shard else None,
             "columns": list(CSV_COLUMNS),
+            **self._mutual(),
         }
 
 
@@ -261,6 +286,9 @@ def merged_run_json(
         interrupted=any(bool(run.get("interrupted")) for run in runs),
         unlisted_dirs=[folder for run in runs for folder in run.get("unlisted_dirs") or [] if isinstance(folder, str)],
     )
+    # mode mutual: every shard's pools (named "SHARD:POOL"), not only the first shard's
+    if any("pools" in run for run in runs):
+        info["pools"] = [pool for run in runs for pool in run.get("pools") or []]
     # shards written with different --heatmaps (each row's heatmap cell says which it has): all named
     formats = [f for run in runs for f in str(run.get("heatmaps") or "").split(",") if f]
     if formats:

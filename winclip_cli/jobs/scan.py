@@ -7,11 +7,12 @@ the user only through a ``Reporter``, so the same job runs under the CLI, in tes
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from winclip_cli import __version__
 from winclip_cli.core.backbone import Backbone
@@ -39,11 +40,15 @@ from winclip_cli.io.safe_fs import CALIBRATION_LIMIT, open_regular, read_user_fi
 from winclip_cli.io.state import FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
 from winclip_cli.jobs.decode import Preprocessing, relative_name
 from winclip_cli.jobs.kernel import Reporter, Session, discover
+
+if TYPE_CHECKING:
+    from winclip_cli.io.kept_pool import KeptPool
+    from winclip_cli.jobs.mutual import MutualStream
 from winclip_cli.jobs.plan import seconds_since_process_start, shard_of  # noqa: F401  (shard_of: where callers found it)
 from winclip_cli.jobs.record import ScanRecord, calibration_fingerprint, scan_totals
 from winclip_cli.jobs.write import ResultWriter, RowContext, ScanSummary, write_all
-from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES
-from winclip_cli.spec import InputSpec, ModelSpec, OutputSpec, ScanSpec, TextSpec  # noqa: F401  (ScanSpec: where callers found it)
+from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES, MAX_DISTANCE, ScoringMode
+from winclip_cli.spec import InputSpec, ModelSpec, MutualSpec, OutputSpec, ScanSpec, TextSpec  # noqa: F401  (ScanSpec: where callers found it)
 from winclip_cli.wording import files_gone, plural, results_kept_unseen
 
 # --------------------------------------------------------------------------------------------------- shards
@@ -57,7 +62,7 @@ from winclip_cli.wording import files_gone, plural, results_kept_unseen
 
 @dataclass
 class ThresholdChoice:
-    value: float
+    value: float | None  # None: no label (mode mutual with neither --threshold nor a calibration)
     source: str
     pixel: float | None = None
     calibration: dict[str, Any] | None = None
@@ -81,12 +86,20 @@ def choose_threshold(
     """
     from winclip_cli.core.calibration import Calibration
 
+    mutual = fingerprint.get("mode") == ScoringMode.MUTUAL.value
     usable = None
     if calibration is not None:
         stored = calibration.get("fingerprint")
         if not isinstance(stored, dict):
             raise SetupError(
                 f"{calibration_origin} holds a malformed calibration; recalibrate with `winclip calibrate`"
+            )
+        if (stored.get("mode") == ScoringMode.MUTUAL.value) != mutual:
+            made, used = ("--mode mutual", "WinCLIP") if not mutual else ("WinCLIP", "--mode mutual")
+            again = "`winclip calibrate --mode mutual`" if mutual else "`winclip calibrate` without --mode mutual"
+            raise SetupError(
+                f"the calibration in {calibration_origin} is for {made} scores and this run makes {used} scores, "
+                f"on another scale (thresholds do not carry across modes): calibrate again with {again}"
             )
         differences = sorted(key for key in fingerprint if stored.get(key) != fingerprint[key])
         calibrated_for = calibration.get("class_name")
@@ -108,13 +121,16 @@ def choose_threshold(
             )
             reporter.warn(f"{message}; using {fallback} and no pixel threshold")
         else:
-            usable = Calibration.from_dict(calibration["calibration"])
+            usable = Calibration.from_dict(calibration["calibration"], upper=MAX_DISTANCE if mutual else 1.0)
     pixel = usable.pixel_threshold if usable is not None else None
     if requested is not None:
         return ThresholdChoice(requested, "--threshold", pixel, calibration)
     if usable is not None:
         source = f"calibrated: fpr {usable.fpr:g} on {usable.n_images} good images ({calibration_origin})"
         return ThresholdChoice(usable.threshold, source, pixel, calibration)
+    if mutual:
+        # raw mutual scores are distances on the model's own scale: no number fits every model and product
+        return ThresholdChoice(None, "none: calibrate with `winclip calibrate --mode mutual` or give --threshold")
     return ThresholdChoice(DEFAULT_THRESHOLD, "default", None, None)
 
 
@@ -134,8 +150,9 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
         raise SetupError(f"{path} holds a malformed calibration; recalibrate with `winclip calibrate`")
     from winclip_cli.core.calibration import Calibration
 
-    try:
-        Calibration.from_dict(data["calibration"])  # refused now, whether or not its fingerprint matches
+    mutual = data["fingerprint"].get("mode") == ScoringMode.MUTUAL.value
+    try:  # refused now, whether or not its fingerprint matches
+        Calibration.from_dict(data["calibration"], upper=MAX_DISTANCE if mutual else 1.0)
     except SetupError as err:
         raise SetupError(f"{path}: {err}") from None
     return data
@@ -158,6 +175,7 @@ class ScanResult:
     total_anomalies: int = 0
     total_normal: int = 0
     total_errors: int = 0
+    total_unlabelled: int = 0  # scored rows without a label (mode mutual with no threshold)
 
 
 def run_scan_job(options: ScanSpec, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False) -> ScanResult:
@@ -196,6 +214,8 @@ def run_scan_job(options: ScanSpec, reporter: Reporter, should_stop: Callable[[]
                 unlisted=unlisted,
             )
         )
+        if session.mutual is not None:  # the pools of this run: each row names its own
+            session.run_info["pools"] = [pool.as_dict() for pool in session.mutual.pools]
         session.write_run_info()
     run_info = session.run_info
     return ScanResult(
@@ -209,6 +229,7 @@ def run_scan_job(options: ScanSpec, reporter: Reporter, should_stop: Callable[[]
         total_anomalies=run_info["total_anomalies"],
         total_normal=sum(r.label == "normal" for r in rows),
         total_errors=run_info["total_errors"],
+        total_unlabelled=sum(r.status == "ok" and not r.label for r in rows),
     )
 
 
@@ -300,6 +321,7 @@ class ScanSession:
             memory=memory,
             reporter=reporter,
             backbone=self._backbone,
+            mutual=options.mutual,
         )
         self.model_seconds = time.perf_counter() - loading  # the model, its text embeddings, the memory
         engine = self.engine
@@ -307,7 +329,8 @@ class ScanSession:
             threshold=DEFAULT_THRESHOLD,
             threshold_source="",
             mode=options.mode.value,
-            vocabulary_sha256=engine.ensemble.sha256,
+            # mutual scores use no prompts: their rows name no vocabulary
+            vocabulary_sha256=engine.ensemble.sha256 if options.mutual is None else "",
         )
         memory_id = self.session.memory_id
         if memory is not None:
@@ -325,6 +348,12 @@ class ScanSession:
         )
         context.threshold, context.threshold_source, context.pixel_threshold = choice.value, choice.source, choice.pixel
         self.context, self.choice, self.memory_id = context, choice, memory_id
+        self.mutual: MutualStream | None = None
+        if options.mutual is not None:
+            from winclip_cli.jobs.mutual import MutualStream
+
+            prefix = f"{options.shard[0]}/{options.shard[1]}:" if options.shard else ""
+            self.mutual = MutualStream(self.session, reporter, int(options.mutual.pool_size), prefix)
         self.record = ScanRecord(options, self.session, context, choice)
         self.config = self.record.state_config()
         self.state = RunState(options.out)
@@ -353,13 +382,17 @@ class ScanSession:
             self.state, self.config, context, inputs, options.incremental, self.reporter, listing_incomplete
         )
         mode = f"few-shot k={context.k_shot}" if self.memory is not None else "zero-shot"
+        if options.mutual is not None:
+            mode = f"mutual, pools of at most {int(options.mutual.pool_size)}"
         shard = f", shard {options.shard[0]}/{options.shard[1]}" if options.shard else ""
+        threshold = "none" if choice.value is None else f"{choice.value:g}"
+        scored_class = "" if options.mutual is not None else f", class '{self.engine.ensemble.class_name}'"
         self.reporter.info(
             f"winclip {__version__}: {plural(len(todo), 'image')} to score"
             + (f" ({skipped} unchanged)" if skipped else "")
             + f"{shard}, {backbone.architecture} ({backbone.weights}) on {backbone.device} {backbone.precision}, "
             f"batch {self.session.batch_size}, "
-            f"{mode}, class '{self.engine.ensemble.class_name}', threshold {choice.value:g} ({choice.source})"
+            f"{mode}{scored_class}, threshold {threshold} ({choice.source})"
         )
         self.run_info = self.record.run_json()
         self.write_run_info()
@@ -400,7 +433,44 @@ class ScanSession:
                 device=self.session.backbone.device,
                 threads=self.session.threads,
             )
-            return write_all(self.session.scored(todo, with_stamp=True, should_stop=should_stop), writer)
+            if self.mutual is None:
+                return write_all(self.session.scored(todo, with_stamp=True, should_stop=should_stop), writer)
+            kept = self._kept_pool(todo)
+            # each call (a watch makes many) pools its files with what OUT kept: nothing of an earlier call
+            self.mutual.kept, self.mutual.scored_now, self.mutual.pools = kept, [], []
+            try:
+                return write_all(self.mutual.scored(todo, with_stamp=True, should_stop=should_stop), writer)
+            finally:
+                self._save_kept_pool(kept)
+
+    def _kept_pool(self, todo: list[tuple[Path, str]]) -> KeptPool | None:
+        """--mode mutual: the features kept from earlier runs in OUT whose rows still stand (an
+        ok row of the same file) and that are not scored again now."""
+        from winclip_cli.io.kept_pool import load_kept_pool
+
+        assert self.state is not None and self.session.extractor is not None
+        extractor = self.session.extractor
+        kept = load_kept_pool(OutputLayout(self.options.out).kept_pool_confined, extractor.layers, extractor.grid_size)
+        if kept is None:
+            return None
+        again = {name for _, name in todo}
+        valid = {row.path: row.sha256 for row in self.state.rows() if row.status == "ok" and row.path not in again}
+        return kept.still_valid(valid)
+
+    def _save_kept_pool(self, before: KeptPool | None) -> None:
+        """The newest images scored in OUT (earlier runs' and this run's), for the next run's pools; only
+        those whose rows were committed (an interrupted or failed run keeps what it finished)."""
+        from winclip_cli.io.kept_pool import save_kept_pool
+
+        assert self.state is not None and self.mutual is not None
+        kept = self.mutual.kept_after_run(before)
+        if kept is None:
+            return
+        try:
+            valid = {row.path: row.sha256 for row in self.state.rows() if row.status == "ok"}
+            save_kept_pool(OutputLayout(self.options.out).kept_pool_confined, kept.still_valid(valid))
+        except (OSError, sqlite3.Error) as err:  # the rows stand; the next --incremental run pools less
+            self.reporter.warn(f"cannot keep the pool's features for the next run: {err}")
 
     def rewrite_csv(self) -> list[ResultRow]:
         """scores.csv rewritten atomically from the state (one row per file, sorted); returns the rows."""
@@ -503,7 +573,8 @@ def _select(
     relabelled = [_relabel(row, context) for row in rows]
     # compare as written (6 decimals): the stored rows hold the rounded values
     if any(a.as_csv_dict() != b.as_csv_dict() for a, b in zip(rows, relabelled, strict=True)):
-        reporter.info(f"threshold is now {context.threshold:g} ({context.threshold_source}): stored rows relabelled")
+        now = "none" if context.threshold is None else f"{context.threshold:g}"
+        reporter.info(f"threshold is now {now} ({context.threshold_source}): stored rows relabelled")
         state.replace_rows(relabelled)
         changed_rows = True
     stamps = state.stamps()
@@ -554,5 +625,8 @@ def _relabel(row: ResultRow, context: RowContext) -> ResultRow:
     if row.status != "ok" or row.score is None:
         return replace(row, threshold_source=context.threshold_source)
     return replace(
-        row, threshold=context.threshold, label=context.label(row.score), threshold_source=context.threshold_source
+        row,
+        threshold=context.threshold,
+        label=context.label(row.decision_score),
+        threshold_source=context.threshold_source,
     )

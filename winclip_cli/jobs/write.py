@@ -45,7 +45,7 @@ from winclip_cli.spec import OutputSpec
 class RowContext:
     """Values that are the same for every row of a run."""
 
-    threshold: float
+    threshold: float | None  # None: no label (mode mutual without --threshold or a calibration)
     threshold_source: str
     mode: str
     k_shot: int | None = None
@@ -64,9 +64,9 @@ class RowContext:
             "threshold_source": self.threshold_source,
         }
 
-    def label(self, score: float) -> str:
+    def label(self, score: float | None) -> str:
         """Decided on the values as written (6 decimals), so that the CSV never contradicts itself
-        and relabelling stored rows gives the label a fresh scan would."""
+        and relabelling stored rows gives the label a fresh scan would; '' without a threshold."""
         return label_of(score, self.threshold)
 
 
@@ -134,7 +134,8 @@ def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
     ctx = settings.context
     sha = item.stamp.sha256 if item.stamp else ""
     if item.error:
-        return ResultRow(path=item.relpath, status="error", error=item.error, sha256=sha, **ctx.common())
+        pooled = item.pool.row_fields() if item.pool is not None else {}
+        return ResultRow(path=item.relpath, status="error", error=item.error, sha256=sha, **ctx.common(), **pooled)
     image = item.image
     assert image is not None
     score, best_tile = image_score(item)
@@ -188,11 +189,13 @@ def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
         problem = f"cannot write outputs: {failure_reason('making the heatmap', err)}"
     if problem and heatmap and not (settings.out_dir / heatmap).is_file():
         heatmap = ""
+    place = item.pool
     return ResultRow(
         path=item.relpath,
         status="ok",
         score=score,
-        label=ctx.label(score),
+        # mode mutual labels by the raw score: its `score` is ranked within the pool (0 to 1 there)
+        label=ctx.label(score if place is None else place.raw_score),
         threshold=ctx.threshold,
         max_pixel_score=max_pixel_score,
         heatmap=heatmap,
@@ -206,6 +209,7 @@ def build_row(item: Decoded, settings: OutputSettings) -> ResultRow:
         sha256=sha,
         error=problem,
         **ctx.common(),
+        **(place.row_fields() if place is not None else {}),
     )
 
 
