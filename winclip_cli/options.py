@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 from winclip_cli.errors import SetupError
 from winclip_cli.io.safe_fs import read_user_file
@@ -299,6 +300,37 @@ class BatchSize:
         return str(self.value)
 
 
+class Shard(NamedTuple):
+    """--shard: shard ``number`` of ``total`` (1-based; a pair, so ``k, n = shard`` reads it).
+
+    ``K/N`` as given, or AUTO (``auto`` or ``auto/N``): K and N from the index variables of the job array
+    the run is a task of (``settings.shard_from_environment``: Slurm, a Kubernetes Indexed Job), read once
+    when the command line parses the option."""
+
+    number: int
+    total: int
+
+    @classmethod
+    def parse(cls, text: str | None) -> Shard | None:
+        if text is None:
+            return None
+        if text == AUTO or text.startswith(f"{AUTO}/"):
+            from winclip_cli.settings import shard_from_environment
+
+            return cls(*shard_from_environment(text[len(AUTO) + 1 :] if "/" in text else None))
+        try:
+            k_text, n_text = text.split("/")
+            k, n = int(k_text), int(n_text)
+        except ValueError:
+            raise SetupError(f"--shard takes K/N such as 2/4, or auto, not {text!r}") from None
+        if not 1 <= k <= n:
+            raise SetupError(f"--shard {text}: K must be between 1 and N")
+        return cls(k, n)
+
+    def __str__(self) -> str:
+        return f"{self.number}/{self.total}"
+
+
 # --------------------------------------------------------------------------------------------------- parsers
 
 
@@ -314,18 +346,9 @@ def parse_scales(text: str) -> tuple[int, ...]:
     return scales
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'K/N' with 1 <= K <= N -> (K, N)."""
-    if text is None:
-        return None
-    try:
-        k_text, n_text = text.split("/")
-        k, n = int(k_text), int(n_text)
-    except ValueError:
-        raise SetupError(f"--shard takes K/N such as 2/4, not {text!r}") from None
-    if not 1 <= k <= n:
-        raise SetupError(f"--shard {text}: K must be between 1 and N")
-    return k, n
+def parse_shard(text: str | None) -> Shard | None:
+    """--shard's text as a :class:`Shard` (None without --shard)."""
+    return Shard.parse(text)
 
 
 def check_rate(option: str, value: float | None) -> float | None:

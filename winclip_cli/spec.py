@@ -8,6 +8,7 @@ A command's spec is composed of the parts the stages need, each made of the valu
     TextSpec    class name, prompt file, text cache            -> the text embeddings
     MutualSpec  pool size, layers (mode mutual)               -> the pools and their features
     OutputSpec  output folder, heatmap format, raw maps         -> the result writer
+    ScanSpec    scan's and watch's spec: the parts above, threshold, references, shard
 
 A stage takes only its part: the decoder an ``InputSpec``, the writer an ``OutputSpec``. Nothing
 below ``cli/`` parses option text again or restates a default. Like ``options.py``, this module
@@ -33,6 +34,9 @@ from winclip_cli.options import (
     Layers,
     PoolSize,
     Precision,
+    ScoringMode,
+    Shard,
+    Threshold,
     Tiling,
 )
 
@@ -96,3 +100,29 @@ class OutputSpec:
     heatmaps: HeatmapFormat = HeatmapFormat(DEFAULT_HEATMAPS)
     save_maps: bool = False
     thumbnails: bool = True
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """``scan`` and ``watch``: what is scored (``directory``, this ``shard`` of it), with which model,
+    prompts and scoring mode, against which threshold, written where."""
+
+    directory: Path
+    model: ModelSpec
+    inputs: InputSpec
+    text: TextSpec
+    output: OutputSpec
+    threshold: Threshold = Threshold()
+    refs: Path | None = None  # the few-shot memory (mode few-shot)
+    calibration: Path | None = None
+    incremental: bool = False
+    shard: Shard | None = None
+    mutual: MutualSpec | None = None  # mode mutual: each image scored against the others of its pool
+
+    @property
+    def out(self) -> Path:
+        return self.output.out
+
+    @property
+    def mode(self) -> ScoringMode:
+        return ScoringMode.MUTUAL if self.mutual is not None else ScoringMode.of_refs(self.refs)

@@ -122,15 +122,20 @@ def test_calibration_of_another_configuration_is_refused_or_ignored(tmp_path, ti
     assert result.exit_code == 2 and "recalibrate" in result.stderr
     # the prompts differ because the class does: the message names both classes (issue 13)
     assert "another class ('fabric'; this run scores class 'bottle')" in result.stderr
-    # stored in a memory and another class at scan time: warned, default threshold used
+    # stored in a memory and another class at scan time: the same rule (issue 22): refused, since a cron
+    # job must not silently lose its calibrated threshold; with --threshold, warned and scanned
     refs = tmp_path / "refs.npz"
     assert invoke(["build-refs", str(GOOD), "--out", str(refs), "-q", *tiny_args]).exit_code == 0
     assert invoke(["calibrate", str(GOOD), "--refs", str(refs), "--class", "fabric", "-q", *tiny_args]).exit_code == 0
     out = tmp_path / "o2"
     result = invoke(["scan", str(TEST), "--refs", str(refs), "--class", "bottle", "--out", str(out), *tiny_args])
+    assert result.exit_code == 2 and "recalibrate" in result.stderr and "or pass --threshold" in result.stderr
+    assert "stored in" in result.stderr and "another class ('fabric'; this run scores class 'bottle')" in result.stderr
+    assert not (out / "scores.csv").exists()
+    args = ["scan", str(TEST), "--refs", str(refs), "--class", "bottle", "--threshold", "0.5", "--out", str(out)]
+    result = invoke([*args, *tiny_args])
     assert result.exit_code == 0 and "recalibrate" in result.stderr
-    assert "another class ('fabric'; this run scores class 'bottle')" in result.stderr
-    assert {r["threshold_source"] for r in read_results_csv(out / "scores.csv")} == {"default"}
+    assert {r["threshold_source"] for r in read_results_csv(out / "scores.csv")} == {"--threshold"}
 
 
 def test_single_reference_memory_cannot_leave_itself_out(tmp_path, tiny_args):

@@ -409,9 +409,11 @@ def test_a_calibration_for_another_class_names_the_class():
         "fingerprint": {**fingerprint, "vocabulary_sha256": "bottle-prompts"},
         "calibration": {},
     }
+    from winclip_cli.errors import SetupError
+
     reporter = SilentReporter()
-    choice = choose_threshold(None, calibration, "refs.npz", False, fingerprint, reporter, class_name="screw")
-    assert choice.source == "default"
-    (message,) = reporter.messages
+    with pytest.raises(SetupError) as refused:  # one rule for --refs and --calibration (issue 22)
+        choose_threshold(None, calibration, "refs.npz", False, fingerprint, reporter, class_name="screw")
+    message = str(refused.value)
     assert "made with another class ('bottle'; this run scores class 'screw')" in message
     assert "vocabulary_sha256" not in message

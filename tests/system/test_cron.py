@@ -690,7 +690,7 @@ def test_shards_partition_the_scan_and_merge_back(tmp_path, tiny_args):
     refused = tmp_path / "merged-mixed"
     result = invoke(["merge", other, *shard_dirs[3][1:], "--out", refused])
     assert result.exit_code == 2
-    assert "class_name" in result.stderr and "Traceback" not in result.output
+    assert "class (--class)" in result.stderr and "Traceback" not in result.output  # the option, not the key
     assert not (refused / "scores.csv").exists()
 
 

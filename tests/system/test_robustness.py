@@ -169,7 +169,9 @@ def test_merge_warns_about_missing_shards(tmp_path, tiny_args):
         args = ["scan", str(GOOD), "--shard", f"{k}/3", "--out", str(tmp_path / f"s{k}"), "-q", *tiny_args]
         assert invoke(args).exit_code == 0
     result = invoke(["merge", str(tmp_path / "s1"), str(tmp_path / "s3"), "--out", str(tmp_path / "m")])
-    assert result.exit_code == 0 and "shards 2 of 3 are missing" in result.stderr
+    # merged, but no complete result: exit 3, as a scan that could not read every file (issue 22)
+    assert result.exit_code == 3 and "shards 2 of 3 are missing" in result.stderr
+    assert (tmp_path / "m" / "scores.csv").is_file()
 
 
 def test_banded_overlay_equals_the_whole_image_formula():

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -157,7 +158,7 @@ def test_watch_scores_backlog_renames_and_a_burst_then_stops_on_sigterm_and_rest
     # the lock: a scan of the same OUT is refused while the watch runs
     scan = run_cli(["scan", folder, "--out", out, *tiny_args], timeout=TIMEOUT)
     assert scan.returncode == 4, scan.stderr
-    assert "another winclip scan is writing to" in scan.stderr
+    assert "another winclip watch is writing to" in scan.stderr
 
     messages_before = len(watch.messages)
     burst = {f"burst_{i:02d}.png": png_bytes(200 + i) for i in range(50)}
@@ -168,9 +169,9 @@ def test_watch_scores_backlog_renames_and_a_burst_then_stops_on_sigterm_and_rest
     contents.update(burst)
     watch.wait_rows(54)
     # a batch's line reaches stderr just after its rows reach stdout: wait for the lines of all 50
-    batch_lines = lambda: [m for m in watch.messages[messages_before:] if " scored: " in m]  # noqa: E731
+    batch_lines = lambda: [m for m in watch.messages[messages_before:] if re.match(r"\d+ scored, ", m)]  # noqa: E731
     wait_until(
-        lambda: sum(int(m.split(" scored: ")[0]) for m in batch_lines()) >= 50, "the burst's batch lines", watch.proc
+        lambda: sum(int(m.split(" scored, ")[0]) for m in batch_lines()) >= 50, "the burst's batch lines", watch.proc
     )
     batches = len(batch_lines())
     assert 1 <= batches < 10, watch.messages  # a burst is scored in a few batches, not file by file
@@ -288,6 +289,12 @@ def test_watch_with_events_waits_for_a_slow_writer_and_scores_a_broken_file_once
     wait_until(lambda: sum("cannot reload" in m for m in watch.messages) == 2, "SIGHUP's reload", watch.proc)
     assert watch.stop() == 0
     assert len(watch.rows) == 9
+    # each batch's line counts as the final line does: their figures add up to it (issue 22)
+    counts = r"(\d+) scored, (\d+) anomalous, (\d+) errors?"
+    batches = [found for m in watch.messages if (found := re.match(counts, m))]
+    (final,) = [found for m in watch.messages if (found := re.match(f"watch stopped: {counts}", m))]
+    assert [sum(int(b[i]) for b in batches) for i in (1, 2, 3)] == [int(final[i]) for i in (1, 2, 3)]
+    assert int(final[3]) == 1  # the broken file, once
     rows = {row["path"]: row for row in csv_rows(out)}
     assert sorted(rows) == names  # one row per file
     assert rows["broken.png"]["status"] == "ok"
@@ -295,6 +302,27 @@ def test_watch_with_events_waits_for_a_slow_writer_and_scores_a_broken_file_once
     hooked = [json.loads(line)["path"] for line in hook_log.read_text().splitlines()]
     assert hooked[:4] == ["meanwhile.png", "slow.png", "later.png", "broken.png"]
     assert sorted(hooked[4:]) == sorted([*names, "later.png"])
+
+
+def test_a_quiet_watch_stops_without_a_word(tmp_path: Path, tiny_args: list[str]) -> None:
+    folder, out = tmp_path / "camera", tmp_path / "out"
+    folder.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "winclip_cli", "watch", str(folder), "--out", str(out), "-q", *tiny_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: (out / "run.json").is_file(), "the watch to start", proc)
+        assert (out / ".winclip" / "lock").read_text().startswith("winclip watch, pid ")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and stdout == "" and stderr == ""
 
 
 # ---------------------------------------------------------------------------------- arrival logic and hooks

@@ -539,3 +539,28 @@ def test_large_report_stays_lean(tmp_path: Path) -> None:
     assert len(tree.by_id("gallery").find_all("div", "card")) == 5000
     assert len(page) / 5000 < 400  # bytes per card without thumbnails: a simple DOM
     assert sum(int(b.attrs["data-count"]) for b in tree.by_id("histogram").find_all("g", "bin")) == 5000
+
+
+def test_the_heatmap_colour_scale_is_the_heatmaps_own_with_the_thresholds_marked(tmp_path: Path) -> None:
+    from winclip_cli.io.outputs import LUT, colour_index
+
+    run = default_run() | {"threshold": 0.25, "pixel_threshold": 0.75}
+    tree = parse(build_report(make_output_folder(tmp_path / "out", run)).read_text(encoding="utf-8"))
+    scale = tree.by_id("colour-scale")
+    bands = scale.find_all("rect", "band")
+    colours = [band.attrs["fill"] for band in bands]
+    # the ends are the colours a heatmap gives a score of 0 and of 1: the scale is fixed, never stretched
+    for value, colour in ((0.0, colours[0]), (1.0, colours[-1])):
+        red, green, blue = LUT[int(colour_index(np.array([[value]], dtype=np.float32))[0, 0])]
+        assert colour == f"#{red:02x}{green:02x}{blue:02x}"
+    first_x = float(bands[0].attrs["x"])
+    last_end = float(bands[-1].attrs["x"]) + float(bands[-1].attrs["width"]) - 0.3
+    for ident, value in (("image-threshold-mark", 0.25), ("pixel-threshold-mark", 0.75)):
+        mark = tree.by_id(ident)
+        assert float(mark.attrs["data-value"]) == value
+        assert float(mark.attrs["x1"]) == pytest.approx(first_x + value * (last_end - first_x), abs=0.1)
+    # without a calibration there is no pixel threshold to mark
+    uncalibrated = default_run() | {"pixel_threshold": None}
+    plain = parse(build_report(make_output_folder(tmp_path / "plain", uncalibrated)).read_text(encoding="utf-8"))
+    plain.by_id("image-threshold-mark")
+    assert not [e for e in plain.iter() if e.attrs.get("id") == "pixel-threshold-mark"]

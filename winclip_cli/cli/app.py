@@ -12,8 +12,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -47,15 +48,16 @@ from winclip_cli.errors import (
     WinclipError,
 )
 from winclip_cli.io.layout import OutputLayout
+from winclip_cli.jobs import plan
 from winclip_cli.options import (
     DEFAULT_CALIBRATION_FILE,
     DEFAULT_FPR,
     DEFAULT_HOOK_TIMEOUT,
     HeatmapFormat,
     ScoringMode,
+    Shard,
     Threshold,
     check_rate,
-    parse_shard,
 )
 from winclip_cli.spec import OutputSpec, TextSpec
 from winclip_cli.wording import plural
@@ -73,18 +75,25 @@ R = TypeVar("R")
 
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
-JOB_EXIT_CODES_HELP = """
+
+def _paragraph(text: str) -> str:
+    """An epilog as one paragraph: the help reflows it to the terminal's width (a hard line break would stay)."""
+    return " ".join(text.split())
+
+
+JOB_EXIT_CODES_HELP = _paragraph("""
 Exit codes: 0 done; 2 usage, setup or environment error (bad option, no images, weights unusable,
 unwritable output); 3 some files could not be read (every other image was used); 130 interrupted.
-"""
+""")
 
-EXIT_CODES_HELP = """
+EXIT_CODES_HELP = _paragraph("""
 Exit codes: 0 done; 1 at least one image scored over the threshold (only with --fail-on-anomaly);
 2 usage, setup or environment error (bad option, no images, weights or memory unusable, unwritable
 output); 3 some files or folders could
-not be read (every other image was scored and written); 4 another scan is writing to the same output
-folder; 130 interrupted (results so far are kept).
-"""
+not be read (every other image was scored and written); 4 another scan or watch is writing to the same output
+folder; 130 interrupted (results so far are kept); 141 the reader of --json went away (a closed pipe,
+e.g. `| head`): scanning stopped, results so far are kept.
+""")
 
 
 class _PlainHelp:
@@ -211,6 +220,15 @@ def main_callback(
 # (``with_options`` adds them to a command) and the options scan and watch have in common.
 
 
+def _table_console() -> Console:
+    """stdout for tables: a terminal's width, else (cron mail, a log, a pipe) wide enough that no value
+    is cut or wrapped."""
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(highlight=False, soft_wrap=True, width=1000)
+    return console
+
+
 def _progress(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -226,10 +244,12 @@ def _progress(quiet: bool):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the scan to stop after the current batch; a second SIGINT aborts."""
+    """SIGINT/SIGTERM ask the scan to stop after the current batch; a second SIGINT aborts.
+    ``quiet`` (``-q``): stop without saying so."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.requested = False
+        self.quiet = quiet
 
     def __call__(self) -> bool:
         return self.requested
@@ -242,7 +262,8 @@ class StopFlag:
             if self.requested:
                 return  # a storm of SIGTERM: said once (printing from a handler again could re-enter)
             self.requested = True
-            stderr.print("[yellow]stopping after the current batch (Ctrl-C again to abort)…[/]")
+            if not self.quiet:
+                stderr.print("[yellow]stopping after the current batch (Ctrl-C again to abort)…[/]")
 
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -267,6 +288,7 @@ class ConsoleReporter:
         self.json_lines = json_lines
         self.progress = _progress(quiet)
         self.task = None
+        self.warnings = 0  # a run that warned is not remembered as one the next run may skip (jobs/plan.py)
 
     def __enter__(self) -> ConsoleReporter:
         self.progress.__enter__()
@@ -280,6 +302,7 @@ class ConsoleReporter:
             self.progress.console.print(_escape(message))
 
     def warn(self, message: str) -> None:
+        self.warnings += 1
         self.progress.console.print(f"[yellow]warning:[/] {_escape(message, one_line=True)}")
 
     def start(self, description: str, total: int) -> None:
@@ -317,23 +340,35 @@ def run_command(
 ) -> NoReturn:
     """The skeleton of every command that runs a job, written once.
 
-    ``parse`` checks every argument and builds the job's spec before anything heavy is imported (a
-    mistake fails at once); ``job`` imports and runs the job with a console reporter (rows as JSON on
+    ``guard`` is entered first and left last (OUT's claim: its lock, taken by ``parse`` once every
+    argument is checked, before torch is imported; the output folder removed when unused); ``parse``
+    checks every argument and builds the job's spec before anything heavy is imported (a mistake fails
+    at once); ``job`` imports and runs the job with a console reporter (rows as JSON on
     stdout with --json) and, when ``stoppable``, SIGINT/SIGTERM asking it to stop after the current
     batch; ``after`` runs what follows it (a report), with the same error handling; ``summary``
     prints the outcome and returns the exit code. Every failure is one line and its exit code.
     """
     with user_errors():
-        spec = parse()
-        stop = StopFlag()
-        with guard(), (reporter or ConsoleReporter)(quiet, json_lines) as console:
-            with stop.installed() if stoppable else nullcontext():
-                result = job(spec, console, stop)
-        after(result)
+        stop = StopFlag(quiet)
+        with guard():
+            spec = parse()
+            with (reporter or ConsoleReporter)(quiet, json_lines) as console:
+                with stop.installed() if stoppable else nullcontext():
+                    result = job(spec, console, stop)
+            after(result)
     raise typer.Exit(summary(result))
 
 
 # ------------------------------------------------------------------------------------------------------ scan
+
+
+@contextmanager
+def _claimed(out: Path, claim: preflight.OutputClaim) -> Iterator[None]:
+    """OUT's claim held inside ``removed_if_unused``: the lock is released before an unused OUT is removed."""
+    with ExitStack() as stack:
+        stack.enter_context(preflight.removed_if_unused(out))
+        stack.enter_context(claim)
+        yield
 
 
 def scan_spec(
@@ -344,11 +379,13 @@ def scan_spec(
     scan_args: ScanArgs,
     *,
     incremental: bool,
-    shard: tuple[int, int] | None = None,
+    claim: preflight.OutputClaim,
+    shard: Shard | None = None,
     mode_args: ModeArgs | None = None,
     fail_on_anomaly: bool = False,
 ) -> ScanSpec:
-    """The spec of a scan or a watch, with everything that needs no model checked first."""
+    """The spec of a scan or a watch, with everything that needs no model checked first and OUT locked,
+    before torch is imported: a mistake, or a folder in use, fails at once."""
     model = model_args.parse()
     mode, mutual = (mode_args or ModeArgs()).parse(scan_args.refs)
     threshold = Threshold.parse(scan_args.threshold, upper=mode.score_range)
@@ -368,9 +405,10 @@ def scan_spec(
     preflight.check_memory_file(scan_args.refs)
     preflight.check_input_file("--calibration", scan_args.calibration)
     load_vocabulary(scan_args.prompts)
-    preflight.check_not_busy(out)
+    preflight.check_model_files(model_args.model, model_args.weights)
+    claim.take()
 
-    from winclip_cli.jobs.scan import ScanSpec
+    from winclip_cli.spec import ScanSpec
 
     return ScanSpec(
         directory=directory,
@@ -416,7 +454,13 @@ def scan(
     ] = False,
     shard: Annotated[
         str | None,
-        typer.Option("--shard", help="Score only shard K of N (K/N, 1-based), e.g. 2/4.", show_default=False),
+        typer.Option(
+            "--shard",
+            help="Score only shard K of N (K/N, 1-based), e.g. 2/4; or auto: K and N from a Slurm job array "
+            "(SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, "
+            "with auto/N or WINCLIP_SHARD_COUNT).",
+            show_default=False,
+        ),
     ] = None,
     report: Annotated[bool, typer.Option("--report", help="Write OUT/report.html after the scan.")] = False,
     quiet: QuietOpt = False,
@@ -450,7 +494,9 @@ def scan(
     is empty without one. A folder where most parts are defective is the wrong input; a pool of fewer
     than 10 images is warned about.
     """
+    checks_started = time.perf_counter()
     out = scan_args.out
+    claim = preflight.OutputClaim(out, "scan")
 
     def parse() -> ScanSpec:
         return scan_spec(
@@ -460,17 +506,31 @@ def scan(
             tile_args,
             scan_args,
             incremental=incremental,
-            shard=parse_shard(shard),
+            claim=claim,
+            shard=Shard.parse(shard),
             mode_args=mode_args,
             fail_on_anomaly=fail_on_anomaly,
         )
 
-    def job(spec: ScanSpec, reporter: Reporter, stop: Callable[[], bool]) -> ScanResult:
-        from winclip_cli.jobs.scan import run_scan_job
+    def job(spec: ScanSpec, reporter: Reporter, stop: Callable[[], bool]) -> ScanResult | plan.NothingToScore:
+        request = plan.request_of(spec)
+        if (previous := plan.other_input(request)) is not None:
+            reporter.warn(
+                f"{out} holds the results of another input ({previous}): its rows are replaced, and its "
+                "heatmaps stay in the folder; use one --out per input folder"
+            )
+        result: ScanResult | plan.NothingToScore | None
+        result = plan.without_model(request, reporter, checks_started)  # nothing to score: no torch
+        if result is None:
+            from winclip_cli.jobs.scan import run_scan_job
 
-        return run_scan_job(spec, reporter, should_stop=stop)
+            result = run_scan_job(spec, reporter, should_stop=stop)
+            warned = getattr(reporter, "warnings", 0)
+            if not (result.interrupted or result.unlisted or warned):
+                plan.remember(request)  # the next run with these options may decide without the model
+        return result
 
-    def write_report(result: ScanResult) -> None:
+    def write_report(result: ScanResult | plan.NothingToScore) -> None:
         if report:
             from winclip_cli.report.page import build_report
 
@@ -478,12 +538,11 @@ def scan(
             if not quiet:
                 stderr.print(f"report: {_escape(str(page))}")
 
-    def summary(result: ScanResult) -> int:
+    def summary(result: ScanResult | plan.NothingToScore) -> int:
         # The summary and the exit code describe scores.csv as it now is: with --incremental, the rows kept
         # from earlier runs (relabelled when the threshold changed) count as much as the rows scored now.
         if not quiet:
             scanned = result.summary
-            rate = scanned.scored / result.seconds if result.seconds > 0 else 0.0
             scored_now = (
                 f" ({scanned.images} scored now, {result.skipped_unchanged} unchanged)"
                 if result.skipped_unchanged
@@ -496,7 +555,8 @@ def scan(
                 f"{stopped}[bold]{plural(result.total_rows, 'image')}[/]: "
                 f"[bold]{result.total_anomalies}[/] anomalous, {result.total_normal} normal, {unlabelled_text}"
                 f"[bold]{plural(result.total_errors, 'error')}[/]{scored_now} "
-                f"in {result.seconds:.1f} s ({rate:.2f} images/s) -> {_escape(str(OutputLayout(out).scores_csv))}"
+                f"in {plan.describe_timing(result.run_info, scanned.scored)} "
+                f"-> {_escape(str(OutputLayout(out).scores_csv))}"
             )
         if result.interrupted:
             return EXIT_INTERRUPTED
@@ -513,17 +573,17 @@ def scan(
         quiet=quiet,
         json_lines=scan_args.json_lines,
         stoppable=True,
-        guard=lambda: preflight.removed_if_unused(out),
+        guard=lambda: _claimed(out, claim),
         after=write_report,
     )
 
 
 # ----------------------------------------------------------------------------------------------------- watch
 
-WATCH_EXIT_CODES_HELP = """
+WATCH_EXIT_CODES_HELP = _paragraph("""
 Exit codes: 0 stopped by SIGTERM or Ctrl-C after committing the current batch; 2 usage, setup or
 environment error; 4 another scan or watch is writing to the same output folder.
-"""
+""")
 
 
 class _WatchReporter(ConsoleReporter):
@@ -587,10 +647,14 @@ def watch(
     in OUT (as `scan --mode mutual --incremental`): no label, and no --on-anomaly, without a threshold.
     """
 
+    claim = preflight.OutputClaim(scan_args.out, "watch")
+
     def parse() -> WatchSpec:
         if poll is not None and poll <= 0:
             raise SetupError(f"--poll takes a positive number of seconds, not {poll:g}")
-        scan = scan_spec(directory, model_args, input_args, tile_args, scan_args, incremental=True, mode_args=mode_args)
+        scan = scan_spec(
+            directory, model_args, input_args, tile_args, scan_args, incremental=True, claim=claim, mode_args=mode_args
+        )
         from winclip_cli.jobs.watch import WatchSpec
 
         return WatchSpec(scan, poll=poll, on_anomaly=on_anomaly, hook_timeout=hook_timeout)
@@ -609,7 +673,14 @@ def watch(
         return EXIT_OK
 
     run_command(
-        parse, job, summary, quiet=quiet, json_lines=scan_args.json_lines, reporter=_WatchReporter, stoppable=True
+        parse,
+        job,
+        summary,
+        quiet=quiet,
+        json_lines=scan_args.json_lines,
+        reporter=_WatchReporter,
+        stoppable=True,
+        guard=lambda: claim,
     )
 
 
@@ -670,6 +741,8 @@ def build_refs(
         if append and out.exists():
             preflight.check_memory_file(out)
         load_vocabulary(prompts)
+        preflight.check_model_files(model_args.model, model_args.weights)
+
         from winclip_cli.jobs.refs import RefsSpec
 
         inputs = input_args.parse(tiling)
@@ -779,6 +852,8 @@ def calibrate(
         else:
             preflight.check_output_file("--out", calibration_file)
         load_vocabulary(prompts)
+        preflight.check_model_files(model_args.model, model_args.weights)
+
         from winclip_cli.jobs.calibrate import CalibrateSpec
 
         inputs = input_args.parse(tiling)
@@ -799,7 +874,7 @@ def _calibration_summary(result: CalibrateResult, quiet: bool) -> int:
     from winclip_cli.core.calibration import histogram
 
     cal = result.calibration
-    console = Console(highlight=False, soft_wrap=True)
+    console = _table_console()
     if not quiet:
         bins = histogram(result.scores, hi=result.score_range)
         peak = max(count for _, _, count in bins) or 1
@@ -889,6 +964,9 @@ def evaluate(
         preflight.check_input(root, "evaluation data folder")
         preflight.check_output_folder("--out", out)
         load_vocabulary(prompts)
+        preflight.check_model_files(model_args.model, model_args.weights)
+        preflight.check_evaluation_data(root, k_shot)
+
         from winclip_cli.jobs.evaluate import EvalSpec
 
         return EvalSpec(
@@ -926,7 +1004,7 @@ def evaluate(
             table.add_row(_escape(r.name), counts, *(fmt(r.metrics[m]) for m in METRICS))
         mean = mean_metrics(results)
         table.add_row("[bold]mean[/]", str(sum(r.n_images for r in results)), *(fmt(mean[m]) for m in METRICS))
-        Console(highlight=False, soft_wrap=True).print(table)
+        _table_console().print(table)
         for r in results:
             for metric, why in r.notes.items():
                 stderr.print(f"[yellow]note:[/] {_escape(r.name)} {metric}: {_escape(why)}")
@@ -940,7 +1018,17 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------- merge, report
 
 
-@app.command()
+MERGE_EXIT_CODES_HELP = _paragraph("""
+Exit codes: 0 merged, every shard present and complete; 2 usage or setup error (folders of different
+configurations, no run.json); 3 merged, but shards are missing, repeated or interrupted (named above).
+""")
+
+REPORT_EXIT_CODES_HELP = _paragraph("""
+Exit codes: 0 written; 2 usage or setup error (no such folder, no scores.csv, unwritable).
+""")
+
+
+@app.command(epilog=MERGE_EXIT_CODES_HELP)
 def merge(
     folders: Annotated[list[Path], typer.Argument(help="Output folders of sharded scans (--shard K/N).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged output.")] = Path("winclip-merged"),
@@ -972,11 +1060,14 @@ def merge(
         f"{plural(len(result.rows), 'row')} from {plural(len(folders), 'folder')} "
         f"-> {_escape(str(OutputLayout(out).scores_csv))}"
     )
+    # a merge that lacks shards is no complete result: a script must not take it for one
+    raise typer.Exit(EXIT_UNREADABLE if result.warnings else EXIT_OK)
 
 
-@app.command("report")
+@app.command("report", epilog=REPORT_EXIT_CODES_HELP)
 def report_command(
     out_dir: Annotated[Path, typer.Argument(help="An output folder of `winclip scan` (or `winclip merge`).")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the report's path.")] = False,
 ) -> None:
     """(Re)build OUT_DIR/report.html: a self-contained page of the run, worst images first.
 
@@ -992,16 +1083,31 @@ def report_command(
         if not OutputLayout(out_dir).scores_csv.is_file():
             raise SetupError(f"{out_dir} has no scores.csv (is it the --out folder of a scan?)")
         page = build_report(out_dir)
-    stderr.print(f"report: {_escape(str(page))}")
+    if not quiet:
+        stderr.print(f"report: {_escape(str(page))}")
 
 
 # --------------------------------------------------------------------------------------------------- prompts
 
 
-@app.command()
+PROMPTS_EXIT_CODES_HELP = _paragraph("""
+Exit codes: 0 printed (also when the reader stops early, e.g. `| head`); 2 usage error (a --prompts
+file that cannot be read or has a mistake, named with its line).
+""")
+
+
+@app.command(epilog=PROMPTS_EXIT_CODES_HELP)
 def prompts(
     class_name: ClassOpt = DEFAULT_CLASS,
-    prompts_file: PromptsOpt = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="TOML file that extends or replaces the prompt vocabulary: its states and templates "
+            "(mode, normal, anomalous, templates; see the README's 'Prompts and custom vocabularies').",
+            show_default=False,
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the ensemble as one JSON document.")] = False,
 ) -> None:
     """Show the prompt ensemble that `scan` compares images against.

@@ -93,7 +93,7 @@ HeatmapsOpt = Annotated[
     str,
     typer.Option(
         "--heatmaps",
-        help="Heatmap files: png, jpg (a tenth of the size, much faster: for high-rate lines) or none "
+        help="Heatmap files: png, jpg (a fifth to a seventh of the size, much faster: for high-rate lines) or none "
         "(scores only; the report still shows a small heatmap thumbnail).",
     ),
 ]

@@ -13,9 +13,13 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from winclip_cli.errors import SetupError
 from winclip_cli.io.checks import check_memory_file  # noqa: F401  (re-exported for the commands)
+
+if TYPE_CHECKING:
+    from winclip_cli.io.state import OutputLock
 
 # ``state`` (and with it numpy, PIL) is imported only where an output folder already exists: the
 # checks that fail most often stay as light as Python's own start-up.
@@ -33,6 +37,24 @@ def check_input_file(option: str, path: Path | None) -> None:
         raise SetupError(f"{option} file not found: {path}")
     if not path.is_file():
         raise SetupError(f"{option} {path} is not a file")
+
+
+def check_model_files(model: str, weights: str | None) -> None:
+    """``--model`` (an open_clip architecture or a config JSON) and ``--weights`` (or ``$WINCLIP_WEIGHTS``: a
+    checkpoint file that is one), read without torch or open_clip; after the cheaper checks of option text."""
+    from winclip_cli.io.model_files import check_model_option, check_weights_option
+
+    check_model_option(model)
+    check_weights_option(weights)
+
+
+def check_evaluation_data(root: Path, k_shot: int) -> None:
+    """``eval``'s folder holds a recognised layout with test images, and enough normal training images for
+    ``--k-shot``: the listing needs no model (numpy and Pillow, no torch)."""
+    from winclip_cli.io.datasets import discover_categories, draw_references
+
+    for category in discover_categories(root):
+        draw_references(category, k_shot, None)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -72,15 +94,44 @@ def check_output_folder(option: str, path: Path) -> None:
     _check_can_create_in(option, path)
 
 
-def check_not_busy(out: Path) -> None:
-    """Exit 4 at once when another scan holds the output folder's lock (the job takes the lock itself)."""
-    if not out.is_dir():
-        return
-    from winclip_cli.io.state import OutputBusyError, lock_holder
+class OutputClaim:
+    """OUT's lock, taken by the command line once every argument is checked and before torch is imported,
+    so a second run on the same folder fails at once (exit 4) instead of after loading the model.
 
-    holder = lock_holder(out)  # only the parsed "pid N on HOST since DATE": the file could hold anything
-    if holder is not None:
-        raise OutputBusyError(f"another winclip scan is writing to {out} ({holder}); wait for it or use another --out")
+    ``take()`` creates OUT (an ``--out`` that cannot be created fails here, naming the option) and locks
+    it; the job takes the same lock again, which in this thread is the same hold. Leaving the ``with``
+    block releases it.
+    """
+
+    def __init__(self, out: Path, command: str = "scan") -> None:
+        self.out = out
+        self.command = command
+        self._lock: OutputLock | None = None
+
+    def take(self) -> None:
+        from winclip_cli.io.state import OutputLock, refuse_links
+
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SetupError(f"--out {self.out}: cannot create it ({err.strerror or err})") from None
+        refuse_links(self.out)
+        lock = OutputLock(self.out, self.command)
+        try:
+            lock.acquire()
+        except SetupError as err:
+            if type(err) is SetupError:  # cannot open or lock the lock file: say which option it is
+                raise SetupError(f"--out {self.out}: {err}") from None
+            raise
+        self._lock = lock
+
+    def __enter__(self) -> OutputClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 @contextmanager

@@ -21,13 +21,20 @@ from torch import nn
 
 from winclip_cli.errors import SetupError, WeightsUnavailableError
 from winclip_cli.io.hashing import sha256_handle
+from winclip_cli.io.model_files import (
+    CHECKPOINT_SUFFIXES,  # noqa: F401  (where callers found it before)
+    DEFAULT_WEIGHTS,
+    WEIGHTS_ENV,
+    check_checkpoint_file,
+    check_model_config_sizes,  # noqa: F401  (where callers found it before)
+    is_config_path,
+    looks_like_path,
+    read_model_config,
+    unknown_architecture_message,
+)
 from winclip_cli.io.safe_fs import open_regular
 from winclip_cli.options import AUTO, DEFAULT_ARCHITECTURE, DEFAULT_PRECISION, Device, Precision
 from winclip_cli.settings import cache_dir
-
-DEFAULT_WEIGHTS = "laion400m_e31"
-WEIGHTS_ENV = "WINCLIP_WEIGHTS"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 @dataclass
@@ -116,62 +123,13 @@ def resolve_architecture(model: str) -> str:
     A config whose sizes no real CLIP has (10,000,000 layers...) is refused before anything is built:
     building it would take minutes and end in an allocation failure."""
     path = Path(model)
-    if model.endswith(".json") or path.is_file():
-        try:
-            with open_regular(path) as handle:  # a FIFO never blocks; a config is a few KB
-                text = handle.read(_CONFIG_LIMIT + 1)
-        except FileNotFoundError:
-            raise SetupError(f"model config file not found: {model}") from None
-        except OSError as err:
-            raise SetupError(f"cannot read model config {model}: {err.strerror or err}") from None
-        if len(text) > _CONFIG_LIMIT:
-            raise SetupError(f"{model} is not an open_clip model config (larger than {_CONFIG_LIMIT} bytes)")
-        try:
-            config = json.loads(text.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise SetupError(f"cannot read model config {model}: {str(err)[:160] or 'nested too deeply'}") from None
-        if not isinstance(config, dict) or "vision_cfg" not in config or "text_cfg" not in config:
-            raise SetupError(f"{model} is not an open_clip model config (needs 'vision_cfg' and 'text_cfg')")
-        check_model_config_sizes(config, model)
+    if is_config_path(model):
+        read_model_config(model)  # the same checks the command line ran before importing torch
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
-        close = [name for name in open_clip.list_models() if model.lower() in name.lower()][:5]
-        hint = f" (did you mean: {', '.join(close)}?)" if close else " (see open_clip.list_models())"
-        raise SetupError(f"unknown model architecture {model!r}{hint}")
+        raise SetupError(unknown_architecture_message(model, open_clip.list_models()))
     return model
-
-
-_CONFIG_LIMIT = 1 << 20
-# Far above every open_clip model (ViT-bigG-14: 48 layers, width 1664, 2.5 G parameters), far below what
-# exhausts a machine's memory while the modules are built.
-MAX_LAYERS = 256
-MAX_WIDTH = 16384
-MAX_PARAMETERS = 20_000_000_000
-
-
-def check_model_config_sizes(config: dict, name: str) -> None:
-    """SetupError for a config whose layer count, width or estimated parameter count is absurd."""
-    total = 0
-    for tower in ("vision_cfg", "text_cfg"):
-        cfg = config.get(tower)
-        if not isinstance(cfg, dict):
-            raise SetupError(f"{name} is not an open_clip model config ({tower} is not an object)")
-        sizes = {}
-        for key, cap in (("layers", MAX_LAYERS), ("width", MAX_WIDTH), ("vocab_size", 10_000_000)):
-            value = cfg.get(key, 1)
-            if isinstance(value, list):  # ResNet towers give layers per stage
-                value = sum(v for v in value if isinstance(v, int))
-            if not isinstance(value, int) or isinstance(value, bool):
-                continue  # open_clip says what is wrong with a non-number
-            if value > cap:
-                raise SetupError(f"{name}: {tower}.{key} = {value} is larger than any CLIP model (at most {cap})")
-            sizes[key] = max(value, 1)
-        total += 12 * sizes.get("layers", 1) * sizes.get("width", 1) ** 2 + sizes.get("vocab_size", 1) * sizes.get(
-            "width", 1
-        )
-    if total > MAX_PARAMETERS:
-        raise SetupError(f"{name}: about {total / 1e9:.0f} G parameters, larger than any CLIP model; refused")
 
 
 def config_sha256(architecture: str) -> str:
@@ -184,14 +142,14 @@ def default_weights() -> str:
     return os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS
 
 
-def _looks_like_path(weights: str) -> bool:
-    return os.sep in weights or "/" in weights or weights.lower().endswith(CHECKPOINT_SUFFIXES)
+_looks_like_path = looks_like_path
 
 
 def resolve_weights(architecture: str, weights: str) -> Path:
     """The local checkpoint file for ``weights``: the file itself, or a tag's download in the cache."""
     path = Path(weights).expanduser()
     if path.is_file():
+        check_checkpoint_file(path, f"--weights {weights}")
         return path
     if path.exists():
         raise WeightsUnavailableError(f"--weights {weights} is not a file")
@@ -328,7 +286,70 @@ def load_weights(model: nn.Module, checkpoint: Path, source: str | None = None) 
         open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
 
 
-def _read_state_dict(checkpoint: Path, source: str) -> dict[str, torch.Tensor] | None:
+def _load_failure(checkpoint: Path, architecture: str, err: Exception) -> str:
+    """Why a checkpoint did not load, in one line: the architecture its tensors fit, when it is another one."""
+    try:
+        state = _read_state_dict(checkpoint)
+    except Exception:
+        state = None
+    if state is not None:
+        fits = architectures_fitting({name: tuple(t.shape) for name, t in state.items()})
+        if fits and architecture not in fits:
+            names = " or ".join(fits[:3]) + (f" (or {len(fits) - 3} more)" if len(fits) > 3 else "")
+            return (
+                f"cannot load {checkpoint} into {architecture}: its tensors are those of {names}; "
+                f"pass --model {fits[0]}"
+            )
+    first = _load_error_line(err)  # never torch's advice to unpickle the file anyway
+    return (
+        f"cannot load {checkpoint} into {architecture}: {first} "
+        f"(is it an open_clip checkpoint of this architecture? see --model)"
+    )
+
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors that tell a ViT CLIP architecture apart, from its open_clip config
+    (open_clip's defaults where the config leaves a value out); empty for other kinds of tower."""
+    vision, text = config.get("vision_cfg") or {}, config.get("text_cfg") or {}
+    layers = vision.get("layers", 12)
+    if "timm_model_name" in vision or "hf_model_name" in text or not isinstance(layers, int):
+        return {}
+    width, patch, size = vision.get("width", 768), vision.get("patch_size", 16), vision.get("image_size", 224)
+    height, across = (size, size) if isinstance(size, int) else (size[0], size[1])
+    text_width = text.get("width", 512)
+    return {
+        "visual.conv1.weight": (width, 3, patch, patch),
+        "visual.positional_embedding": ((height // patch) * (across // patch) + 1, width),
+        "visual.proj": (width, config.get("embed_dim", 512)),
+        "positional_embedding": (text.get("context_length", 77), text_width),
+        "token_embedding.weight": (text.get("vocab_size", 49408), text_width),
+        "visual.transformer.layers": (layers,),
+        "transformer.layers": (text.get("layers", 12),),
+    }
+
+
+def architectures_fitting(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The open_clip architectures whose tensors have these shapes (a state dict's names and shapes)."""
+
+    def count_layers(prefix: str) -> int:
+        found = {key[len(prefix) :].split(".")[0] for key in shapes if key.startswith(prefix)}
+        return len({n for n in found if n.isdigit()})
+
+    seen = {
+        **shapes,
+        "visual.transformer.layers": (count_layers("visual.transformer.resblocks."),),
+        "transformer.layers": (count_layers("transformer.resblocks."),),
+    }
+    fitting = []
+    for name in open_clip.list_models():
+        expected = _expected_shapes(open_clip.get_model_config(name) or {})
+        if expected and all(seen.get(key) == shape for key, shape in expected.items()):
+            fitting.append(name)
+    return fitting
+
+
+def _read_state_dict(checkpoint: Path, source: str | None = None) -> dict[str, torch.Tensor] | None:
+    source = source or str(checkpoint)  # a /proc/self/fd name: the very file that was hashed
     if checkpoint.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -399,10 +420,7 @@ def load_backbone(
         try:
             load_weights(clip, checkpoint, _descriptor_path(handle))
         except Exception as err:
-            raise WeightsUnavailableError(
-                f"cannot load {checkpoint} into {architecture}: {_load_error_line(err)} "
-                f"(is it an open_clip checkpoint of this architecture? see --model)"
-            ) from None
+            raise WeightsUnavailableError(_load_failure(checkpoint, architecture, err)) from None
         weights_sha256 = hashing.result()
     clip.eval()
     if torch_device.type == "cuda" and chosen_precision == Precision.FP32.value:

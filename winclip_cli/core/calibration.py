@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from winclip_cli.errors import SetupError
 
@@ -229,6 +228,8 @@ def anomalous_area(score_map: np.ndarray, pixel_threshold: float) -> tuple[float
     n_over = int(np.count_nonzero(over))
     if n_over == 0:
         return 0.0, None
+    from scipy import ndimage  # 0.3 s to import: only scans with a pixel threshold pay it
+
     labelled, _ = ndimage.label(over, structure=_EIGHT_CONNECTED)
     sizes = np.bincount(labelled.reshape(-1))
     sizes[0] = 0  # background

@@ -22,7 +22,8 @@ __all__ = ["Category", "LabelledImage", "discover_categories", "draw_references"
 
 GOOD = "good"
 _EXPECTED = (
-    "expected an MVTec-AD or VisA category (train/good/, test/good/, test/<defect>/, ground_truth/<defect>/) "
+    "expected an MVTec-AD or VisA category (train/good/ or good/, test/good/, test/<defect>/, "
+    "ground_truth/<defect>/) "
     "or a generic one (good/, bad/, optional masks/), either in the folder itself or in its sub-folders"
 )
 
@@ -92,9 +93,16 @@ def _mask_index(folder: Path) -> dict[str, Path]:
     return {**plain, **index}
 
 
+def _train_good(folder: Path) -> Path:
+    """The normal training images of a split category: ``train/good/``, or ``good/`` beside ``test/``
+    (the layout of the bundled ``sample_data/fabric``)."""
+    return folder / "train" / GOOD if (folder / "train" / GOOD).is_dir() else folder / GOOD
+
+
 def _layout_of(folder: Path) -> str | None:
     """``"mvtec"``, ``"visa"``, ``"generic"`` or None when ``folder`` is no category."""
-    if (folder / "train" / GOOD).is_dir() and (folder / "test").is_dir():
+    split = (folder / "train" / GOOD).is_dir() or ((folder / GOOD).is_dir() and (folder / "test" / GOOD).is_dir())
+    if split and (folder / "test").is_dir():
         defects = {p.name for p in _subfolders(folder / "test")} - {GOOD}
         # VisA's 1-class split names its only defect folder "bad"; MVTec names each defect type.
         return "visa" if defects == {"bad"} else "mvtec"
@@ -119,7 +127,7 @@ def _split_category(folder: Path, layout: str) -> Category:
     return Category(
         name=folder.name,
         layout=layout,
-        train_good=_images_in(folder / "train" / GOOD),
+        train_good=_images_in(_train_good(folder)),
         test=sorted(test, key=lambda item: item.path),
     )
 
@@ -148,7 +156,8 @@ def discover_categories(root: Path) -> list[Category]:
     Layouts, detected per folder:
 
     - MVTec-AD: ``train/good/``, ``test/good/``, ``test/<defect>/``, masks
-      ``ground_truth/<defect>/<stem>_mask.png``.
+      ``ground_truth/<defect>/<stem>_mask.png``. The normal training images may also sit in ``good/``
+      beside ``test/`` (as in the bundled ``sample_data/fabric``).
     - VisA after its 1-class split (``split_csv/1cls.csv``): as MVTec-AD with the single defect
       folder ``bad``, masks ``ground_truth/bad/<stem>.png``.  Both mask spellings are accepted in
       either layout.

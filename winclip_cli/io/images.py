@@ -17,17 +17,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import tifffile
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from winclip_cli.errors import ImageDecodeError, SetupError
 from winclip_cli.io.library_messages import captured_library_messages
 from winclip_cli.io.safe_fs import NotRegularFileError, open_regular, trusted_link
 from winclip_cli.options import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: listing and decoding need none of it
+    import torch
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -248,6 +250,8 @@ class LoadedImage:
 
 def to_unit_tensor(image: LoadedImage) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1]: uint8 / 255, uint16 / 65535, float32 as is."""
+    import torch
+
     rgb = image.rgb
     # Channel-first copy in the source dtype first: cheap for 8/16-bit, and the float copy below
     # is then already in the final layout.
@@ -275,6 +279,8 @@ def preprocess(
     result is not clamped, so bicubic overshoot is kept, as in that pipeline.  It is computed on
     ``device`` (default: the CPU) and returned there.
     """
+    import torch
+
     from winclip_cli.core.resize import resize_bicubic_aa
 
     if len(mean) != 3 or len(std) != 3:

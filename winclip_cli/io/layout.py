@@ -243,3 +243,10 @@ def thumbnail_relpaths_of_heatmap(heat: str) -> tuple[str, str]:
     stem = _fit_stem(heatmap_stem(parts[-1]))
     folder = "/".join([THUMB_DIR, *parts[:-1]])
     return f"{folder}/{stem}{_IMAGE_THUMB_SUFFIX}", f"{folder}/{stem}{_HEAT_THUMB_SUFFIX}"
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """POSIX path of ``path`` relative to the scanned root (the file name when root is not a folder)."""
+    if not root.is_dir():
+        return path.name
+    return path.relative_to(root).as_posix()

@@ -127,6 +127,15 @@ def _json_float(value: float | None) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
+def label_of(score: float | None, threshold: float | None) -> str:
+    """Decided on the values as written (6 decimals), so that the CSV never contradicts itself
+    and relabelling stored rows gives the label a fresh scan would; '' without a threshold (mode
+    mutual, uncalibrated) or a score."""
+    if score is None or threshold is None:
+        return ""
+    return "anomalous" if round(score, 6) > round(threshold, 6) else "normal"
+
+
 @dataclass(frozen=True)
 class ResultRow:
     """One scanned file: its score and label, or the error that stopped it."""

@@ -48,17 +48,47 @@ class FileStamp:
         return self.size == other.size and self.mtime_ns == other.mtime_ns
 
 
-_LOCK_TEXT = re.compile(r"pid ([0-9]{1,10}) on ([A-Za-z0-9._-]{1,253}) since ([0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8})\n?")
+_LOCK_TEXT = re.compile(
+    r"(?:winclip (scan|watch|report|merge), )?pid ([0-9]{1,10}) on ([A-Za-z0-9._-]{1,253}) "
+    r"since ([0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8})\n?"
+)
 _LOCK_READ_LIMIT = 512
+LOCK_COMMANDS = ("scan", "watch", "report", "merge")
 
 
 def describe_lock(text: str) -> str:
-    """Who held a lock, from what winclip wrote in it ("pid N on HOST since DATE"); anything else is only
-    called an unreadable lock: the file could hold anything, and its contents are not ours to print."""
+    """Who held a lock, from what winclip wrote in it ("winclip watch, pid N on HOST since DATE"; older
+    versions wrote no command); anything else is only called an unreadable lock: the file could hold
+    anything, and its contents are not ours to print."""
     found = _LOCK_TEXT.fullmatch(text)
     if found is None:
         return "unreadable lock"
-    return f"pid {found[1]} on {found[2]} since {found[3]}"
+    return f"pid {found[2]} on {found[3]} since {found[4]}"
+
+
+def lock_command(text: str) -> str:
+    """The winclip command that wrote this lock text ("scan" when it does not say: older versions)."""
+    found = _LOCK_TEXT.fullmatch(text)
+    return found[1] if found is not None and found[1] else "scan"
+
+
+class _HeldLock:
+    """A lock this process holds, shared by every ``OutputLock`` of the same folder and command in the same
+    thread."""
+
+    def __init__(self, handle: Any, thread: int, previous_holder: str, command: str) -> None:
+        self.handle = handle
+        self.thread = thread
+        self.command = command
+        self.count = 1
+        self.previous_holder = previous_holder  # the stale lock taken over: each holder can say so
+
+
+# The command line takes OUT's lock before it imports torch (a second run fails at once), and the job
+# it then runs takes the same lock again: in one thread that is the same hold, counted, not a conflict.
+# Another command's lock (a merge into a folder this thread's scan holds) is another writer: busy.
+_held: dict[str, _HeldLock] = {}
+_held_guard = threading.Lock()
 
 
 def _state_folder(out_dir: Path) -> int:
@@ -199,17 +229,33 @@ class OutputLock:
     previous holder is ever shown.
     """
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, command: str = "scan") -> None:
         self.out_dir = Path(out_dir)
         self.path = OutputLayout(out_dir).lock
+        self.command = command if command in LOCK_COMMANDS else "scan"
         self._fh: Any = None
+        self._shared: _HeldLock | None = None
         self.previous_holder: str = ""
 
+    def _key(self) -> str:
+        return os.path.realpath(self.path)
+
     def _open(self) -> Any:
+        try:  # a Python caller may lock a folder that does not exist yet, as the command line does
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SetupError(f"cannot create {self.out_dir}: {err.strerror or err}") from None
         fd = _open_lock_file(self.out_dir, os.O_RDWR | os.O_CREAT)
         return os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
 
     def acquire(self) -> OutputLock:
+        with _held_guard:
+            held = _held.get(self._key())
+            if held is not None and held.thread == threading.get_ident() and held.command == self.command:
+                held.count += 1
+                self._shared = held
+                self.previous_holder = held.previous_holder
+                return self
         fh = self._open()
         try:
             import fcntl
@@ -235,22 +281,38 @@ class OutputLock:
                     f"the lock {self.path} is held by another user (uid {foreign[1]}, pid {foreign[0]}), not by a "
                     "winclip run that can write here; stop that process or remove the lock file"
                 ) from None
+            command = lock_command(holder)
             holder = describe_lock(holder) if holder else "another process"
             raise OutputBusyError(
-                f"another winclip scan is writing to {self.path.parent.parent} ({holder}); "
-                "wait for it or use another --out"
+                f"another winclip {command} is writing to {self.path.parent.parent} ({holder}); "
+                f"{'stop it' if command == 'watch' else 'wait for it'} or use another --out"
             ) from None
         fh.seek(0)
         previous = fh.read(_LOCK_READ_LIMIT)
         self.previous_holder = describe_lock(previous) if previous.strip() else ""
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.write(
+            f"winclip {self.command}, pid {os.getpid()} on {socket.gethostname()} "
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
         fh.flush()
         self._fh = fh
+        with _held_guard:
+            self._shared = _held[self._key()] = _HeldLock(fh, threading.get_ident(), self.previous_holder, self.command)
         return self
 
     def release(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            with _held_guard:
+                shared.count -= 1
+                if shared.count > 0:
+                    self._fh = None  # the last holder closes the descriptor
+                    return
+                if _held.get(self._key()) is shared:
+                    del _held[self._key()]
+            self._fh = shared.handle
         if self._fh is not None:
             try:
                 self._fh.seek(0)

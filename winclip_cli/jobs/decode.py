@@ -25,6 +25,7 @@ from winclip_cli.core.tiling import Tile, auto_tile_size, crop, tile_count, tile
 from winclip_cli.errors import ImageDecodeError
 from winclip_cli.io.hashing import sha256_handle
 from winclip_cli.io.images import LoadedImage, load_image, open_image_file, preprocess
+from winclip_cli.io.layout import relative_name  # noqa: F401  (re-exported: jobs import it from here)
 from winclip_cli.io.state import FileStamp
 from winclip_cli.jobs.threads import BUDGET, ThreadBudget, one_torch_thread
 from winclip_cli.options import AUTO, DEFAULT_MAX_PIXELS, Tiling
@@ -33,13 +34,6 @@ from winclip_cli.spec import InputSpec
 if TYPE_CHECKING:
     from winclip_cli.core.backbone import Backbone
     from winclip_cli.jobs.mutual import PoolPlace
-
-
-def relative_name(path: Path, root: Path) -> str:
-    """POSIX path of ``path`` relative to the scanned root (the file name when root is not a folder)."""
-    if not root.is_dir():
-        return path.name
-    return path.relative_to(root).as_posix()
 
 
 def default_workers() -> int:

@@ -48,7 +48,7 @@ from winclip_cli.io.safe_fs import (
     read_confined_bytes,
 )
 from winclip_cli.io.state import OutputLock, clean_stale_temporaries, refuse_links
-from winclip_cli.jobs.record import CONFIG_KEYS, merged_run_json
+from winclip_cli.jobs.record import CONFIG_KEYS, CONFIG_WORDS, merged_run_json
 from winclip_cli.options import DEFAULT_HEATMAPS, HEATMAP_SUFFIXES, HeatmapFormat
 
 
@@ -186,12 +186,17 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
         if folder.resolve() == out_resolved:
             raise SetupError(f"--out {out} is one of the folders being merged; choose a new folder")
     runs = [_read_run(folder) for folder in sources]
-    reference = runs[0]
-    for folder, run in zip(sources[1:], runs[1:], strict=True):
+    # a shard that held no file loaded no model (jobs/plan.py): it has no rows whose configuration could differ
+    compared = [
+        (folder, run) for folder, run in zip(sources, runs, strict=True) if run.get("model_loaded") is not False
+    ]
+    reference_folder, reference = compared[0] if compared else (sources[0], runs[0])
+    for folder, run in compared[1:]:
         differing = [key for key in CONFIG_KEYS if run.get(key) != reference.get(key)]
         if differing:
             raise SetupError(
-                f"{folder} was scanned with another {', '.join(differing)} than {sources[0]}; "
+                f"{folder} was scanned with another {', '.join(CONFIG_WORDS.get(k, k) for k in differing)} "
+                f"than {reference_folder}; "
                 "only scans of the same configuration can be merged"
             )
     warnings = completeness_warnings(sources, runs)  # before anything is written: it cannot fail half-way
@@ -223,7 +228,7 @@ def merge_outputs(sources: list[Path], out: Path) -> MergeResult:
     refuse_links(out)
     # The output folder's lock, as a scan takes it: a scan or watch writing there, or a second merge,
     # makes this merge exit 4 instead of mixing files and rows that the folder's state does not know.
-    with OutputLock(out):
+    with OutputLock(out, "merge"):
         clean_stale_temporaries(out)  # of a merge or scan killed before
         try:
             rows = _merge_files(merged, origin, out)

@@ -42,8 +42,23 @@ CONFIG_KEYS = (
     "pool_size",
     "layers",
 )
+# what each of those keys is, in the words of the options that set it (merge's messages)
+CONFIG_WORDS = {
+    "architecture": "model architecture (--model)",
+    "model_config_sha256": "model config (--model)",
+    "weights_sha256": "weights (--weights)",
+    "precision": "--precision",
+    "scales": "--scales",
+    "class_name": "class (--class)",
+    "vocabulary_sha256": "vocabulary (--class, --prompts)",
+    "memory_id": "reference memory (--refs)",
+    "tile": "--tile",
+    "tile_overlap": "--tile-overlap",
+    "threshold": "threshold",
+    "pixel_threshold": "pixel threshold (calibration)",
+}
 # run.json keys that describe one run (its timing and counts): recomputed for a merged folder
-DURATION_KEYS = ("seconds", "setup_seconds", "scan_seconds")
+DURATION_KEYS = ("seconds", "setup_seconds", "scan_seconds", "process_seconds", "startup_seconds", "model_seconds")
 PER_RUN_KEYS = frozenset(
     {
         "started",
@@ -59,6 +74,7 @@ PER_RUN_KEYS = frozenset(
         "total_errors",
         "interrupted",
         "unlisted_dirs",
+        "model_loaded",
     }
 )
 
@@ -181,12 +197,27 @@ class ScanRecord:
         }
 
 
+def run_timing(
+    startup: float | None, job_seconds: float, model_seconds: float, model_loaded: bool = True
+) -> dict[str, Any]:
+    """run.json's wall-time figures: the whole process, its start-up before the job (Python, imports,
+    argument checks), the model's loading (with text embeddings and memory), and whether it was loaded."""
+    return {
+        "process_seconds": round(startup + job_seconds, 3) if startup is not None else None,
+        "startup_seconds": round(startup, 3) if startup is not None else None,
+        "model_loaded": model_loaded,
+        "model_seconds": round(model_seconds, 3),
+    }
+
+
 def scan_totals(
     summary: ScanSummary,
     rows: list[ResultRow],
     *,
     seconds: float,
     scan_seconds: float,
+    startup_seconds: float | None = None,
+    model_seconds: float = 0.0,
     unchanged: int,
     interrupted: bool,
     unlisted: list[str],
@@ -197,6 +228,7 @@ def scan_totals(
         "seconds": round(seconds, 3),
         "setup_seconds": round(seconds - scan_seconds, 3),  # model load, text embeddings, state
         "scan_seconds": round(scan_seconds, 3),  # decoding, model and outputs, overlapped
+        **run_timing(startup_seconds, seconds, model_seconds),
         "images": summary.images,
         "scored": summary.scored,
         "anomalies": summary.anomalies,

@@ -6,7 +6,6 @@ the user only through a ``Reporter``, so the same job runs under the CLI, in tes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import time
@@ -45,19 +44,17 @@ from winclip_cli.jobs.kernel import Reporter, Session, discover
 if TYPE_CHECKING:
     from winclip_cli.io.kept_pool import KeptPool
     from winclip_cli.jobs.mutual import MutualStream
+from winclip_cli.jobs.plan import seconds_since_process_start, shard_of  # noqa: F401  (shard_of: where callers found it)
 from winclip_cli.jobs.record import ScanRecord, calibration_fingerprint, scan_totals
 from winclip_cli.jobs.write import ResultWriter, RowContext, ScanSummary, write_all
-from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES, MAX_DISTANCE, ScoringMode, Threshold
-from winclip_cli.spec import InputSpec, ModelSpec, MutualSpec, OutputSpec, TextSpec
-from winclip_cli.wording import plural
+from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES, MAX_DISTANCE, ScoringMode
+from winclip_cli.spec import InputSpec, ModelSpec, MutualSpec, OutputSpec, ScanSpec, TextSpec  # noqa: F401  (ScanSpec: where callers found it)
+from winclip_cli.wording import files_gone, plural, results_kept_unseen
 
 # --------------------------------------------------------------------------------------------------- shards
 
 
-def shard_of(relpath: str, count: int) -> int:
-    """1-based shard of a file: a hash of its relative path, so it never moves when files are added."""
-    digest = hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") % count + 1
+# shard_of lives in jobs/plan.py: the command line decides there, without torch, that a shard is empty
 
 
 # ---------------------------------------------------------------------------------------------- thresholds
@@ -82,8 +79,10 @@ def choose_threshold(
 ) -> ThresholdChoice:
     """--threshold VALUE, else a matching calibration, else the default 0.5 (and say which).
 
-    A calibration made for another configuration is never used: with an explicit --calibration
-    that is an error (unless --threshold overrides it), otherwise a warning.
+    A calibration made for another configuration is never used. One rule for both places it comes
+    from (``explicit``: --calibration, else stored in --refs): without --threshold that is an error
+    (exit 2), since a cron job must not silently lose its calibrated threshold; with --threshold, a
+    warning.
     """
     from winclip_cli.core.calibration import Calibration
 
@@ -110,12 +109,13 @@ def choose_threshold(
                 f"class ('{calibrated_for}'; this run scores class '{class_name}')"
             )
         if differences:
+            where = "in" if explicit else "stored in"
             message = (
-                f"the calibration in {calibration_origin} was made with another {', '.join(differences)}; "
+                f"the calibration {where} {calibration_origin} was made with another {', '.join(differences)}; "
                 "recalibrate with `winclip calibrate`"
             )
-            if explicit and requested is None:
-                raise SetupError(message)
+            if requested is None:
+                raise SetupError(f"{message}, or pass --threshold VALUE to scan without it")
             fallback = (
                 f"--threshold {requested:g}" if requested is not None else f"the default threshold {DEFAULT_THRESHOLD}"
             )
@@ -161,32 +161,6 @@ def load_calibration_file(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ job
 
 
-@dataclass(frozen=True)
-class ScanSpec:
-    """``scan`` and ``watch``: what is scored (``directory``, this ``shard`` of it), with which model,
-    prompts and scoring mode, against which threshold, written where."""
-
-    directory: Path
-    model: ModelSpec
-    inputs: InputSpec
-    text: TextSpec
-    output: OutputSpec
-    threshold: Threshold = Threshold()
-    refs: Path | None = None  # the few-shot memory (mode few-shot)
-    calibration: Path | None = None
-    incremental: bool = False
-    shard: tuple[int, int] | None = None
-    mutual: MutualSpec | None = None  # mode mutual: each image scored against the others of its pool
-
-    @property
-    def out(self) -> Path:
-        return self.output.out
-
-    @property
-    def mode(self) -> ScoringMode:
-        return ScoringMode.MUTUAL if self.mutual is not None else ScoringMode.of_refs(self.refs)
-
-
 @dataclass
 class ScanResult:
     summary: ScanSummary
@@ -206,6 +180,7 @@ class ScanResult:
 
 def run_scan_job(options: ScanSpec, reporter: Reporter, should_stop: Callable[[], bool] = lambda: False) -> ScanResult:
     started = time.perf_counter()
+    startup = seconds_since_process_start()  # before this job: interpreter, imports (torch), checks
     check_output_options(options)
     unlisted: list[str] = []
     files = discover(options.directory, options.out, reporter, unlisted)
@@ -232,6 +207,8 @@ def run_scan_job(options: ScanSpec, reporter: Reporter, should_stop: Callable[[]
                 rows,
                 seconds=seconds,
                 scan_seconds=scan_seconds,
+                startup_seconds=startup,
+                model_seconds=session.model_seconds,
                 unchanged=skipped,
                 interrupted=bool(should_stop()),
                 unlisted=unlisted,
@@ -290,6 +267,7 @@ class ScanSession:
         self._hold_lock = hold_lock
         self._backbone = backbone
         self._lock: OutputLock | None = None
+        self.model_seconds = 0.0
         self.state: RunState | None = None
 
     @property
@@ -335,6 +313,7 @@ class ScanSession:
             if self._lock.previous_holder:
                 reporter.warn(f"took over a stale lock in {options.out} ({self._lock.previous_holder})")
         clean_stale_temporaries(options.out)
+        loading = time.perf_counter()
         self.session = Session.open(
             options.model,
             options.inputs,
@@ -344,6 +323,7 @@ class ScanSession:
             backbone=self._backbone,
             mutual=options.mutual,
         )
+        self.model_seconds = time.perf_counter() - loading  # the model, its text embeddings, the memory
         engine = self.engine
         context = RowContext(
             threshold=DEFAULT_THRESHOLD,
@@ -582,12 +562,10 @@ def _select(
     present = {name for _, name in inputs}
     gone = [row for row in state.rows() if row.path not in present]
     if gone and listing_incomplete:
-        reporter.warn(
-            f"{len(gone)} earlier results are kept although their files were not seen: a folder could not be listed"
-        )
+        reporter.warn(results_kept_unseen(len(gone)))
     elif gone:
         # scores.csv describes the folder as it is: results of files that disappeared go too
-        reporter.info(f"{plural(len(gone), 'file')} scanned earlier gone: their rows and heatmaps are removed")
+        reporter.info(files_gone(len(gone)))
         state.forget([row.path for row in gone])
         _remove_outputs(state.path.parent.parent, gone)
         changed_rows = True

@@ -498,7 +498,7 @@ def run_watch(options: WatchSpec, reporter: Reporter, should_stop: Callable[[], 
     reload = ReloadFlag()
     restore_hup = reload.install()
     try:
-        with OutputLock(scan.out) as lock:  # held across re-opened sessions: no scan slips in between
+        with OutputLock(scan.out, "watch") as lock:  # held across re-opened sessions: no scan slips in between
             if lock.previous_holder:
                 reporter.warn(f"took over a stale lock in {scan.out} ({lock.previous_holder})")
             _Watch(options, reporter, should_stop, reload, result).run()
@@ -706,9 +706,10 @@ class _Watch:
             result.scored += summary.scored
             result.anomalies += summary.anomalies
             result.errors += summary.errors
+            # counted as the final "watch stopped" line counts: these lines' figures add up to its figures
             self.reporter.info(
-                f"{summary.images} scored: {summary.anomalies} anomalous, {plural(summary.errors, 'error')} "
-                f"({time.monotonic() - started:.2f} s)"
+                f"{summary.scored} scored, {summary.anomalies} anomalous, {plural(summary.errors, 'error')} "
+                f"({plural(summary.images, 'file')}, {time.monotonic() - started:.2f} s)"
             )
 
     def _committed(self, rows: list[ResultRow]) -> None:

@@ -26,6 +26,7 @@ from winclip_cli.io.layout import heatmap_relpath, map_relpath
 from winclip_cli.io.outputs import (
     ResultRow,
     confined_path,
+    label_of,
     overlay,
     remove_inside,
     write_float_tiff_atomic,
@@ -66,9 +67,7 @@ class RowContext:
     def label(self, score: float | None) -> str:
         """Decided on the values as written (6 decimals), so that the CSV never contradicts itself
         and relabelling stored rows gives the label a fresh scan would; '' without a threshold."""
-        if self.threshold is None or score is None:
-            return ""
-        return "anomalous" if round(score, 6) > round(self.threshold, 6) else "normal"
+        return label_of(score, self.threshold)
 
 
 @dataclass

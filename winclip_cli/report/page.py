@@ -409,6 +409,54 @@ def _histogram_svg(cards: list[_Card], threshold: float | None) -> str:
     return "".join(parts)
 
 
+_SCALE_STEPS = 64  # bands of the colour scale, each filled with the heatmaps' own colour for its value
+
+
+def _colour_scale_svg(threshold: float | None, pixel_threshold: float | None) -> str:
+    """Inline SVG: the heatmaps' fixed 0-1 colour scale (the same table they are coloured with, so the page
+    needs no gradient or url()), with the image threshold and, when calibrated, the pixel threshold marked."""
+    from winclip_cli.io.outputs import LUT
+
+    width, height, left, right, bar_top, bar_h = 640, 64, 40, 10, 16, 16
+    bar_w = width - left - right
+    step = bar_w / _SCALE_STEPS
+    parts = [
+        f'<svg id="colour-scale" role="img" aria-label="Heatmap colour scale, fixed from 0 to 1" '
+        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
+    ]
+    for i in range(_SCALE_STEPS):
+        red, green, blue = (int(c) for c in LUT[round(i / (_SCALE_STEPS - 1) * 255)])
+        parts.append(
+            f'<rect class="band" x="{left + i * step:.2f}" y="{bar_top}" width="{step + 0.3:.2f}" height="{bar_h}" '
+            f'fill="#{red:02x}{green:02x}{blue:02x}"/>'
+        )
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = left + tick * bar_w
+        parts.append(f'<text class="tick" x="{x:.1f}" y="{bar_top + bar_h + 14}" text-anchor="middle">{tick:g}</text>')
+    marks = [("image-threshold", "image threshold", threshold), ("pixel-threshold", "pixel threshold", pixel_threshold)]
+    for ident, name, value in marks:
+        if value is None:
+            continue
+        x = left + min(1.0, max(0.0, value)) * bar_w
+        above = ident == "image-threshold"
+        parts.append(
+            f'<line id="{ident}-mark" class="mark" data-value="{value:.6f}" x1="{x:.1f}" '
+            f'y1="{bar_top - (6 if above else 0)}" x2="{x:.1f}" y2="{bar_top + bar_h + (0 if above else 6)}">'
+            f"<title>{name} {value:.4g}</title></line>"
+            f'<text class="thr" x="{x + 4:.1f}" y="{bar_top - 4 if above else bar_top + bar_h + 26}">'
+            f"{name} {value:.3g}</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _pixel_threshold(run: dict[str, object]) -> float | None:
+    value = run.get("pixel_threshold")
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def _thumb_html(card: _Card, thumb: str, alt: str) -> str:
     img = f'<img src="{_url(thumb)}" alt="{alt}" loading="lazy" decoding="async">'
     return f'<a href="{_url(card.heatmap)}">{img}</a>' if card.heatmap else img
@@ -464,7 +512,7 @@ def _read_template_file(name: str) -> str:
 # folder, whatever ends up in the page. script.js reads '#label=anomalous&q=text' on load, filters the cards
 # by label and path substring (case-insensitive), and writes the current filter back to the hash so a
 # filtered view can be shared.
-def _page(title: str, summary: str, histogram: str, cards: list[_Card], failures: str) -> str:
+def _page(title: str, summary: str, histogram: str, cards: list[_Card], failures: str, colour_scale: str = "") -> str:
     anomalous = sum(1 for c in cards if c.row.label == "anomalous")
     normal = sum(1 for c in cards if c.row.label == "normal")
     gallery = "\n".join(_card_html(c) for c in cards) or '<p class="empty">No scored images.</p>'
@@ -476,6 +524,7 @@ def _page(title: str, summary: str, histogram: str, cards: list[_Card], failures
         script=_read_template_file("script.js"),
         summary=summary,
         histogram=histogram,
+        colour_scale=colour_scale,
         normal=normal,
         anomalous=anomalous,
         count=len(cards),
@@ -514,6 +563,7 @@ def build_report(out_dir: Path, title: str | None = None) -> Path:
         _histogram_svg(cards, threshold),
         cards,
         _failures_html(failures),
+        _colour_scale_svg(threshold, _pixel_threshold(run)),
     )
     target = layout.report_html
     write_text_atomic(target, page)
