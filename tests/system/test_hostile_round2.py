@@ -851,8 +851,8 @@ def test_an_out_writable_by_all_without_sticky_bit_is_refused_and_nothing_outsid
     moved = as_other_user(lambda: os.rename(out / ".winclip", out / "moved"))
     assert moved.startswith("PermissionError"), moved
     with __import__("winclip_cli.io.state", fromlist=["OutputLock"]).OutputLock(out):
-        busy = invoke(["scan", images, "--out", out, *tiny_args])
-    assert busy.exit_code == 4, busy.stderr
+        busy = run_cli(["scan", images, "--out", out, *tiny_args], timeout=120)  # another process
+    assert busy.returncode == 4, busy.stderr
 
 
 def test_an_out_of_another_user_is_refused(shared, tiny_args):
