@@ -288,7 +288,8 @@ def _stored_rows(out: Path) -> int:
         return -1
 
 
-def _stamp_of(path: Path) -> list[int] | None:
+def stamp_of(path: Path) -> list[int] | None:
+    """(size, mtime) of a file, as the run state records scores.csv's; None when it is missing."""
     try:
         info = path.stat()
     except OSError:
@@ -296,7 +297,8 @@ def _stamp_of(path: Path) -> list[int] | None:
     return [info.st_size, info.st_mtime_ns]
 
 
-def _current_header(path: Path) -> bool:
+def has_current_header(path: Path) -> bool:
+    """Whether the CSV starts with this version's columns: rows are only ever appended under them."""
     from winclip_cli.io.outputs import CSV_COLUMNS
     from winclip_cli.io.safe_fs import open_confined
 
@@ -356,8 +358,8 @@ def without_model(request: ScanRequest, reporter: Any, started: float) -> Nothin
         or remembered.get("config") != config
         or config is None
         or remembered.get("csv") != csv_stamp
-        or csv_stamp != _stamp_of(layout.scores_csv)
-        or not _current_header(layout.scores_csv)
+        or csv_stamp != stamp_of(layout.scores_csv)
+        or not has_current_header(layout.scores_csv)
     ):
         return None
     requested = request.threshold
@@ -402,7 +404,7 @@ def without_model(request: ScanRequest, reporter: Any, started: float) -> Nothin
                 from winclip_cli.io.outputs import write_results_csv_atomic
 
                 write_results_csv_atomic(layout.scores_csv, new_rows)
-                state.set_meta("csv", _stamp_of(layout.scores_csv))
+                state.set_meta("csv", stamp_of(layout.scores_csv))
             rows = new_rows
         shard = f", shard {request.shard[0]}/{request.shard[1]}" if request.shard else ""
         reporter.info(

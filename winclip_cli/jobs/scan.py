@@ -28,7 +28,6 @@ from winclip_cli.io.layout import (
 )
 from winclip_cli.io.memory import MemoryFile
 from winclip_cli.io.outputs import (
-    CSV_COLUMNS,
     CsvResultWriter,
     ResultRow,
     remove_inside,
@@ -36,7 +35,7 @@ from winclip_cli.io.outputs import (
     write_results_csv_atomic,
     write_text_atomic,
 )
-from winclip_cli.io.safe_fs import CALIBRATION_LIMIT, open_regular, read_user_file
+from winclip_cli.io.safe_fs import CALIBRATION_LIMIT, read_user_file
 from winclip_cli.io.state import FileStamp, OutputLock, RunState, clean_stale_temporaries, refuse_links
 from winclip_cli.jobs.decode import Preprocessing, relative_name
 from winclip_cli.jobs.kernel import Reporter, Session, discover
@@ -44,7 +43,12 @@ from winclip_cli.jobs.kernel import Reporter, Session, discover
 if TYPE_CHECKING:
     from winclip_cli.io.kept_pool import KeptPool
     from winclip_cli.jobs.mutual import MutualStream
-from winclip_cli.jobs.plan import seconds_since_process_start, shard_of  # noqa: F401  (shard_of: where callers found it)
+from winclip_cli.jobs.plan import (  # noqa: F401  (shard_of: where callers found it)
+    has_current_header,
+    seconds_since_process_start,
+    shard_of,
+    stamp_of,
+)
 from winclip_cli.jobs.record import ScanRecord, calibration_fingerprint, scan_totals
 from winclip_cli.jobs.write import ResultWriter, RowContext, ScanSummary, write_all
 from winclip_cli.options import DEFAULT_THRESHOLD, HEATMAP_SUFFIXES, MAX_DISTANCE, ScoringMode
@@ -398,7 +402,7 @@ class ScanSession:
         self.write_run_info()
         # The CSV is rebuilt from the state first unless it is exactly what the last run left: a run
         # killed mid-line (or a user's edit) leaves nothing half-written or stale behind.
-        if rows_changed or self.state.meta("csv") != _stamp_of(self.csv_path) or not _current_header(self.csv_path):
+        if rows_changed or self.state.meta("csv") != stamp_of(self.csv_path) or not has_current_header(self.csv_path):
             write_results_csv_atomic(self.csv_path, self.state.rows())
         return todo, skipped
 
@@ -483,19 +487,10 @@ class ScanSession:
     def mark_csv_current(self) -> None:
         """Record scores.csv's size and mtime: the next run rewrites it only if it differs."""
         assert self.state is not None
-        self.state.set_meta("csv", _stamp_of(self.csv_path))
+        self.state.set_meta("csv", stamp_of(self.csv_path))
 
     def write_run_info(self) -> None:
         write_text_atomic(OutputLayout(self.options.out).run_json, json.dumps(self.run_info, indent=2) + "\n")
-
-
-def _current_header(path: Path) -> bool:
-    """Whether the CSV starts with this version's columns: rows are only ever appended under them."""
-    try:
-        with open_regular(path, follow_links=False) as handle:  # a FIFO or link is no current CSV
-            return handle.readline(1 << 16).decode("utf-8").rstrip("\r\n") == ",".join(CSV_COLUMNS)
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 MANY_TILES = 64  # per image: said once, since each tile costs as much as a whole image
@@ -525,14 +520,6 @@ class TileCountNotice:
                 f"each scored like a whole image; a larger --tile (or --tile auto) is faster"
             )
         return row
-
-
-def _stamp_of(path: Path) -> list[int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _select(
