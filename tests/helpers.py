@@ -8,6 +8,7 @@ a process shows: exit codes set by the interpreter, imports, signals, stdout as 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,3 +45,15 @@ def run_cli(
     env = {**os.environ, **(env_extra or {})} if env_extra is not None else kwargs.pop("env", None)
     command = [sys.executable, *python_flags, "-m", "winclip_cli", *(str(arg) for arg in args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, **kwargs)
+
+
+def imported(stderr: str, module: str) -> bool:
+    """Whether a process run with ``-X importtime`` imported ``module`` (or a submodule of it): its
+    lines end with the module name, e.g. "import time:   123 |   456 |   torch.nn"."""
+    pattern = re.compile(rf"\|\s*{re.escape(module)}(\.|$)")
+    return any(pattern.search(line) for line in stderr.splitlines() if line.startswith("import time"))
+
+
+def messages(stderr: str) -> str:
+    """What a process run with ``-X importtime`` printed, without the import-time lines."""
+    return "\n".join(line for line in stderr.splitlines() if not line.startswith("import time"))

@@ -13,22 +13,13 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_DATA, TINY_CONFIG
-from helpers import invoke, run_cli
+from helpers import imported, invoke, messages, run_cli
 from winclip_cli.io.outputs import read_results_csv
 
 
 def cli_process(args: list[object], **kwargs):
     """The real CLI in a new process, with ``-X importtime`` so the test sees every module it imported."""
     return run_cli(args, python_flags=("-X", "importtime"), timeout=180, **kwargs)
-
-
-def imported(stderr: str, module: str) -> bool:
-    pattern = re.compile(rf"\|\s*{re.escape(module)}(\.|$)")
-    return any(pattern.search(line) for line in stderr.splitlines() if line.startswith("import time"))
-
-
-def messages(stderr: str) -> str:
-    return "\n".join(line for line in stderr.splitlines() if not line.startswith("import time"))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, SAMPLE_DATA, TINY_CONFIG
-from helpers import invoke, run_cli
+from helpers import imported, invoke, messages, run_cli
 from winclip_cli.io.outputs import CSV_COLUMNS, read_results_csv
 
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"
@@ -27,15 +27,6 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 def cli_process(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """The real CLI in a new process, with ``-X importtime`` so the test sees every module it imported."""
     return run_cli(args, python_flags=("-X", "importtime"), timeout=120, **kwargs)
-
-
-def imported_torch(stderr: str) -> bool:
-    # importtime lines end with the module name: "import time:   123 |   456 |   torch.nn"
-    return any(re.search(r"\|\s*torch(\.|$)", line) for line in stderr.splitlines() if line.startswith("import time"))
-
-
-def messages(stderr: str) -> str:
-    return "\n".join(line for line in stderr.splitlines() if not line.startswith("import time"))
 
 
 # ================================================================================ 3. mistakes fail at once
@@ -94,7 +85,7 @@ def test_argument_errors_exit_before_torch_is_imported(setup, args, code, words)
     assert result.returncode == code, text
     assert words in text and "Traceback" not in text
     assert len(text.strip().splitlines()) == 1, text  # one line
-    assert not imported_torch(result.stderr), "torch was imported before the arguments were checked"
+    assert not imported(result.stderr, "torch"), "torch was imported before the arguments were checked"
 
 
 def test_busy_output_folder_exits_4_before_torch_is_imported(setup):
@@ -106,7 +97,7 @@ def test_busy_output_folder_exits_4_before_torch_is_imported(setup):
         result = cli_process(["scan", setup["images"], "--out", out])
     assert result.returncode == 4, result.stderr
     assert "another winclip scan is writing to" in messages(result.stderr) and f"pid {os.getpid()}" in result.stderr
-    assert not imported_torch(result.stderr)
+    assert not imported(result.stderr, "torch")
 
 
 def test_a_free_lock_left_behind_is_no_obstacle_to_the_fast_checks(setup):
