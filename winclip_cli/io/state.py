@@ -155,45 +155,6 @@ def _open_lock_file(out_dir: Path, flags: int) -> int:
     return fd
 
 
-def lock_holder(out_dir: Path) -> str | None:
-    """Who holds the output folder's lock ("pid N on HOST since DATE", "unreadable lock" for anything
-    else), or None when nobody does or there is no lock yet. Creates nothing; SetupError when a process
-    of another user holds it (see OutputLock)."""
-    layout = OutputLayout(out_dir)
-    try:
-        import fcntl
-
-        with open_folder(layout.root, [STATE_DIR], create=False) as folder:
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-            fd = os.open(LOCK_NAME, flags, dir_fd=folder)
-    except (OSError, ImportError):
-        return None  # no lock (or not POSIX): the job itself says why it cannot take one
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None  # the job refuses it with a message
-        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
-            os.fchmod(fd, 0o600)  # left readable by an older version: nobody else opens it from now on
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            foreign = _foreign_holder(os.fstat(fd))
-            if foreign is not None:
-                raise SetupError(
-                    f"the lock {layout.lock} is held by another user (uid {foreign[1]}, pid {foreign[0]}), not by a "
-                    "winclip run that can write here; stop that process or remove the lock file"
-                ) from None
-            os.set_blocking(fd, True)
-            text = os.read(fd, _LOCK_READ_LIMIT).decode("utf-8", "replace").strip()
-            return describe_lock(text) if text else "another process"
-        except OSError:
-            return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
 def _foreign_holder(info: os.stat_result) -> tuple[int, int] | None:
     """(pid, uid) of a process of another user (neither this user nor root) holding a lock on the file
     ``info`` describes, from /proc/locks (Linux); None when there is none or it cannot be told."""
