@@ -5,9 +5,13 @@ Measured in one run on one machine, rounds interleaved (other jobs on a shared m
 measurements of a round alike; the best of the rounds is kept):
 
   reference    the visual tower's WinCLIP forward (``WindowEncoder`` via ``WinClipScorer.embed``) in fp32
-               at batch 1: one image at a time, as the reference implementation runs it. The yardstick.
+               at batch 1: one image at a time, as the reference implementation runs it, in a Python
+               process of its own with the C library's allocator as it comes (a fresh process each
+               round). The yardstick.
   encode       the same at batch 1, 2, 4, 8, in fp32 and bf16 (bf16 where the CPU has native bf16, or
-               on CUDA), for the default architecture and the tiny test model (random weights).
+               on CUDA), for the default architecture and the tiny test model (random weights), in this
+               process with the allocator setting a scan uses (``winclip_cli/jobs/allocator.py``;
+               --allocator default leaves it out).
   scan         the whole ``winclip scan`` (PNG heatmaps, 240x240 JPEGs) at ``--batch-size auto`` and any
                sizes given with --scan-batches: the marginal seconds per image from N against 3N images
                (the scan's own clock in run.json, so process start-up, model load and text cancel).
@@ -62,7 +66,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scan-images", type=int, default=2, help="N of the N-against-3N scans (fp32)")
     parser.add_argument("--scan-batches", default="auto", help="--batch-size values of the scans, comma list")
     parser.add_argument("--skip", default="", help="comma list of: tiny,encode,scan")
+    parser.add_argument("--allocator", choices=["winclip", "default"], default="winclip", help="of the encode sweep")
     parser.add_argument("--json", dest="json_path", default="benchmarks/results-batch-size.json")
+    parser.add_argument("--reference-child", nargs=3, metavar=("ARCH", "CHECKPOINT", "DEVICE"), help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -105,8 +111,35 @@ def scan_seconds(folder: Path, out: Path, model_args: list[str], precision: str,
     }
 
 
+def reference_child(arch: str, checkpoint: str, device_name: str) -> int:
+    """The yardstick, in a process of its own: prints (wall, CPU) seconds of one fp32 batch-1 forward."""
+    import torch
+
+    from winclip_cli.core.engine import ModelOptions, build_backbone
+    from winclip_cli.core.winclip import WinClipScorer
+
+    backbone = build_backbone(ModelOptions(arch, checkpoint, device_name, "fp32"))
+    scorer = WinClipScorer(backbone.model.visual, torch.randn(2, backbone.model.visual.output_dim))
+    image = torch.randn(1, 3, 240, 240, generator=torch.Generator().manual_seed(0)).to(backbone.device)
+    scorer.embed(image)  # warm-up: first calls allocate
+    wall, cpu = seconds_per_image(torch, scorer, image, backbone.device)
+    print(json.dumps({"wall": wall, "cpu": cpu}))
+    return 0
+
+
+def reference_seconds(arch: str, checkpoint: Path, device_name: str, env) -> tuple[float, float]:
+    command = [sys.executable, __file__, "--reference-child", arch, str(checkpoint), device_name]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"reference failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    return measured["wall"], measured["cpu"]
+
+
 def main() -> int:
     args = parse_args()
+    if args.reference_child:
+        return reference_child(*args.reference_child)
     work = Path(tempfile.mkdtemp(prefix="winclip-batch-bench-"))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "WINCLIP_CACHE_DIR": str(work / "cache")}
     os.environ["WINCLIP_CACHE_DIR"] = env["WINCLIP_CACHE_DIR"]
@@ -120,8 +153,10 @@ def main() -> int:
     from winclip_cli.core.batching import auto_batch_size, fastest_batch, visual_facts
     from winclip_cli.core.engine import ModelOptions, build_backbone, quiet_open_clip
     from winclip_cli.core.winclip import WinClipScorer
+    from winclip_cli.jobs.allocator import keep_freed_memory
     from winclip_cli.options import Device, Precision
 
+    allocator_kept = keep_freed_memory() if args.allocator == "winclip" else False
     device = select_device(Device.parse(args.device))
     if args.precisions == "auto":
         reduced = select_precision(Precision.AUTO, device)
@@ -140,6 +175,7 @@ def main() -> int:
             "python": platform.python_version(),
             "load_average_at_start": os.getloadavg(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "encode_allocator_kept_freed_memory": allocator_kept,
         },
         "precisions": precisions,
     }
@@ -197,8 +233,7 @@ def main() -> int:
     scans: dict = {}
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}/{args.rounds}, load average {os.getloadavg()[0]:.2f}", flush=True)
-        scorer, dtype, _ = scorers["default", "fp32"]
-        wall, cpu = seconds_per_image(torch, scorer, batch_of(1, dtype), device)
+        wall, cpu = reference_seconds(args.arch, checkpoints["default"], device.type, env)
         reference.append(wall)
         reference_cpu.append(cpu)
         if "encode" not in skip:

@@ -26,6 +26,7 @@ from winclip_cli.errors import SetupError
 from winclip_cli.io.layout import OutputLayout
 from winclip_cli.io.memory import MemoryFile, attach_memory
 from winclip_cli.io.outputs import ResultRow
+from winclip_cli.jobs.allocator import keep_freed_memory
 from winclip_cli.jobs.batches import embedding_fn, processed_stream, scoring_fn
 from winclip_cli.jobs.decode import Decoded, Preprocessing, decode_stream
 from winclip_cli.jobs.threads import BUDGET, ThreadBudget
@@ -172,6 +173,8 @@ class Session:
             for warning in attach_memory(engine, memory, inputs.tiling):
                 if reporter is not None:
                     reporter.warn(warning)
+        if backbone.device.type == "cpu":
+            keep_freed_memory()  # the model's activations reuse the heap: jobs/allocator.py
         extractor = None
         if mutual is not None:
             from winclip_cli.core.musc import MutualFeatureExtractor
