@@ -81,7 +81,8 @@ def test_batch_size_auto_scores_as_batch_1_does(tmp_path, tiny_args, tiny_backbo
     expected = 8
     if budget_images is not None:
         gflop = batching.visual_facts(tiny_backbone.model.visual).gflop_per_image((2, 3))
-        monkeypatch.setattr(batching, "CPU_GFLOP_PER_BATCH", budget_images * gflop * 1.01)
+        budget = budget_images * gflop * 1.01
+        monkeypatch.setitem(batching.CPU_GFLOP_PER_BATCH, batching.Precision.FP32, budget)
         expected = budget_images
     one, auto = tmp_path / "one", tmp_path / "auto"
     common = ["--class", "fabric", "--save-maps", *tiny_args]

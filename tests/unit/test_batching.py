@@ -42,31 +42,35 @@ def test_gflop_per_image_counts_the_same_work_as_the_benchmark():
 
 
 @pytest.mark.parametrize(
-    ("architecture", "expected"),
+    ("architecture", "fp32", "bf16"),
     [
-        ("ViT-B-16-plus-240", 2),  # measured: batch 2 is the fastest per image on a 2-core Sapphire Rapids
-        ("ViT-L-14", 1),  # 2 TFLOP per image: one at a time
-        ("ViT-B-32", CPU_MAX_BATCH),  # 82 GFLOP: per-batch overhead dominates, capped at 8
+        # measured on a 2-core Sapphire Rapids: fp32 as fast at 2 as at 4 or 8 (the smallest is taken),
+        # bf16 fastest at 8
+        ("ViT-B-16-plus-240", 2, 8),
+        ("ViT-L-14", 1, 2),  # 2 TFLOP per image
+        ("ViT-B-32", CPU_MAX_BATCH, CPU_MAX_BATCH),  # 82 GFLOP: per-batch overhead dominates, capped at 8
     ],
 )
-def test_cpu_rule_follows_the_models_cost(architecture, expected):
+def test_cpu_rule_follows_the_models_cost_and_precision(architecture, fp32, bf16):
     gflop = visual_facts(meta_visual(architecture)).gflop_per_image((2, 3))
-    assert auto_batch_size("cpu", gflop) == expected
+    assert auto_batch_size("cpu", gflop, "fp32") == fp32
+    assert auto_batch_size("cpu", gflop, "bf16") == bf16
+    assert auto_batch_size("cpu", gflop, "auto") == fp32  # unresolved: the fp32 budget, the smaller
 
 
 def test_small_models_keep_batches_of_8_and_other_devices_have_their_own_size(tiny_backbone):
     gflop = visual_facts(tiny_backbone.model.visual).gflop_per_image((2, 3))
     assert gflop < 1
-    assert auto_batch_size("cpu", gflop) == CPU_MAX_BATCH == 8
-    assert auto_batch_size("cuda", gflop) == auto_batch_size("cuda", 673.5) == CUDA_BATCH
-    assert auto_batch_size("mps", 673.5) == 8
+    assert auto_batch_size("cpu", gflop, "fp32") == CPU_MAX_BATCH == 8
+    assert auto_batch_size("cuda", gflop, "bf16") == auto_batch_size("cuda", 673.5, "fp16") == CUDA_BATCH
+    assert auto_batch_size("mps", 673.5, "fp32") == 8
 
 
 def test_an_explicit_batch_size_wins(tiny_backbone):
     visual = tiny_backbone.model.visual
-    assert resolve_batch_size(BatchSize(3), "cpu", visual, (2, 3)) == 3
-    assert resolve_batch_size(BatchSize(64), "cuda", visual, (2, 3)) == 64
-    assert resolve_batch_size(BatchSize(), "cpu", visual, (2, 3)) == 8
+    assert resolve_batch_size(BatchSize(3), "cpu", visual, (2, 3), "fp32") == 3
+    assert resolve_batch_size(BatchSize(64), "cuda", visual, (2, 3), "bf16") == 64
+    assert resolve_batch_size(BatchSize(), "cpu", visual, (2, 3), "fp32") == 8
 
 
 def test_parse_batch_size():

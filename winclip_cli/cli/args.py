@@ -167,8 +167,9 @@ class InputArgs:
         str,
         typer.Option(
             "--batch-size",
-            help="Model inputs (images or tiles) per batch, or auto: the measured best for the device and model "
-            "(CPU: 2 for the default model, 8 for small ones; CUDA: 32), shown on the first line. "
+            help="Model inputs (images or tiles) per batch, or auto: the measured best for the device, precision "
+            "and model (CPU: 2 for the default model in fp32, 8 in bf16, 8 for small ones; CUDA: 32), shown on "
+            "the first line. "
             "Scores do not depend on it beyond float rounding (about 1e-7). Example: --batch-size 4",
             rich_help_panel=INPUT_PANEL,
         ),

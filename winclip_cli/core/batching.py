@@ -5,14 +5,17 @@ The rule is written down from ``benchmarks/batch_size.py`` (README, section Spee
 of each measurement):
 
 * CPU: a WinCLIP pass is one full image plus every window of every scale, so one image is already
-  hundreds of short sequences (365 windows for the default 15x15 grid and scales 2, 3). A batch of B
-  images runs B times as many window sequences through each layer at once, and past a few hundred
-  GFLOP per batch its activations (tokens x MLP width) no longer stay in the caches: on a 2-core
-  Sapphire Rapids, ViT-B-16-plus-240 (673 GFLOP per image) costs 1.0 / 1.0 / 1.1 / 1.6x the batch-1
-  time per image at batch 1 / 2 / 4 / 8 in fp32, and bf16 (AMX) is best at 2 as well. A small model
-  costs little per image and much per batch (Python, thread wake-ups), so it wants large batches.
-  The rule: the largest batch of at most :data:`CPU_MAX_BATCH` whose work stays within
-  :data:`CPU_GFLOP_PER_BATCH`, at least 1.
+  hundreds of short sequences (365 windows for the default 15x15 grid and scales 2, 3), and a batch
+  of B images runs B times as many through each layer at once. Measured on a 2-core Sapphire Rapids
+  with the scan's allocator setting (``jobs/allocator.py``; without it every activation above 32 MB
+  was page-faulted in afresh, which made batches past 2 slower per image, and is what the earlier
+  rule of this module followed): ViT-B-16-plus-240 (673 GFLOP per image) costs the same per image
+  at batch 2, 4 and 8 in fp32, 4-5 % less than at batch 1; in bf16 (AMX) batch 2 / 4 / 8 cost 0.76 /
+  0.73 / 0.71x of batch 1. A small model costs little per image and much per batch (Python, thread
+  wake-ups), so it wants large batches. The rule: the largest batch of at most :data:`CPU_MAX_BATCH`
+  whose work stays within the precision's budget in :data:`CPU_GFLOP_PER_BATCH` (fp32: 2 of the
+  default model, the smallest of the equally fast sizes, less memory and earlier first results;
+  bf16: 8), at least 1.
 * CUDA: :data:`CUDA_BATCH` (a GPU needs many inputs in flight; from the H200 rows of the README, not
   re-measured per model); memory is the limit, and an out-of-memory error names ``--batch-size``.
 * Apple MPS: :data:`OTHER_BATCH`, the earlier default (not measured).
@@ -30,9 +33,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from winclip_cli.options import BatchSize
+from winclip_cli.options import BatchSize, Precision
 
-CPU_GFLOP_PER_BATCH = 1500.0  # best measured: 2 x 673 GFLOP (default model) fits, 4 x 673 does not
+# best measured, per precision: fp32 flat from 2 to 8 default-model images (2 x 673 GFLOP fits, 3 does
+# not), bf16 best at 8 (8 x 673 fits); fp16 does not run on the CPU
+CPU_GFLOP_PER_BATCH = {Precision.FP32: 1500.0, Precision.BF16: 5500.0}
 CPU_MAX_BATCH = 8  # small models: the per-batch overhead is paid once per 8 inputs
 CUDA_BATCH = 32
 OTHER_BATCH = 8
@@ -77,15 +82,15 @@ def visual_facts(visual: Any) -> VisualFacts:
     )
 
 
-def auto_batch_size(device_type: str, gflop_per_image: float) -> int:
-    """The batch size of ``--batch-size auto`` for a device type (cpu, cuda, mps) and a model's cost
-    per image (see the module's docstring); the same for every precision (bf16 measured best at the
-    fp32 size too)."""
+def auto_batch_size(device_type: str, gflop_per_image: float, precision: str) -> int:
+    """The batch size of ``--batch-size auto`` for a device type (cpu, cuda, mps), a model's cost per
+    image and the precision the tower computes in (see the module's docstring)."""
     if device_type == "cuda":
         return CUDA_BATCH
     if device_type != "cpu":
         return OTHER_BATCH
-    fits = int(CPU_GFLOP_PER_BATCH // max(gflop_per_image, 1e-9))
+    budget = CPU_GFLOP_PER_BATCH.get(Precision.parse(precision), CPU_GFLOP_PER_BATCH[Precision.FP32])
+    fits = int(budget // max(gflop_per_image, 1e-9))
     return max(1, min(CPU_MAX_BATCH, fits))
 
 
@@ -96,8 +101,10 @@ def fastest_batch(seconds_per_image: Mapping[int, float], tolerance: float = 0.0
     return min(size for size, seconds in seconds_per_image.items() if seconds <= best * (1 + tolerance))
 
 
-def resolve_batch_size(requested: BatchSize, device_type: str, visual: Any, scales: Sequence[int]) -> int:
+def resolve_batch_size(
+    requested: BatchSize, device_type: str, visual: Any, scales: Sequence[int], precision: str
+) -> int:
     """``--batch-size``: a number as given, or ``auto`` chosen by :func:`auto_batch_size`."""
     if not requested.is_auto:
         return int(requested.value)
-    return auto_batch_size(device_type, visual_facts(visual).gflop_per_image(scales))
+    return auto_batch_size(device_type, visual_facts(visual).gflop_per_image(scales), precision)

@@ -191,7 +191,9 @@ class Session:
             backbone=backbone,
             encoder=encoder,
             prep=Preprocessing.for_backbone(backbone, inputs),
-            batch_size=resolve_batch_size(inputs.batch_size, backbone.device.type, backbone.model.visual, model.scales),
+            batch_size=resolve_batch_size(
+                inputs.batch_size, backbone.device.type, backbone.model.visual, model.scales, backbone.precision
+            ),
             workers=decoding_workers(inputs.workers, backbone.device),
             scorer=scorer,
             engine=engine,
