@@ -138,7 +138,7 @@ class ModelArgs:
         typer.Option(
             "--precision",
             help="Visual tower precision: fp32 (the reference's numbers), bf16 (CUDA, and CPUs with AMX or "
-            "AVX512-BF16: 3.7x fp32's rate on a 2-core Sapphire Rapids; moves scores by up to about 2e-3 and "
+            "AVX512-BF16: about 5x fp32's rate on a 2-core Sapphire Rapids; moves scores by up to about 2e-3 and "
             "maps by 8e-3, rankings kept), fp16 (CUDA only), or auto (bf16/fp16 where the hardware has it, "
             "else fp32). Example: --precision bf16",
             rich_help_panel=MODEL_PANEL,
