@@ -275,7 +275,9 @@ def main() -> int:
             "relative_to_batch_1": {size: value / best[batches[0]] for size, value in best.items()},
             "cpu_s_per_image_best": {size: min(values) for size, values in encode_cpu[key].items()},
             "cpu_rounds": encode_cpu[key],
-            "auto_batch_size": auto_batch_size(device.type, results["models"][name]["gflop_per_image"], key.split()[1]),
+            "auto_batch_size": auto_batch_size(
+                device.type, results["models"][name]["gflop_per_image"], key.split()[1], allocator_kept
+            ),
         }
     results["encode"] = table
     for entry in scans.values():

@@ -82,14 +82,17 @@ def visual_facts(visual: Any) -> VisualFacts:
     )
 
 
-def auto_batch_size(device_type: str, gflop_per_image: float, precision: str) -> int:
+def auto_batch_size(device_type: str, gflop_per_image: float, precision: str, freed_memory_kept: bool) -> int:
     """The batch size of ``--batch-size auto`` for a device type (cpu, cuda, mps), a model's cost per
-    image and the precision the tower computes in (see the module's docstring)."""
+    image and the precision the tower computes in (see the module's docstring). Without freed memory
+    kept (``jobs/allocator.py``: macOS, musl, a user's own allocator settings) the fp32 budget serves
+    every precision: measured so, bf16 was fastest at 2 of the default model and slower at 4 and 8."""
     if device_type == "cuda":
         return CUDA_BATCH
     if device_type != "cpu":
         return OTHER_BATCH
-    budget = CPU_GFLOP_PER_BATCH.get(Precision.parse(precision), CPU_GFLOP_PER_BATCH[Precision.FP32])
+    kind = Precision.parse(precision) if freed_memory_kept else Precision.FP32
+    budget = CPU_GFLOP_PER_BATCH.get(kind, CPU_GFLOP_PER_BATCH[Precision.FP32])
     fits = int(budget // max(gflop_per_image, 1e-9))
     return max(1, min(CPU_MAX_BATCH, fits))
 
@@ -102,9 +105,14 @@ def fastest_batch(seconds_per_image: Mapping[int, float], tolerance: float = 0.0
 
 
 def resolve_batch_size(
-    requested: BatchSize, device_type: str, visual: Any, scales: Sequence[int], precision: str
+    requested: BatchSize,
+    device_type: str,
+    visual: Any,
+    scales: Sequence[int],
+    precision: str,
+    freed_memory_kept: bool,
 ) -> int:
     """``--batch-size``: a number as given, or ``auto`` chosen by :func:`auto_batch_size`."""
     if not requested.is_auto:
         return int(requested.value)
-    return auto_batch_size(device_type, visual_facts(visual).gflop_per_image(scales), precision)
+    return auto_batch_size(device_type, visual_facts(visual).gflop_per_image(scales), precision, freed_memory_kept)

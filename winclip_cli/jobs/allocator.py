@@ -12,9 +12,11 @@ almost nothing in fp32. Kept memory changes no number: the same operations run o
 The setting keeps freed blocks up to 1 GiB in the process's heap for the next batch (``mallopt``
 M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), process-wide and for the rest of the process: the resident
 size stays at the largest batch's working set instead of falling back between batches. It applies
-only where the C library is glibc and nobody chose otherwise: any ``MALLOC_*_`` variable or a
+only where the C library is glibc and nobody chose otherwise: any ``MALLOC_*`` variable or a
 ``glibc.malloc`` tunable in the environment, or another allocator in ``LD_PRELOAD`` (jemalloc,
-tcmalloc), is the user's choice and is left alone. Elsewhere (macOS, musl) nothing changes.
+tcmalloc), is the user's choice and is left alone. Elsewhere (macOS, musl), or where glibc refuses a
+threshold that large, nothing changes, and ``--batch-size auto`` keeps the sizes measured without it.
+``watch`` hands the kept memory back (``malloc_trim``) after each burst, so that it idles small.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import os
 import platform
 import sys
 import threading
+from typing import Any
 
-__all__ = ["KEPT_BYTES", "keep_freed_memory", "user_chose_allocator"]
+__all__ = ["KEPT_BYTES", "keep_freed_memory", "release_kept_memory", "user_chose_allocator"]
 
 KEPT_BYTES = 1 << 30  # freed blocks up to this size stay in the heap; larger ones go back to the system
-OLD_GLIBC_MAX_BYTES = 32 << 20  # the largest mmap threshold older glibc accepts (64-bit)
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
 M_MMAP_THRESHOLD = -3
 
@@ -38,7 +40,7 @@ _applied: bool | None = None  # the outcome of the first call: the setting is pr
 
 def user_chose_allocator(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     """True where the environment already decides how memory is allocated (see the module docstring)."""
-    if any(name.startswith("MALLOC_") and name.endswith("_") for name in environ):
+    if any(name.startswith("MALLOC_") for name in environ):  # MALLOC_TRIM_THRESHOLD_, MALLOC_ARENA_MAX...
         return True
     if "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""):
         return True
@@ -54,17 +56,36 @@ def keep_freed_memory() -> bool:
         return _applied
 
 
-def _apply() -> bool:
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or user_chose_allocator():
+def release_kept_memory() -> bool:
+    """Hand the heap's free memory back to the system (``malloc_trim``) where it was kept; True if done."""
+    libc = _libc() if _applied else None
+    if libc is None:
         return False
+    libc.malloc_trim(0)
+    return True
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _apply() -> bool:
+    libc = None if user_chose_allocator() else _libc()
+    if libc is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    # the trim threshold: memory freed at the top of the heap is not handed back either. A glibc that
-    # refuses mmap thresholds above 32 MiB (older ones check that limit) still keeps batch 1's blocks.
-    trim = bool(mallopt(M_TRIM_THRESHOLD, KEPT_BYTES))
-    return trim and bool(mallopt(M_MMAP_THRESHOLD, KEPT_BYTES) or mallopt(M_MMAP_THRESHOLD, OLD_GLIBC_MAX_BYTES))
+    # The mmap threshold first: a glibc that refuses one this large (older ones stop at 32 MiB, which its
+    # adaptive threshold reaches anyway) is left exactly as it was, trim threshold included.
+    if not libc.mallopt(M_MMAP_THRESHOLD, KEPT_BYTES):
+        return False
+    # memory freed at the top of the heap is not handed back either
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_BYTES))

@@ -173,8 +173,8 @@ class Session:
             for warning in attach_memory(engine, memory, inputs.tiling):
                 if reporter is not None:
                     reporter.warn(warning)
-        if backbone.device.type == "cpu":
-            keep_freed_memory()  # the model's activations reuse the heap: jobs/allocator.py
+        # on the CPU the model's activations reuse the heap (jobs/allocator.py); the batch rule depends on it
+        memory_kept = keep_freed_memory() if backbone.device.type == "cpu" else False
         extractor = None
         if mutual is not None:
             from winclip_cli.core.musc import MutualFeatureExtractor
@@ -192,7 +192,12 @@ class Session:
             encoder=encoder,
             prep=Preprocessing.for_backbone(backbone, inputs),
             batch_size=resolve_batch_size(
-                inputs.batch_size, backbone.device.type, backbone.model.visual, model.scales, backbone.precision
+                inputs.batch_size,
+                backbone.device.type,
+                backbone.model.visual,
+                model.scales,
+                backbone.precision,
+                memory_kept,
             ),
             workers=decoding_workers(inputs.workers, backbone.device),
             scorer=scorer,

@@ -39,6 +39,7 @@ from typing import Any
 from winclip_cli.errors import SetupError, WinclipError
 from winclip_cli.io.outputs import ResultRow
 from winclip_cli.io.state import OutputLock
+from winclip_cli.jobs.allocator import release_kept_memory
 from winclip_cli.jobs.decode import relative_name
 from winclip_cli.jobs.kernel import Reporter
 from winclip_cli.jobs.record import watch_totals
@@ -711,6 +712,8 @@ class _Watch:
                 f"{summary.scored} scored, {summary.anomalies} anomalous, {plural(summary.errors, 'error')} "
                 f"({plural(summary.images, 'file')}, {time.monotonic() - started:.2f} s)"
             )
+        if todo:
+            release_kept_memory()  # between bursts the memory the model kept goes back (jobs/allocator.py)
 
     def _committed(self, rows: list[ResultRow]) -> None:
         if self.hook is None:
