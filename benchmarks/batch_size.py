@@ -147,7 +147,7 @@ def main() -> int:
 
     import open_clip
     import torch
-    from bench import _cpu_name, make_images
+    from bench import cpu_name, make_images
 
     from winclip_cli.core.backbone import cpu_has_native_bf16, select_device, select_precision
     from winclip_cli.core.batching import auto_batch_size, fastest_batch, visual_facts
@@ -166,7 +166,7 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     results: dict = {
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "device": str(device),
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "cpu_native_bf16": cpu_has_native_bf16(),

@@ -160,7 +160,7 @@ def main() -> int:
     if args.only == "throughput":
         import torch  # noqa: E402
 
-        results["machine"].update(torch=torch.__version__, device="cpu", cpu=_cpu_name())
+        results["machine"].update(torch=torch.__version__, device="cpu", cpu=cpu_name())
         return finish(results, args)
 
     # --------------------------------------------------------------------------------------- imports
@@ -479,7 +479,8 @@ def main() -> int:
     return finish(results, args)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name and core count, as every benchmark's JSON records the machine."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

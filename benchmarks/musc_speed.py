@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench import cpu_name  # noqa: E402
 from throughput import TINY  # noqa: E402
 
 from winclip_cli.core.musc import (  # noqa: E402
@@ -148,16 +147,6 @@ def measure(name: str, args: argparse.Namespace, pools: list[int]) -> dict:
             flush=True,
         )
     return result
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
