@@ -47,6 +47,12 @@ def run_cli(
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, **kwargs)
 
 
+def run_cli_importtime(args: Iterable[object], **kwargs) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a new process (:func:`run_cli`), with ``-X importtime`` so that the test sees every
+    module it imported (:func:`imported`) and what it printed besides (:func:`messages`)."""
+    return run_cli(args, python_flags=("-X", "importtime"), **kwargs)
+
+
 def imported(stderr: str, module: str) -> bool:
     """Whether a process run with ``-X importtime`` imported ``module`` (or a submodule of it): its
     lines end with the module name, e.g. "import time:   123 |   456 |   torch.nn"."""

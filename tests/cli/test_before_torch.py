@@ -7,19 +7,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from conftest import SAMPLE_DATA, TINY_CONFIG
-from helpers import imported, invoke, messages, run_cli
+from helpers import imported, invoke, messages, run_cli, run_cli_importtime
 from winclip_cli.io.outputs import read_results_csv
 
-
-def cli_process(args: list[object], **kwargs):
-    """The real CLI in a new process, with ``-X importtime`` so the test sees every module it imported."""
-    return run_cli(args, python_flags=("-X", "importtime"), timeout=180, **kwargs)
+cli_process = partial(run_cli_importtime, timeout=180)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import re
 import stat
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, SAMPLE_DATA, TINY_CONFIG
-from helpers import imported, invoke, messages, run_cli
+from helpers import imported, invoke, messages, run_cli, run_cli_importtime
 from winclip_cli.io.outputs import CSV_COLUMNS, read_results_csv
 
 SAMPLE_TEST = SAMPLE_DATA / "fabric" / "test"
@@ -24,9 +25,7 @@ SAMPLE_GOOD = SAMPLE_DATA / "fabric" / "good"
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
-def cli_process(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """The real CLI in a new process, with ``-X importtime`` so the test sees every module it imported."""
-    return run_cli(args, python_flags=("-X", "importtime"), timeout=120, **kwargs)
+cli_process = partial(run_cli_importtime, timeout=120)
 
 
 # ================================================================================ 3. mistakes fail at once
