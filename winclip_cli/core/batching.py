@@ -10,7 +10,7 @@ of each measurement):
   with the scan's allocator setting (``jobs/allocator.py``; without it every activation above 32 MB
   was page-faulted in afresh, which made batches past 2 slower per image, and is what the earlier
   rule of this module followed): ViT-B-16-plus-240 (673 GFLOP per image) costs the same per image
-  at batch 2, 4 and 8 in fp32, 4-5 % less than at batch 1; in bf16 (AMX) batch 2 / 4 / 8 cost 0.76 /
+  at batch 2, 4 and 8 in fp32 (within 3 %), 3-7 % less than at batch 1; in bf16 (AMX) batch 2 / 4 / 8 cost 0.76 /
   0.73 / 0.71x of batch 1. A small model costs little per image and much per batch (Python, thread
   wake-ups), so it wants large batches. The rule: the largest batch of at most :data:`CPU_MAX_BATCH`
   whose work stays within the precision's budget in :data:`CPU_GFLOP_PER_BATCH` (fp32: 2 of the

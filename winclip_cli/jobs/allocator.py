@@ -22,6 +22,7 @@ threshold that large, nothing changes, and ``--batch-size auto`` keeps the sizes
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -65,7 +66,9 @@ def release_kept_memory() -> bool:
     return True
 
 
+@functools.cache
 def _libc() -> Any:
+    """glibc, its two functions typed (loaded once: ``watch`` trims after every burst); None elsewhere."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     try:
